@@ -1,0 +1,163 @@
+"""Structure catalogue: one canonical name per anatomical structure, aliases across datasets,
+and the class orders of the public checkpoints.
+
+A user names a structure once (``kidney_left``, ``lKid``, ``lkidney`` or FLARE22 label 13 all
+resolve to ``kidney_left``); every other module works with canonical names only.
+
+Canonical names follow TotalSegmentator's snake_case spelling where it has the structure.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fseft.errors import FseftError
+
+# The 29 structures of the FSEFT foundation model's pre-training, in the order of its
+# universal template (output channel i = structure i; FSEFT repository, pretrain/datasets/templates.py).
+FSEFT_CLASSES: tuple[str, ...] = (
+    "spleen", "kidney_right", "kidney_left", "gallbladder", "esophagus", "liver", "stomach",
+    "aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein", "pancreas",
+    "adrenal_gland_right", "adrenal_gland_left", "duodenum", "urinary_bladder",
+    "prostate_or_uterus", "liver_tumor", "kidney_tumor", "kidney_cyst", "celiac_trunk",
+    "lung_right", "lung_left", "bone", "brain", "lung_tumor", "pancreas_tumor",
+    "hepatic_vessel", "hepatic_vessel_tumor", "colon_tumor",
+)
+
+# CLIP-Driven Universal Model (Liu et al., ICCV 2023): 32 output channels.
+CLIPDRIVEN_CLASSES: tuple[str, ...] = (
+    "spleen", "kidney_right", "kidney_left", "gallbladder", "esophagus", "liver", "stomach",
+    "aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein", "pancreas",
+    "adrenal_gland_right", "adrenal_gland_left", "duodenum", "hepatic_vessel", "lung_right",
+    "lung_left", "colon", "small_bowel", "rectum", "urinary_bladder", "prostate",
+    "femur_left", "femur_right", "celiac_trunk", "kidney_tumor", "liver_tumor",
+    "pancreas_tumor", "hepatic_vessel_tumor", "lung_tumor", "colon_tumor", "kidney_cyst",
+)
+
+# SuPreM (AbdomenAtlas 1.1, Li et al., ICLR 2024): 25 output channels.
+SUPREM_CLASSES: tuple[str, ...] = (
+    "aorta", "gallbladder", "kidney_left", "kidney_right", "liver", "pancreas",
+    "inferior_vena_cava", "spleen", "stomach", "adrenal_gland_left", "adrenal_gland_right",
+    "urinary_bladder", "celiac_trunk", "colon", "duodenum", "esophagus", "femur_left",
+    "femur_right", "hepatic_vessel", "small_bowel", "lung_left", "lung_right",
+    "portal_vein_and_splenic_vein", "prostate", "rectum",
+)
+
+# BTCV (multi-atlas abdomen): 13 organs, label value = position + 1.
+BTCV_CLASSES: tuple[str, ...] = (
+    "spleen", "kidney_right", "kidney_left", "gallbladder", "esophagus", "liver", "stomach",
+    "aorta", "inferior_vena_cava", "portal_vein_and_splenic_vein", "pancreas",
+    "adrenal_gland_right", "adrenal_gland_left",
+)
+
+# FLARE22: label value -> canonical name.
+FLARE22_LABELS: dict[int, str] = {
+    1: "liver", 2: "kidney_right", 3: "spleen", 4: "pancreas", 5: "aorta",
+    6: "inferior_vena_cava", 7: "adrenal_gland_right", 8: "adrenal_gland_left",
+    9: "gallbladder", 10: "esophagus", 11: "stomach", 12: "duodenum", 13: "kidney_left",
+}
+
+# Structures the synthetic phantom draws (fseft.data.phantom), in label-value order (value = i + 1).
+PHANTOM_CLASSES: tuple[str, ...] = (
+    "liver", "spleen", "kidney_right", "kidney_left", "stomach", "pancreas", "gallbladder",
+    "aorta", "inferior_vena_cava", "vertebrae",
+)
+
+# Other spellings seen in public datasets and code, mapped to the canonical name.
+# Keys are compared after normalisation (lower case, separators removed), see `canonical_name`.
+ALIASES: dict[str, str] = {
+    # kidneys
+    "lkid": "kidney_left", "lkidney": "kidney_left", "leftkidney": "kidney_left",
+    "kidneyl": "kidney_left",
+    "rkid": "kidney_right", "rkidney": "kidney_right", "rightkidney": "kidney_right",
+    "kidneyr": "kidney_right",
+    # gallbladder
+    "gall": "gallbladder", "gallbladder": "gallbladder", "gb": "gallbladder",
+    # vessels
+    "postcava": "inferior_vena_cava", "ivc": "inferior_vena_cava", "venacava": "inferior_vena_cava",
+    "inferiorvenacava": "inferior_vena_cava",
+    "psv": "portal_vein_and_splenic_vein", "portalvein": "portal_vein_and_splenic_vein",
+    "portalveinandsplenicvein": "portal_vein_and_splenic_vein",
+    "arota": "aorta",  # CLIP-Driven's own spelling
+    "hv": "hepatic_vessel", "hepaticvessel": "hepatic_vessel",
+    "hvt": "hepatic_vessel_tumor", "hepaticvesseltumor": "hepatic_vessel_tumor",
+    "celiactruck": "celiac_trunk", "celiactrunk": "celiac_trunk",
+    # adrenal glands
+    "rag": "adrenal_gland_right", "radrenal": "adrenal_gland_right",
+    "rightadrenalgland": "adrenal_gland_right", "adrenalgland_r": "adrenal_gland_right",
+    "lag": "adrenal_gland_left", "ladrenal": "adrenal_gland_left",
+    "leftadrenalgland": "adrenal_gland_left",
+    # lungs
+    "rlung": "lung_right", "rightlung": "lung_right",
+    "llung": "lung_left", "leftlung": "lung_left",
+    # pelvis
+    "bladder": "urinary_bladder", "urinarybladder": "urinary_bladder",
+    "prostut": "prostate_or_uterus", "prostateuterus": "prostate_or_uterus",
+    "femurl": "femur_left", "leftheadoffemur": "femur_left",
+    "femurr": "femur_right", "rightheadoffemur": "femur_right",
+    # bowel
+    "intestine": "small_bowel", "smallbowel": "small_bowel", "smallintestine": "small_bowel",
+    # spine (the phantom has one vertebral column label)
+    "spine": "vertebrae", "vertebralcolumn": "vertebrae",
+}
+
+_NON_ALNUM = re.compile(r"[^a-z0-9]")
+
+
+def _normalise(name: str) -> str:
+    return _NON_ALNUM.sub("", name.strip().lower())
+
+
+def _known_names() -> set[str]:
+    names: set[str] = set()
+    for group in (FSEFT_CLASSES, CLIPDRIVEN_CLASSES, SUPREM_CLASSES, PHANTOM_CLASSES):
+        names.update(group)
+    names.update(ALIASES.values())
+    return names
+
+
+_CANONICAL_BY_KEY: dict[str, str] = {_normalise(n): n for n in _known_names()}
+_CANONICAL_BY_KEY.update({_normalise(k): v for k, v in ALIASES.items()})
+
+
+def canonical_name(name: str, *, strict: bool = False) -> str:
+    """Return the canonical name of a structure given any known spelling.
+
+    Unknown names are returned in normalised snake_case (lower case, spaces and dashes as
+    ``_``) so that datasets can bring structures the catalogue does not list, unless
+    ``strict`` is set, in which case an unknown name raises `UnknownStructureError`.
+    """
+    key = _normalise(name)
+    if key in _CANONICAL_BY_KEY:
+        return _CANONICAL_BY_KEY[key]
+    if strict:
+        raise UnknownStructureError(
+            f"unknown structure {name!r}; known structures include: "
+            + ", ".join(sorted(_known_names()))
+        )
+    return re.sub(r"[^a-z0-9]+", "_", name.strip().lower()).strip("_")
+
+
+def canonical_names(names: list[str] | tuple[str, ...] | str, *, strict: bool = False) -> tuple[str, ...]:
+    """Canonical names of a list of structures, or of a comma-separated string; order kept,
+    duplicates removed."""
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    out: list[str] = []
+    for n in names:
+        c = canonical_name(n, strict=strict)
+        if c not in out:
+            out.append(c)
+    return tuple(out)
+
+
+def is_known(name: str) -> bool:
+    """Whether `name` (any spelling) is in the catalogue."""
+    return _normalise(name) in _CANONICAL_BY_KEY
+
+
+class UnknownStructureError(FseftError, KeyError):
+    """A structure name that neither the catalogue nor the dataset knows."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,38 @@
+import pytest
+
+from fseft.data.structures import (
+    CLIPDRIVEN_CLASSES,
+    FLARE22_LABELS,
+    FSEFT_CLASSES,
+    SUPREM_CLASSES,
+    UnknownStructureError,
+    canonical_name,
+    canonical_names,
+)
+
+
+def test_class_orders_have_published_sizes():
+    assert len(FSEFT_CLASSES) == 29
+    assert len(CLIPDRIVEN_CLASSES) == 32
+    assert len(SUPREM_CLASSES) == 25
+    for group in (FSEFT_CLASSES, CLIPDRIVEN_CLASSES, SUPREM_CLASSES):
+        assert len(set(group)) == len(group)
+
+
+@pytest.mark.parametrize("alias", ["kidney_left", "lKid", "lkidney", "Left Kidney", "kidney-left"])
+def test_aliases_resolve_to_one_name(alias):
+    assert canonical_name(alias) == "kidney_left"
+
+
+def test_flare_label_13_is_left_kidney():
+    assert FLARE22_LABELS[13] == "kidney_left"
+
+
+def test_canonical_names_parses_csv_and_dedups():
+    assert canonical_names("liver, Gall,gallbladder") == ("liver", "gallbladder")
+
+
+def test_unknown_structure_strict_raises_with_name():
+    with pytest.raises(UnknownStructureError, match="brainstem_xyz"):
+        canonical_name("brainstem_xyz", strict=True)
+    assert canonical_name("Brainstem XYZ") == "brainstem_xyz"
