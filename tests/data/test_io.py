@@ -1,0 +1,255 @@
+"""Volume I/O: formats, geometry conventions (LPS -> RAS, DICOM row order), errors, writing."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from fseft.data.io import (
+    StructureNotInFileError,
+    Volume,
+    check_same_geometry,
+    read_binary_masks,
+    read_image,
+    read_labels,
+    read_multilabel,
+    write_image,
+    write_mask,
+)
+from fseft.data.structures import UnknownStructureError
+from fseft.errors import InputFileError
+
+OBLIQUE = np.array(  # a proper rotation (about z by 30 degrees, then x by 10): tests non-axis-aligned frames
+    [[0.8660254, -0.5, 0.0], [0.49240388, 0.85286853, -0.17364818], [0.08682409, 0.15038373, 0.98480775]]
+)
+
+
+def _sitk_volume(shape_xyz=(5, 4, 3), direction=OBLIQUE) -> sitk.Image:
+    rng = np.random.default_rng(0)
+    zyx = rng.integers(-1000, 1000, size=shape_xyz[::-1]).astype(np.int16)
+    img = sitk.GetImageFromArray(zyx)
+    img.SetSpacing((0.7, 0.9, 2.5))
+    img.SetOrigin((-10.0, 20.0, 30.0))
+    img.SetDirection(tuple(np.asarray(direction).ravel()))
+    return img
+
+
+def _nifti(path: Path, array: np.ndarray, affine=None) -> Path:
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def _class_map(folder: Path) -> dict[int, str]:
+    return {int(k): v for k, v in json.loads((folder / "total_class_map.json").read_text()).items()}
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".mhd"])
+def test_itk_files_match_itks_own_nifti_conversion(tmp_path: Path, suffix: str) -> None:
+    # ITK's NIfTI writer converts LPS -> RAS itself: reading that file with nibabel is an
+    # independent reference for our conversion of the same image.
+    img = _sitk_volume()
+    sitk.WriteImage(img, str(tmp_path / f"ct{suffix}"))
+    sitk.WriteImage(img, str(tmp_path / "ref.nii.gz"))
+    ref = nib.load(str(tmp_path / "ref.nii.gz"))
+
+    vol = read_image(tmp_path / f"ct{suffix}")
+
+    assert vol.array.dtype == np.float32 and vol.array.shape == (5, 4, 3)
+    np.testing.assert_array_equal(vol.array, np.asarray(ref.dataobj))
+    np.testing.assert_allclose(vol.affine, ref.affine, atol=1e-4)
+    np.testing.assert_allclose(vol.spacing, (0.7, 0.9, 2.5), atol=1e-6)
+
+
+def test_lps_identity_direction_reads_as_lps_axcodes(tmp_path: Path) -> None:
+    sitk.WriteImage(_sitk_volume(direction=np.eye(3)), str(tmp_path / "ct.mha"))
+    vol = read_image(tmp_path / "ct.mha")
+    assert vol.axcodes == "LPS"
+    # voxel (0, 0, 0) sits at the LPS origin (-10, 20, 30), i.e. RAS (10, -20, 30)
+    np.testing.assert_allclose(vol.affine[:3, 3], (10.0, -20.0, 30.0))
+
+
+def test_nifti_round_trip_keeps_values_and_affine(tmp_path: Path) -> None:
+    affine = np.array([[-0.8, 0, 0, 12.0], [0, 0.8, 0, -5.0], [0, 0, 3.0, 40.0], [0, 0, 0, 1]])
+    hu = np.arange(4 * 3 * 2, dtype=np.float32).reshape(4, 3, 2) * 10 - 100
+    out = write_image(Volume(hu, affine, "memory"), tmp_path / "ct.nii.gz")
+    assert nib.load(str(out)).get_data_dtype() == np.int16
+    back = read_image(out)
+    np.testing.assert_array_equal(back.array, hu)
+    np.testing.assert_allclose(back.affine, affine, atol=1e-6)
+
+    fractional = write_image(Volume(hu + 0.25, affine, "memory"), tmp_path / "frac.nii")
+    assert nib.load(str(fractional)).get_data_dtype() == np.float32
+    np.testing.assert_array_equal(read_image(fractional).array, hu + 0.25)
+
+
+def test_single_volume_4d_is_accepted(tmp_path: Path) -> None:
+    vol = read_image(_nifti(tmp_path / "a.nii.gz", np.ones((3, 4, 5, 1), np.int16)))
+    assert vol.array.shape == (3, 4, 5)
+
+
+def test_dicom_series_comes_out_in_the_geometry_of_its_nifti_label(totalseg_examples: Path) -> None:
+    ct = read_image(totalseg_examples / "example_ct_dicom")
+    seg = nib.load(str(totalseg_examples / "example_seg_dicom.nii.gz"))
+    assert ct.array.shape == seg.shape == (512, 512, 20)
+    assert ct.axcodes == "LAS"
+    np.testing.assert_allclose(ct.affine, seg.affine, atol=1e-3)
+    # Voxel order, not only the affine: the labelled liver and vertebra must land on liver
+    # (soft tissue, tens of HU) and bone (hundreds of HU), not on the mirrored rows.
+    masks = read_multilabel(
+        totalseg_examples / "example_seg_dicom.nii.gz", _class_map(totalseg_examples), ["liver", "vertebrae_T12"]
+    )
+    check_same_geometry(ct, masks)
+    liver_hu = ct.array[masks.array[0] > 0].mean()
+    bone_hu = ct.array[masks.array[1] > 0].mean()
+    assert 30 < liver_hu < 150 and bone_hu > 180
+
+
+def test_nifti_example_matches_its_label(totalseg_examples: Path) -> None:
+    ct = read_image(totalseg_examples / "example_ct_sm.nii.gz")
+    masks = read_multilabel(totalseg_examples / "example_seg.nii.gz", _class_map(totalseg_examples), ["liver"])
+    assert ct.axcodes == "RAS" and ct.spacing == (3.0, 3.0, 3.0)
+    check_same_geometry(ct, masks)
+    assert 30 < ct.array[masks.array[0] > 0].mean() < 150
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def test_read_multilabel_order_aliases_and_union(tmp_path: Path) -> None:
+    labels = np.zeros((4, 4, 2), np.uint8)
+    labels[0] = 1
+    labels[1] = 2
+    labels[2] = 3
+    path = _nifti(tmp_path / "seg.nii.gz", labels)
+    label_map = {1: "liver", 2: "lKid", 3: "kidney_left", 4: "spleen"}
+
+    masks = read_multilabel(path, label_map, ["kidney_left", "liver", "spleen"])
+
+    assert masks.array.shape == (3, 4, 4, 2) and masks.array.dtype == np.uint8
+    np.testing.assert_array_equal(masks.array[0], np.isin(labels, [2, 3]))  # two values, one structure
+    np.testing.assert_array_equal(masks.array[1], labels == 1)
+    assert masks.array[2].sum() == 0  # in the map, absent from this scan: an empty mask, no error
+
+
+def test_read_multilabel_missing_structure_names_file_and_lists_map(tmp_path: Path) -> None:
+    path = _nifti(tmp_path / "seg.nii.gz", np.zeros((2, 2, 2), np.uint8))
+    with pytest.raises(InputFileError) as info:
+        read_multilabel(path, {1: "liver", 2: "spleen"}, ["liver", "gallbladder"])
+    msg = str(info.value)
+    assert "seg.nii.gz" in msg and "gallbladder" in msg and "liver, spleen" in msg
+    assert isinstance(info.value, UnknownStructureError)
+
+
+def test_read_labels_rejects_fractional_values(tmp_path: Path) -> None:
+    path = _nifti(tmp_path / "seg.nii.gz", np.full((2, 2, 2), 0.5, np.float32))
+    with pytest.raises(InputFileError, match="non-integer"):
+        read_labels(path)
+
+
+def test_read_binary_masks(tmp_path: Path) -> None:
+    liver = np.zeros((3, 3, 3), np.uint8)
+    liver[1] = 1
+    spleen = np.zeros((3, 3, 3), np.uint8)
+    spleen[:, 2] = 1
+    files = {"liver": _nifti(tmp_path / "liver.nii.gz", liver), "spleen": _nifti(tmp_path / "spleen.nii.gz", spleen)}
+
+    masks = read_binary_masks(files, ["spleen", "liver"])
+    np.testing.assert_array_equal(masks.array, np.stack([spleen, liver]))
+    assert masks.source == str(tmp_path)
+
+    with pytest.raises(StructureNotInFileError, match="aorta.*liver, spleen"):
+        read_binary_masks(files, ["aorta"])
+
+    files["aorta"] = _nifti(tmp_path / "aorta.nii.gz", liver, affine=np.diag([2.0, 1, 1, 1]))
+    with pytest.raises(InputFileError, match="aorta.nii.gz.*geometry differs"):
+        read_binary_masks(files, ["liver", "aorta"])
+
+
+def test_check_same_geometry() -> None:
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    a = Volume(np.zeros((4, 5, 6), np.float32), affine, "ct.nii.gz")
+    check_same_geometry(a, Volume(np.zeros((2, 4, 5, 6), np.uint8), affine + 1e-5, "seg.nii.gz"))
+    with pytest.raises(InputFileError, match="seg.nii.gz: shape .* ct.nii.gz"):
+        check_same_geometry(a, Volume(np.zeros((4, 5, 7), np.uint8), affine, "seg.nii.gz"))
+    shifted = affine.copy()
+    shifted[0, 3] = 0.01
+    with pytest.raises(InputFileError, match="seg.nii.gz: geometry differs from ct.nii.gz"):
+        check_same_geometry(a, Volume(np.zeros((4, 5, 6), np.uint8), shifted, "seg.nii.gz"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_errors_naming_the_path(tmp_path: Path) -> None:
+    cases: dict[str, tuple[Path, str]] = {}
+    cases["missing"] = (tmp_path / "nope.nii.gz", "no such file")
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(gzip.compress(b"not a nifti header" * 10))
+    cases["corrupt"] = (corrupt, "cannot read")
+    truncated = tmp_path / "truncated.nii.gz"
+    full = gzip.compress(nib.Nifti1Image(np.zeros((20, 20, 20), np.int16), np.eye(4)).to_bytes())
+    truncated.write_bytes(full[: len(full) // 2])
+    cases["truncated"] = (truncated, "cannot read")
+    cases["2d"] = (_nifti(tmp_path / "slice.nii.gz", np.zeros((4, 4), np.int16)), "2D")
+    cases["4d"] = (_nifti(tmp_path / "series.nii.gz", np.zeros((4, 4, 4, 3), np.int16)), "3 volumes")
+    nan = np.zeros((3, 3, 3), np.float32)
+    nan[1, 1, 1] = np.nan
+    cases["nan"] = (_nifti(tmp_path / "nan.nii.gz", nan), "NaN")
+    (tmp_path / "scan.png").write_bytes(b"\x89PNG")
+    cases["suffix"] = (tmp_path / "scan.png", "unsupported file type")
+    bad_mha = tmp_path / "bad.mha"
+    bad_mha.write_text("ObjectType = Image\nNDims = 3\n")
+    cases["bad_mha"] = (bad_mha, "cannot read")
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    cases["empty"] = (empty, "empty folder")
+    not_dicom = tmp_path / "not_dicom"
+    not_dicom.mkdir()
+    (not_dicom / "notes.txt").write_text("hello")
+    cases["no_series"] = (not_dicom, "no DICOM series")
+
+    for what, (path, problem) in cases.items():
+        with pytest.raises(InputFileError) as info:
+            read_image(path)
+        assert str(path) in str(info.value), what
+        assert problem in str(info.value), (what, str(info.value))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@pytest.mark.parametrize(
+    "image,label", [("example_ct_dicom", "example_seg_dicom.nii.gz"), ("example_ct_sm.nii.gz", "example_seg.nii.gz")]
+)
+def test_write_mask_in_the_source_geometry(totalseg_examples: Path, tmp_path: Path, image: str, label: str) -> None:
+    ct = read_image(totalseg_examples / image)
+    seg = read_labels(totalseg_examples / label)
+    out = write_mask(seg.array, ct, tmp_path / "pred" / "case.nii.gz", label_map={5: "liver", 1: "spleen"})
+
+    back = nib.load(str(out))
+    assert back.shape == ct.array.shape
+    np.testing.assert_allclose(back.affine, ct.affine, atol=1e-4)
+    np.testing.assert_allclose(back.get_qform(), ct.affine, atol=1e-4)
+    assert int(back.header["sform_code"]) > 0 and int(back.header["qform_code"]) > 0
+    np.testing.assert_array_equal(np.asarray(back.dataobj), seg.array)
+    assert back.get_data_dtype() == np.uint8
+    assert json.loads((tmp_path / "pred" / "case.json").read_text()) == {"1": "spleen", "5": "liver"}
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["case.json", "case.nii.gz"]  # no temp files
+
+
+def test_write_mask_rejects_wrong_shape_and_leaves_nothing(tmp_path: Path) -> None:
+    ref = Volume(np.zeros((4, 4, 4), np.float32), np.eye(4), "ct.nii.gz")
+    with pytest.raises(InputFileError, match="does not match the shape"):
+        write_mask(np.zeros((4, 4, 3), np.uint8), ref, tmp_path / "m.nii.gz")
+    with pytest.raises(InputFileError, match="NIfTI"):
+        write_mask(np.zeros((4, 4, 4), np.uint8), ref, tmp_path / "m.png")
+    assert list(tmp_path.iterdir()) == []
