@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from fseft.evaluation.postprocess import binarize, largest_connected_component
+
+
+def test_largest_component_removes_small_island():
+    mask = np.zeros((20, 20, 20), bool)
+    mask[2:10, 2:10, 2:10] = True  # organ
+    mask[15:17, 15:17, 15:17] = True  # island
+    out = largest_connected_component(mask)
+    assert out.dtype == bool
+    assert out[2:10, 2:10, 2:10].all()
+    assert not out[15:17, 15:17, 15:17].any()
+    assert out.sum() == 8**3
+
+
+def test_corner_touching_voxels_are_one_component():
+    mask = np.zeros((6, 6, 6), bool)
+    mask[1, 1, 1] = mask[2, 2, 2] = True  # 26-connected
+    assert largest_connected_component(mask).sum() == 2
+
+
+def test_empty_mask_stays_empty():
+    assert not largest_connected_component(np.zeros((4, 4, 4), bool)).any()
+
+
+def test_binarize_thresholds_and_lcc_is_switchable():
+    probs = np.zeros((2, 12, 12, 12), np.float32)
+    probs[0, 1:5, 1:5, 1:5] = 0.9
+    probs[0, 9:11, 9:11, 9:11] = 0.7  # island
+    probs[1, 3:6, 3:6, 3:6] = 0.5  # exactly at threshold: background
+    with_lcc = binarize(probs, 0.5, largest_component=True)
+    without = binarize(probs, 0.5, largest_component=False)
+    assert with_lcc.dtype == np.uint8 and with_lcc.shape == probs.shape
+    assert with_lcc[0].sum() == 64 and without[0].sum() == 64 + 8
+    assert with_lcc[1].sum() == 0
+    with pytest.raises(ValueError):
+        binarize(probs[0])
