@@ -30,7 +30,30 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
 
 def _add_datasets(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("datasets", help="inspect dataset folders (nnU-Net, TotalSegmentator, FLARE22)")
-    p.set_defaults(func=_not_yet("datasets"))
+    actions = p.add_subparsers(dest="datasets_command", metavar="ACTION", required=True)
+    inspect = actions.add_parser(
+        "inspect",
+        help="layout, cases, structures and their voxel counts of a dataset folder",
+        description="Print the layout found, the number of cases, the structures (canonical "
+        "names, with the dataset's own names where they differ) and per-structure voxel counts "
+        "(cases containing it; min / median / max voxels). Counts are cached per label file.",
+    )
+    inspect.add_argument("dir", help="dataset folder (nnU-Net v2 raw, TotalSegmentator or FLARE22)")
+    inspect.add_argument("--layout", default="auto", choices=["auto", "nnunet", "totalseg", "flare22"],
+                         help="dataset layout (default: detected)")
+    inspect.add_argument("--cases", action="store_true", help="also print the per-case voxel counts")
+    inspect.add_argument("--json", metavar="OUT", help="also write the full summary as JSON to OUT")
+    inspect.add_argument("--cache-dir", help="voxel-count cache (default: $FSEFT_CACHE_DIR or ~/.cache/fseft)")
+    inspect.add_argument("--no-progress", action="store_true", help="no progress bar")
+    inspect.set_defaults(func=_run_datasets_inspect)
+
+
+def _run_datasets_inspect(args: argparse.Namespace) -> int:
+    from fseft.data.datasets import inspect_dataset
+
+    print(inspect_dataset(args.dir, args.layout, cases=args.cases, json_path=args.json,
+                          cache_dir=args.cache_dir, progress=not args.no_progress))
+    return 0
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,580 @@
+"""Dataset readers: nnU-Net v2 raw, TotalSegmentator and FLARE22 folders as one `Dataset` of `Case`s.
+
+A `Case` only holds paths (an image, and either one multilabel file with its value -> name map
+or one binary file per structure); nothing is read until `Case.load` or `voxel_counts`.
+Every structure name is canonical (`fseft.data.structures.canonical_name`), so ``lKid`` in a
+dataset.json and ``kidney_left.nii.gz`` in a TotalSegmentator folder are the same structure.
+
+Layouts (``layout="auto"`` tries them in this order):
+
+- ``nnunet``: ``dataset.json`` (``labels`` name -> value, ``file_ending``),
+  ``imagesTr/<case>_0000<ending>``, ``labelsTr/<case><ending>``; ``imagesTs`` (with
+  ``labelsTs`` where present) gives cases without labels.
+- ``flare22``: the same folders without dataset.json, files named ``FLARE22_Tr_0001_0000.nii.gz``
+  / ``FLARE22_Tr_0001.nii.gz``; label values from `FLARE22_LABELS`.
+- ``totalseg``: ``<case>/ct.nii.gz`` and ``<case>/segmentations/<structure>.nii.gz``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fseft.data.structures import FLARE22_LABELS, canonical_name, canonical_names
+from fseft.errors import ConfigError, InputFileError
+from fseft.utils import write_json
+
+if TYPE_CHECKING:
+    from fseft.data.io import Volume
+
+LAYOUTS: tuple[str, ...] = ("nnunet", "totalseg", "flare22")
+
+# nnU-Net v2's "ignore" label marks unannotated voxels: a valid value, but not a structure.
+IGNORE_LABEL = "ignore"
+
+# What each layout expects, for the "matches no layout" error.
+_LAYOUT_HELP: dict[str, str] = {
+    "nnunet": "dataset.json (labels, file_ending) with imagesTr/<case>_0000<ending> "
+    "and labelsTr/<case><ending>",
+    "totalseg": "<case>/ct.nii.gz with <case>/segmentations/<structure>.nii.gz",
+    "flare22": "imagesTr/FLARE22_Tr_0001_0000.nii.gz with labelsTr/FLARE22_Tr_0001.nii.gz "
+    "(or images/ and labels/)",
+}
+
+_FLARE22_IMAGE = re.compile(r"^(FLARE22_[A-Za-z]+_\d+)_0000\.nii\.gz$")
+# (images folder, labels folder) pairs of FLARE22 releases: nnU-Net-style and the original one.
+_FLARE22_FOLDERS: tuple[tuple[str, str], ...] = (("imagesTr", "labelsTr"), ("images", "labels"))
+
+
+# ---------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One scan and its annotation: a multilabel file (`label` + `label_map`, value -> canonical
+    name) or one binary file per canonical structure (`label_files`). `label=None` and no
+    `label_files`: an unlabelled case (nnU-Net ``imagesTs``)."""
+
+    case_id: str
+    image: Path
+    label: Path | None = None
+    label_files: Mapping[str, Path] = field(default_factory=dict, hash=False)
+    label_map: Mapping[int, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def is_labelled(self) -> bool:
+        return self.label is not None or bool(self.label_files)
+
+    @property
+    def structures(self) -> tuple[str, ...]:
+        """Canonical names of the structures this case annotates (label-value order for a
+        multilabel file); empty for an unlabelled case."""
+        if self.label_files:
+            return tuple(self.label_files)
+        if self.label is None:
+            return ()
+        return tuple(n for _, n in sorted(self.label_map.items()) if n != IGNORE_LABEL)
+
+    def _requested(self, structures: Sequence[str] | str | None) -> tuple[str, ...]:
+        if not self.is_labelled:
+            raise ConfigError(f"case {self.case_id!r} has no labels (image {self.image})")
+        names = self.structures if structures is None else canonical_names(structures)
+        missing = [s for s in names if s not in self.structures]
+        if missing:
+            raise ConfigError(
+                f"case {self.case_id!r} does not annotate {', '.join(missing)} "
+                f"(it annotates: {', '.join(self.structures)})"
+            )
+        return names
+
+    def load(self, structures: Sequence[str] | str | None = None) -> tuple[Volume, Volume]:
+        """Read the scan and the binary masks of `structures` (default: all of the case's).
+
+        Returns ``(image, labels)``: image ``(X, Y, Z)`` float32 HU, labels ``(S, X, Y, Z)``
+        uint8 with channel ``i`` = ``structures[i]``; the two share one geometry (checked).
+        """
+        from fseft.data.io import check_same_geometry, read_binary_masks, read_image, read_multilabel
+
+        names = self._requested(structures)
+        image = read_image(self.image)
+        if self.label_files:
+            labels = read_binary_masks({s: self.label_files[s] for s in names}, names)
+        else:
+            assert self.label is not None
+            labels = read_multilabel(self.label, dict(self.label_map), names)
+        check_same_geometry(image, labels)
+        return image, labels
+
+    def label_paths(self) -> list[Path]:
+        """Every label file of the case (one multilabel file, or the binary files)."""
+        if self.label_files:
+            return list(self.label_files.values())
+        return [self.label] if self.label is not None else []
+
+
+@dataclass
+class Dataset:
+    """Cases of one dataset folder, in case-id order. `original_names` maps a canonical
+    structure name to the dataset's own spelling where they differ (``kidney_left -> lKid``)."""
+
+    name: str
+    layout: str
+    root: Path
+    cases: list[Case]
+    original_names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def structures(self) -> tuple[str, ...]:
+        """Canonical names of all structures annotated in at least one case (first-seen order)."""
+        seen: dict[str, None] = {}
+        for case in self.cases:
+            for s in case.structures:
+                seen.setdefault(s, None)
+        return tuple(seen)
+
+    @property
+    def labelled_cases(self) -> list[Case]:
+        return [c for c in self.cases if c.is_labelled]
+
+    def case(self, case_id: str) -> Case:
+        for c in self.cases:
+            if c.case_id == case_id:
+                return c
+        preview = ", ".join(c.case_id for c in self.cases[:5])
+        more = ", ..." if len(self.cases) > 5 else ""
+        raise ConfigError(
+            f"case {case_id!r} is not in dataset {self.name!r} ({self.root}); "
+            f"its {len(self.cases)} cases are: {preview}{more}"
+        )
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+
+# ---------------------------------------------------------------------------- layout readers
+
+
+def _visible(paths: Iterable[Path]) -> list[Path]:
+    """Sorted, without hidden files (macOS ``._*``, our own atomic-write temporaries)."""
+    return sorted(p for p in paths if not p.name.startswith("."))
+
+
+def _is_nnunet(root: Path) -> bool:
+    return (root / "dataset.json").is_file()
+
+
+def _is_flare22(root: Path) -> bool:
+    for images, _ in _FLARE22_FOLDERS:
+        folder = root / images
+        if folder.is_dir() and any(_FLARE22_IMAGE.match(p.name) for p in folder.iterdir()):
+            return True
+    return False
+
+
+def _is_totalseg(root: Path) -> bool:
+    return any((p / "ct.nii.gz").is_file() for p in root.iterdir() if p.is_dir())
+
+
+_DETECTORS = {"nnunet": _is_nnunet, "flare22": _is_flare22, "totalseg": _is_totalseg}
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+    """The layout of a dataset folder (``nnunet``, ``flare22`` or ``totalseg``, tried in this
+    order); `InputFileError` listing what each layout expects when none matches."""
+    root = _check_folder(root)
+    for layout, looks_like in _DETECTORS.items():
+        if looks_like(root):
+            return layout
+    tried = "\n".join(f"  - {name}: {_LAYOUT_HELP[name]}" for name in _DETECTORS)
+    raise InputFileError(f"{root}: matches no dataset layout; tried:\n{tried}")
+
+
+def _check_folder(path: str | os.PathLike) -> Path:
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise InputFileError(f"{root}: no such dataset folder")
+    if not root.is_dir():
+        raise InputFileError(
+            f"{root}: is a file, not a dataset folder (nnU-Net, TotalSegmentator or FLARE22 layout)"
+        )
+    return root
+
+
+def _read_nnunet_labels(dataset_json: Path, labels: Any) -> tuple[dict[int, str], dict[str, str]]:
+    """dataset.json ``labels`` -> (value -> canonical name, canonical -> original name)."""
+    if not isinstance(labels, dict) or not labels:
+        raise InputFileError(f"{dataset_json}: 'labels' must be a non-empty mapping name -> value")
+    label_map: dict[int, str] = {}
+    originals: dict[str, str] = {}
+    for original, value in labels.items():
+        if isinstance(value, (list, tuple)):
+            raise InputFileError(
+                f"{dataset_json}: label {original!r} is region-based ({value}); fseft needs one "
+                "integer value per structure (convert the regions to plain labels first)"
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
+            raise InputFileError(f"{dataset_json}: label {original!r} has value {value!r}, not an integer >= 0")
+        value = int(value)
+        if value == 0:  # background
+            continue
+        name = IGNORE_LABEL if original.strip().lower() == IGNORE_LABEL else canonical_name(original)
+        if value in label_map:
+            raise InputFileError(
+                f"{dataset_json}: labels {label_map[value]!r} and {original!r} share value {value}"
+            )
+        if name in label_map.values():
+            raise InputFileError(
+                f"{dataset_json}: labels {originals.get(name, name)!r} and {original!r} are the "
+                f"same structure ({name})"
+            )
+        label_map[value] = name
+        if name != original:
+            originals[name] = original
+    return label_map, originals
+
+
+def _paired_cases(
+    images_dir: Path,
+    labels_dir: Path | None,
+    image_pattern: re.Pattern[str],
+    ending: str,
+    label_map: dict[int, str],
+    labels_required: bool,
+) -> list[Case]:
+    """Cases from an images folder (``<case>_0000<ending>``) and its labels folder."""
+    cases: list[Case] = []
+    for image in _visible(images_dir.iterdir()):
+        match = image_pattern.match(image.name)
+        if not match:
+            continue  # other channels (_0001), stray files
+        case_id = match.group(1)
+        label: Path | None = None
+        if labels_dir is not None:
+            label = labels_dir / f"{case_id}{ending}"
+            if not label.is_file():
+                if labels_required:
+                    raise InputFileError(f"{image}: image without its label (expected {label})")
+                label = None
+        cases.append(Case(case_id, image, label, label_map=label_map if label else {}))
+    if labels_dir is not None and labels_dir.is_dir() and labels_required:
+        ids = {c.case_id for c in cases}
+        for label in _visible(labels_dir.iterdir()):
+            if label.name.endswith(ending) and label.name[: -len(ending)] not in ids:
+                expected = images_dir / f"{label.name[: -len(ending)]}_0000{ending}"
+                raise InputFileError(f"{label}: label without its image (expected {expected})")
+    return cases
+
+
+def _merge_splits(root: Path, *splits: list[Case]) -> list[Case]:
+    cases: dict[str, Case] = {}
+    for split in splits:
+        for case in split:
+            if case.case_id in cases:
+                raise InputFileError(
+                    f"{root}: case id {case.case_id!r} appears twice ({cases[case.case_id].image} "
+                    f"and {case.image})"
+                )
+            cases[case.case_id] = case
+    if not cases:
+        raise InputFileError(f"{root}: dataset folder holds no cases")
+    return sorted(cases.values(), key=lambda c: c.case_id)
+
+
+def _read_nnunet(root: Path) -> Dataset:
+    dataset_json = root / "dataset.json"
+    if not dataset_json.is_file():
+        raise InputFileError(f"{root}: no dataset.json; the nnunet layout expects {_LAYOUT_HELP['nnunet']}")
+    try:
+        meta = json.loads(dataset_json.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFileError(f"{dataset_json}: not a readable JSON file ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise InputFileError(f"{dataset_json}: expected a JSON object")
+    if "labels" not in meta:
+        raise InputFileError(f"{dataset_json}: no 'labels' entry (nnU-Net v2 dataset.json)")
+    label_map, originals = _read_nnunet_labels(dataset_json, meta["labels"])
+    ending = meta.get("file_ending")
+    if not isinstance(ending, str) or not ending.startswith("."):
+        raise InputFileError(f"{dataset_json}: 'file_ending' must be a string such as '.nii.gz', got {ending!r}")
+    pattern = re.compile(rf"^(.+)_0000{re.escape(ending)}$")
+    splits = []
+    if (root / "imagesTr").is_dir():
+        splits.append(_paired_cases(root / "imagesTr", root / "labelsTr", pattern, ending, label_map, True))
+    if (root / "imagesTs").is_dir():
+        splits.append(_paired_cases(root / "imagesTs", root / "labelsTs", pattern, ending, label_map, False))
+    if not splits:
+        raise InputFileError(f"{root}: nnU-Net dataset without an imagesTr/ (or imagesTs/) folder")
+    name = meta.get("name") if isinstance(meta.get("name"), str) else root.name
+    return Dataset(name, "nnunet", root, _merge_splits(root, *splits), originals)
+
+
+def _read_flare22(root: Path) -> Dataset:
+    label_map = dict(FLARE22_LABELS)
+    splits = []
+    for images, labels in _FLARE22_FOLDERS:
+        if (root / images).is_dir():
+            splits.append(_paired_cases(root / images, root / labels, _FLARE22_IMAGE, ".nii.gz", label_map, True))
+    for images in ("imagesTs", "imagesVal"):
+        if (root / images).is_dir():
+            splits.append(_paired_cases(root / images, None, _FLARE22_IMAGE, ".nii.gz", label_map, False))
+    if not splits:
+        raise InputFileError(f"{root}: FLARE22 dataset without an imagesTr/ (or images/) folder")
+    return Dataset(root.name, "flare22", root, _merge_splits(root, *splits))
+
+
+def _read_totalseg(root: Path) -> Dataset:
+    cases: list[Case] = []
+    originals: dict[str, str] = {}
+    for folder in _visible(p for p in root.iterdir() if p.is_dir()):
+        image = folder / "ct.nii.gz"
+        seg_dir = folder / "segmentations"
+        if not image.is_file():
+            if seg_dir.is_dir():
+                raise InputFileError(f"{seg_dir}: labels without their image (expected {image})")
+            continue
+        if not seg_dir.is_dir():
+            raise InputFileError(f"{image}: image without its labels (expected folder {seg_dir})")
+        files: dict[str, Path] = {}
+        for mask in _visible(seg_dir.glob("*.nii.gz")):
+            stem = mask.name[: -len(".nii.gz")]
+            name = canonical_name(stem)
+            if name in files:
+                raise InputFileError(f"{mask}: same structure ({name}) as {files[name]}")
+            files[name] = mask
+            if name != stem:
+                originals[name] = stem
+        if not files:
+            raise InputFileError(f"{seg_dir}: no <structure>.nii.gz masks (image {image})")
+        cases.append(Case(folder.name, image, label_files=files))
+    if not cases:
+        raise InputFileError(f"{root}: TotalSegmentator dataset holds no <case>/ct.nii.gz")
+    return Dataset(root.name, "totalseg", root, cases, originals)
+
+
+_READERS = {"nnunet": _read_nnunet, "totalseg": _read_totalseg, "flare22": _read_flare22}
+
+
+def open_dataset(path: str | os.PathLike, layout: str = "auto") -> Dataset:
+    """Read a dataset folder's file listing (no volumes are read).
+
+    `layout` is ``"auto"`` (detected, see `detect_layout`) or one of `LAYOUTS`.
+    Raises `InputFileError` for a missing folder, a folder matching no layout, an image without
+    its label (or the reverse) and a malformed dataset.json; `ConfigError` for an unknown layout.
+    """
+    if layout not in ("auto", *LAYOUTS):
+        raise ConfigError(f"unknown dataset layout {layout!r}; choose auto, {', '.join(LAYOUTS)}")
+    root = _check_folder(path)
+    if layout == "auto":
+        layout = detect_layout(root)
+    return _READERS[layout](root)
+
+
+# ---------------------------------------------------------------------------- voxel counts
+
+
+def default_cache_dir() -> Path:
+    """``$FSEFT_CACHE_DIR``, else ``~/.cache/fseft``."""
+    env = os.environ.get("FSEFT_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fseft"
+
+
+def _value_counts(path: Path) -> dict[int, int]:
+    """Voxel count of every value of a label file (read with `fseft.data.io.read_labels`)."""
+    from fseft.data.io import read_labels
+
+    array = read_labels(path).array
+    if array.min() >= 0:
+        counts = np.bincount(array.ravel())  # much faster than np.unique on large volumes
+        return {int(v): int(n) for v, n in enumerate(counts) if n}
+    values, counts = np.unique(array, return_counts=True)
+    return {int(v): int(n) for v, n in zip(values, counts)}
+
+
+class _CountCache:
+    """Per-file value counts in one JSON per dataset root, valid while size and mtime match."""
+
+    VERSION = 1
+
+    def __init__(self, root: Path, cache_dir: Path):
+        digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+        self.path = cache_dir / "voxel_counts" / f"{root.name}-{digest}.json"
+        self.files: dict[str, Any] = {}
+        self.dirty = False
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("version") == self.VERSION and isinstance(data.get("files"), dict):
+                self.files = data["files"]
+        except (OSError, ValueError, AttributeError):
+            pass  # no cache yet, or an unreadable one: recount
+
+    def counts(self, path: Path) -> dict[int, int]:
+        stat = path.stat()
+        key = str(path.resolve())
+        entry = self.files.get(key)
+        if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+            return {int(v): int(n) for v, n in entry["counts"].items()}
+        counts = _value_counts(path)
+        self.files[key] = {
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "counts": {str(v): n for v, n in counts.items()},
+        }
+        self.dirty = True
+        return counts
+
+    def save(self) -> None:
+        if self.dirty:
+            write_json(self.path, {"version": self.VERSION, "files": self.files})
+            self.dirty = False
+
+
+def voxel_counts(
+    dataset: Dataset,
+    structures: Sequence[str] | str | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, int]]:
+    """Voxel count of each structure in each labelled case: ``{case_id: {structure: n}}``.
+
+    `structures` defaults to all of the dataset's. A case's dict holds only the requested
+    structures it annotates (a missing key = not annotated; 0 = annotated but empty).
+    Counts are cached per label file (path, size, mtime) under `cache_dir`
+    (default `default_cache_dir()`), so a second call reads no volume.
+    Raises `InputFileError` when a multilabel file holds a value absent from its label map.
+    """
+    names = dataset.structures if structures is None else canonical_names(structures)
+    cache = _CountCache(dataset.root, Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+    result: dict[str, dict[str, int]] = {}
+    cases = dataset.labelled_cases
+    try:
+        for case in tqdm(cases, desc=f"voxel counts {dataset.name}", unit="case", disable=not progress):
+            per_case: dict[str, int] = {}
+            if case.label_files:
+                for s in names:
+                    if s in case.label_files:
+                        counts = cache.counts(case.label_files[s])
+                        per_case[s] = sum(n for v, n in counts.items() if v > 0)  # as read_binary_masks
+            else:
+                assert case.label is not None
+                counts = cache.counts(case.label)
+                unknown = sorted(v for v in counts if v != 0 and v not in case.label_map)
+                if unknown:
+                    raise InputFileError(
+                        f"{case.label}: label value(s) {unknown} are not in the label map of "
+                        f"dataset {dataset.name!r} (known values: {sorted(case.label_map)})"
+                    )
+                by_name = {n: v for v, n in case.label_map.items()}
+                for s in names:
+                    if s in by_name:
+                        per_case[s] = counts.get(by_name[s], 0)
+            result[case.case_id] = per_case
+    finally:
+        cache.save()  # keep what was counted, even after Ctrl-C
+    return result
+
+
+# ---------------------------------------------------------------------------- inspection
+
+
+def summarize_dataset(
+    dataset: Dataset,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """JSON-ready summary: layout, case counts, per-structure voxel statistics, per-case counts.
+
+    Per structure: ``annotated`` (cases with a label for it), ``present`` (cases where it is
+    non-empty) and min / median / max voxels over the cases where it is present.
+    """
+    counts = voxel_counts(dataset, cache_dir=cache_dir, progress=progress)
+    structures = []
+    for s in dataset.structures:
+        annotated = [c[s] for c in counts.values() if s in c]
+        present = [n for n in annotated if n > 0]
+        structures.append(
+            {
+                "name": s,
+                "original": dataset.original_names.get(s),
+                "annotated": len(annotated),
+                "present": len(present),
+                "min": min(present) if present else None,
+                "median": float(statistics.median(present)) if present else None,
+                "max": max(present) if present else None,
+            }
+        )
+    return {
+        "name": dataset.name,
+        "layout": dataset.layout,
+        "root": str(dataset.root),
+        "cases": len(dataset.cases),
+        "labelled_cases": len(dataset.labelled_cases),
+        "structures": structures,
+        "voxel_counts": counts,
+    }
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return [fmt(header), *(fmt(r) for r in rows)]
+
+
+def format_summary(summary: dict[str, Any], *, cases: bool = False) -> str:
+    """The text report of `summarize_dataset` (what ``fseft datasets inspect`` prints)."""
+    lines = [
+        f"dataset  {summary['name']}",
+        f"layout   {summary['layout']}",
+        f"root     {summary['root']}",
+        f"cases    {summary['cases']} ({summary['labelled_cases']} labelled, "
+        f"{summary['cases'] - summary['labelled_cases']} unlabelled)",
+        f"structures ({len(summary['structures'])}), voxels over the cases where present:",
+    ]
+    rows = []
+    for s in summary["structures"]:
+        original = s["original"] or ""
+        stats = (
+            [str(s["min"]), f"{s['median']:g}", str(s["max"])] if s["present"] else ["-", "-", "-"]
+        )
+        rows.append([s["name"], original, f"{s['present']}/{s['annotated']}", *stats])
+    header = ["structure", "original", "present", "min", "median", "max"]
+    lines += ["  " + line for line in _table(header, rows)]
+    if cases:
+        names = [s["name"] for s in summary["structures"]]
+        case_rows = [
+            [case_id, *(str(c[s]) if s in c else "-" for s in names)]
+            for case_id, c in summary["voxel_counts"].items()
+        ]
+        lines.append("voxels per case ('-': not annotated):")
+        lines += ["  " + line for line in _table(["case", *names], case_rows)]
+    return "\n".join(lines)
+
+
+def inspect_dataset(
+    path: str | os.PathLike,
+    layout: str = "auto",
+    *,
+    cases: bool = False,
+    json_path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> str:
+    """Open a dataset folder and return its report (layout, cases, structures with voxel
+    statistics; the per-case table with `cases`). With `json_path`, also write the full
+    summary there as JSON (atomically)."""
+    dataset = open_dataset(path, layout)
+    summary = summarize_dataset(dataset, cache_dir=cache_dir, progress=progress)
+    if json_path is not None:
+        write_json(json_path, summary)
+    return format_summary(summary, cases=cases)
