@@ -1,0 +1,214 @@
+"""Adaptation methods: a registry of small modules trained on a frozen model's features.
+
+A method is a config dataclass plus a `FeatureAdapter` module class, registered by name (the
+way HF peft maps a ``PeftType`` to its config and model classes)::
+
+    @register_method("lp", LinearProbeConfig)
+    class LinearProbe(FeatureAdapter): ...
+
+    adapter = build_adapter("spatial-adapter", feature_channels=48, num_outputs=2, kernel_size=1)
+
+An adapter maps the frozen features ``Z (B, C, X, Y, Z)`` of `SegmentationModel.features` to
+logits ``(B, num_outputs, X, Y, Z)``: ``forward(z) = head(trunk(z))`` with ``head`` a 1x1x1
+``nn.Conv3d``, so that an adapter on top of a base model is again a `SegmentationModel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from fseft.errors import ConfigError
+
+
+@dataclass
+class MethodConfig:
+    """Base of the per-method options (what `--kernel-size` and the like map onto).
+
+    Class attributes: `default_lr` (AdamW learning rate of the reference protocol),
+    `trainable` (False for methods evaluated as they are), `needs_known_structures` (every
+    structure must be in the base model's catalogue).
+    """
+
+    default_lr: ClassVar[float] = 1e-3
+    trainable: ClassVar[bool] = True
+    needs_known_structures: ClassVar[bool] = False
+    init_from_head: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class FeatureAdapter(nn.Module):
+    """A module on frozen features: ``forward(z (B, C, X, Y, Z)) -> logits (B, O, X, Y, Z)``.
+
+    Subclasses set `trunk` (a module mapping ``C -> C`` channels; identity for a linear probe)
+    and `halo`, the number of voxels of context each side the trunk reads (0 for pointwise
+    modules), which `iter_slab_logits` uses to process a whole volume slab by slab exactly.
+    """
+
+    halo: int = 0
+
+    def __init__(self, feature_channels: int, num_outputs: int) -> None:
+        super().__init__()
+        self.feature_channels = int(feature_channels)
+        self.num_outputs = int(num_outputs)
+        self.trunk: nn.Module = nn.Identity()
+        self.head = nn.Conv3d(self.feature_channels, self.num_outputs, kernel_size=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(z))
+
+    @torch.no_grad()
+    def init_head(self, base_head: nn.Conv3d | None, rows: Sequence[int | None]) -> None:
+        """Copy rows of a pre-trained 1x1x1 head into this head.
+
+        `rows[i]` is the base head's output channel for this head's output ``i``, or None to
+        keep the default (random) initialisation of that output. `rows` must have
+        `num_outputs` entries.
+        """
+        if len(rows) != self.num_outputs:
+            raise ValueError(f"init_head: {len(rows)} rows for {self.num_outputs} outputs")
+        for i, row in enumerate(rows):
+            if row is None:
+                continue
+            if base_head is None:
+                raise ValueError("init_head: a row index was given without a base head")
+            self.head.weight[i].copy_(base_head.weight[row].to(self.head.weight))
+            if base_head.bias is not None:
+                self.head.bias[i].copy_(base_head.bias[row].to(self.head.bias))
+            else:
+                self.head.bias[i].zero_()
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its name, options dataclass and adapter module class."""
+
+    name: str
+    config_cls: type[MethodConfig]
+    module_cls: type[FeatureAdapter]
+    description: str
+
+    def make_config(self, **options: Any) -> MethodConfig:
+        """The method's config from keyword options; unknown options raise `ConfigError`."""
+        names = {f.name for f in dataclasses.fields(self.config_cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ConfigError(
+                f"method {self.name!r} has no option(s) {', '.join(unknown)}; "
+                f"its options are: {', '.join(sorted(names)) or 'none'}"
+            )
+        return self.config_cls(**options)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str, config_cls: type[MethodConfig], description: str = ""
+) -> Callable[[type[FeatureAdapter]], type[FeatureAdapter]]:
+    """Class decorator registering an adapter module class under `name`."""
+
+    def decorate(module_cls: type[FeatureAdapter]) -> type[FeatureAdapter]:
+        if name in _REGISTRY and _REGISTRY[name].module_cls is not module_cls:
+            raise ValueError(f"method {name!r} is already registered")
+        doc = description or (module_cls.__doc__ or "").strip().splitlines()[0]
+        _REGISTRY[name] = MethodSpec(name, config_cls, module_cls, doc)
+        return module_cls
+
+    return decorate
+
+
+def _load_builtin_methods() -> None:
+    # Imported for their registration side effect; late so that they can import this module.
+    from fseft.methods import linear_probe, spatial_adapter  # noqa: F401
+
+
+def available_methods() -> tuple[str, ...]:
+    """Names of the registered methods, in registration order."""
+    _load_builtin_methods()
+    return tuple(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registered method called `name`; `ConfigError` listing the choices otherwise."""
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown adaptation method {name!r}; choose one of: {', '.join(_REGISTRY)}"
+        ) from None
+
+
+def build_adapter(
+    method: str | MethodConfig, feature_channels: int, num_outputs: int, **options: Any
+) -> FeatureAdapter:
+    """Build a method's adapter module (randomly initialised; see `FeatureAdapter.init_head`).
+
+    `method` is a registered name (then `options` are its config fields) or a config instance.
+    """
+    if isinstance(method, MethodConfig):
+        spec = next(s for s in (get_method(n) for n in available_methods()) if isinstance(method, s.config_cls))
+        cfg = method
+    else:
+        spec = get_method(method)
+        cfg = spec.make_config(**options)
+    return spec.module_cls(feature_channels, num_outputs, cfg)
+
+
+def count_trainable_parameters(module: nn.Module) -> int:
+    """Number of scalar parameters with ``requires_grad``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def iter_slab_logits(
+    adapter: FeatureAdapter,
+    features: np.ndarray | torch.Tensor,
+    slab: int = 32,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    autocast_dtype: torch.dtype | None = None,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Run `adapter` over a whole volume's features, slab by slab along the last axis.
+
+    `features` is ``(C, X, Y, Z)`` (a NumPy memmap is read one slab at a time). Yields
+    ``(z_slice, logits (1, O, X, Y, z_slice))``; each slab is read with `adapter.halo` extra
+    slices on both sides and cropped back, so the concatenated logits equal one whole-volume
+    forward. Gradients flow when called with grad enabled (the caller backpropagates each slab).
+    `autocast_dtype` (e.g. ``torch.bfloat16``) runs the adapter under autocast.
+    """
+    device = torch.device(device)
+    depth = features.shape[-1]
+    halo = int(adapter.halo)
+    for z0 in range(0, depth, slab):
+        z1 = min(z0 + slab, depth)
+        a, b = max(0, z0 - halo), min(depth, z1 + halo)
+        chunk = features[..., a:b]
+        if isinstance(chunk, np.ndarray):
+            chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+        chunk = chunk.to(device=device, dtype=dtype).unsqueeze(0)
+        amp = autocast_dtype is not None
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=amp):
+            logits = adapter(chunk)
+        yield slice(z0, z1), logits[..., z0 - a : z0 - a + (z1 - z0)]
+
+
+__all__ = [
+    "FeatureAdapter",
+    "MethodConfig",
+    "MethodSpec",
+    "available_methods",
+    "build_adapter",
+    "count_trainable_parameters",
+    "get_method",
+    "iter_slab_logits",
+    "register_method",
+]

@@ -1,0 +1,94 @@
+import pytest
+import torch
+from torch import nn
+
+from fseft.errors import ConfigError
+from fseft.methods import (
+    available_methods,
+    build_adapter,
+    count_trainable_parameters,
+    get_method,
+    iter_slab_logits,
+)
+
+
+def test_registry_lists_the_builtin_methods():
+    assert {"generalization", "lp", "spatial-adapter"} <= set(available_methods())
+    assert get_method("lp").config_cls.default_lr == pytest.approx(1e-2)
+    assert get_method("spatial-adapter").config_cls.default_lr == pytest.approx(1e-4)
+    assert not get_method("generalization").config_cls.trainable
+
+
+def test_unknown_method_and_option_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown adaptation method 'lora'.*spatial-adapter"):
+        get_method("lora")
+    with pytest.raises(ConfigError, match="no option.*rank"):
+        build_adapter("lp", 8, 1, rank=4)
+    with pytest.raises(ConfigError, match="kernel_size must be odd"):
+        build_adapter("spatial-adapter", 8, 1, kernel_size=2)
+
+
+def test_parameter_counts_for_the_48_channel_swin_unetr():
+    # No forward pass: the counts follow from the shapes alone.
+    assert count_trainable_parameters(build_adapter("lp", 48, 1)) == 49
+    assert count_trainable_parameters(build_adapter("lp", 48, 3)) == 3 * 49
+    spatial = build_adapter("spatial-adapter", 48, 1)
+    assert count_trainable_parameters(spatial.trunk) == 124_416
+    assert count_trainable_parameters(spatial) == 124_416 + 49
+    mlp = build_adapter("spatial-adapter", 48, 1, kernel_size=1)
+    assert count_trainable_parameters(mlp) == 2 * 48 * 48 + 49
+    assert count_trainable_parameters(build_adapter("generalization", 48, 2)) == 0
+
+
+def test_spatial_adapter_convolutions_are_bias_free_and_last_is_zero():
+    spatial = build_adapter("spatial-adapter", 6, 1)
+    assert spatial.trunk.conv1.bias is None and spatial.trunk.conv2.bias is None
+    assert torch.count_nonzero(spatial.trunk.conv2.weight) == 0
+    assert torch.count_nonzero(spatial.trunk.conv1.weight) > 0
+
+
+def _head(channels: int, classes: int) -> nn.Conv3d:
+    torch.manual_seed(3)
+    head = nn.Conv3d(channels, classes, 1)
+    nn.init.normal_(head.weight)
+    nn.init.normal_(head.bias)
+    return head
+
+
+def test_lp_init_copies_the_head_rows_of_known_structures_only():
+    base = _head(6, 4)
+    lp = build_adapter("lp", 6, 2)
+    before = lp.head.weight[1].clone()
+    lp.init_head(base, [2, None])
+    assert torch.equal(lp.head.weight[0], base.weight[2])
+    assert torch.equal(lp.head.bias[0], base.bias[2])
+    assert torch.equal(lp.head.weight[1], before)  # unknown structure: random init kept
+    z = torch.randn(1, 6, 4, 5, 3)
+    assert torch.allclose(lp(z)[:, :1], base(z)[:, 2:3], atol=1e-6)
+
+
+def test_zero_init_spatial_adapter_reproduces_the_head_prediction_at_step_0():
+    base = _head(6, 3)
+    spatial = build_adapter("spatial-adapter", 6, 2)
+    spatial.init_head(base, [1, 0])
+    z = torch.randn(1, 6, 5, 6, 7)
+    assert torch.allclose(spatial(z), base(z)[:, [1, 0]], atol=1e-5)
+
+
+def test_zero_init_conv_still_receives_a_gradient():
+    spatial = build_adapter("spatial-adapter", 4, 1)
+    spatial(torch.randn(1, 4, 5, 5, 5)).sum().backward()
+    assert spatial.trunk.conv2.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method,options", [("lp", {}), ("spatial-adapter", {}), ("spatial-adapter", {"kernel_size": 5})])
+def test_slab_logits_equal_one_whole_volume_forward(method, options):
+    torch.manual_seed(0)
+    adapter = build_adapter(method, 4, 2, **options)
+    if method == "spatial-adapter":  # make the residual branch non-trivial
+        nn.init.normal_(adapter.trunk.conv2.weight, std=0.1)
+    feats = torch.randn(4, 6, 5, 11)
+    whole = adapter(feats[None])
+    parts = torch.cat([logits for _, logits in iter_slab_logits(adapter, feats.numpy(), slab=3)], dim=-1)
+    assert parts.shape == whole.shape
+    assert torch.allclose(parts, whole, atol=1e-5)
