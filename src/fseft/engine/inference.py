@@ -1,0 +1,345 @@
+"""Sliding-window inference: scans in, binary masks in the scan's own geometry out.
+
+`predict_probabilities` runs a model over a preprocessed volume with
+`monai.inferers.sliding_window_inference` (Gaussian blending of overlapping windows, as nnU-Net
+and MONAI bundles do). `segment_volume` adds preprocessing, the return to native geometry and
+post-processing; `predict_path` is `fseft predict`: files, DICOM folders or folders of cases.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from fseft.data.structures import UnknownStructureError, canonical_name
+from fseft.errors import ConfigError, InputFileError
+
+if TYPE_CHECKING:
+    from fseft.data.io import Volume
+    from fseft.data.preprocessing import PreprocessConfig
+    from fseft.models.base import SegmentationModel
+
+BLEND_MODES = ("gaussian", "constant")
+
+
+@dataclass
+class InferenceConfig:
+    """How a model is run over a volume and its output turned into masks.
+
+    roi_size: sliding-window size in model-space voxels (divisible by 32 for Swin-UNETR / U-Net).
+    overlap: fraction of overlap between neighbouring windows, in [0, 1).
+    sw_batch_size: windows per forward pass.
+    blend: "gaussian" (centre-weighted, fewer seams) or "constant" (plain average).
+    bf16: run the network under bfloat16 autocast (blending stays float32).
+    threshold: a voxel is foreground where its sigmoid probability is above it.
+    largest_component: keep only each structure's largest connected component.
+    device: "cpu", "cuda" or "cuda:N".
+    progress: tqdm progress bars.
+    """
+
+    roi_size: tuple[int, int, int] = (96, 96, 96)
+    overlap: float = 0.25
+    sw_batch_size: int = 1
+    blend: str = "gaussian"
+    bf16: bool = False
+    threshold: float = 0.5
+    largest_component: bool = True
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        roi = tuple(int(v) for v in (self.roi_size if isinstance(self.roi_size, Sequence) else [self.roi_size] * 3))
+        if len(roi) != 3 or min(roi) < 1:
+            raise ConfigError(f"roi_size must be three positive integers, got {self.roi_size!r}")
+        self.roi_size = roi
+        if not 0.0 <= float(self.overlap) < 1.0:
+            raise ConfigError(f"overlap must be in [0, 1), got {self.overlap}")
+        if int(self.sw_batch_size) < 1:
+            raise ConfigError(f"sw_batch_size must be >= 1, got {self.sw_batch_size}")
+        if self.blend not in BLEND_MODES:
+            raise ConfigError(f"blend must be one of {', '.join(BLEND_MODES)}, got {self.blend!r}")
+        if not 0.0 < float(self.threshold) < 1.0:
+            raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ConfigError(f"device: {exc}") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
+
+
+def select_structures(class_names: Sequence[str], structures: Sequence[str] | str | None) -> tuple[list[int], tuple[str, ...]]:
+    """Output channels of the requested structures (any spelling) among a model's classes.
+
+    Returns ``(channel indices, canonical names)``; `None` selects all classes. An unknown
+    structure raises `UnknownStructureError` listing the model's classes.
+    """
+    if structures is None:
+        return list(range(len(class_names))), tuple(class_names)
+    if isinstance(structures, str):
+        structures = [s for s in structures.split(",") if s.strip()]
+    index = {canonical_name(c): i for i, c in enumerate(class_names)}
+    channels: list[int] = []
+    names: list[str] = []
+    for s in structures:
+        name = canonical_name(s)
+        if name not in index:
+            raise UnknownStructureError(
+                f"the model has no class {s!r}; its classes are: {', '.join(class_names)}"
+            )
+        if name not in names:
+            channels.append(index[name])
+            names.append(name)
+    if not names:
+        raise ConfigError("no structures selected")
+    return channels, tuple(names)
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    model: nn.Module,
+    image: torch.Tensor,
+    cfg: InferenceConfig | None = None,
+    channels: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Sigmoid probabilities of a model over a whole preprocessed volume, by sliding windows.
+
+    model: any module mapping ``(B, 1, x, y, z)`` to logits ``(B, C, x, y, z)``; it is moved to
+        `cfg.device` and run in eval mode (its training flag is restored afterwards).
+    image: ``(1, 1, X, Y, Z)`` float, model space (e.g. `PreprocessedCase.image[None]`).
+    channels: output channels to keep (all when None); keeping only the needed ones saves the
+        memory of the full ``C``-channel volume.
+    Returns ``(1, C', X, Y, Z)`` float32 on the CPU, C' = len(channels) or C. Logits are
+    blended across windows, then passed through the sigmoid.
+    """
+    from monai.inferers import sliding_window_inference
+
+    cfg = cfg or InferenceConfig()
+    if image.ndim != 5 or image.shape[:2] != (1, 1):
+        raise ValueError(f"predict_probabilities expects a (1, 1, X, Y, Z) image, got shape {tuple(image.shape)}")
+    device = torch.device(cfg.device)
+    # a MetaTensor would drag its metadata through every window; the plain tensor suffices
+    image = image.as_tensor() if hasattr(image, "as_tensor") else image
+    image = image.float()
+    index = None if channels is None else torch.as_tensor(list(channels), dtype=torch.long, device=device)
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = model(window)
+        if index is not None:
+            logits = logits.index_select(1, index)
+        return logits.float()  # blend in float32 whatever the autocast dtype
+
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        logits = sliding_window_inference(
+            image,
+            roi_size=cfg.roi_size,
+            sw_batch_size=cfg.sw_batch_size,
+            predictor=predictor,
+            overlap=cfg.overlap,
+            mode=cfg.blend,
+            sw_device=device,
+            device=torch.device("cpu"),  # stitch on the host: a whole-volume C-channel map may not fit the GPU
+            progress=cfg.progress,
+        )
+    finally:
+        model.train(was_training)
+    return logits.sigmoid_()
+
+
+def segment_volume(
+    model: SegmentationModel,
+    volume: Volume,
+    preprocess_cfg: PreprocessConfig | None = None,
+    cfg: InferenceConfig | None = None,
+    structures: Sequence[str] | str | None = None,
+) -> np.ndarray:
+    """Segment one scan: preprocess, sliding window, sigmoid, back to native geometry, masks.
+
+    volume: the scan, `array` ``(X, Y, Z)`` HU. structures: canonical names (any spelling)
+    among `model.class_names`, in the order wanted; None = all of them.
+    Probabilities are resampled linearly onto the native grid (`to_native`), then thresholded
+    at `cfg.threshold`, then (if `cfg.largest_component`) reduced to their largest component.
+    Returns ``(S, X, Y, Z)`` uint8 binary masks in `volume`'s geometry.
+    """
+    from fseft.data.preprocessing import PreprocessConfig, preprocess, to_native
+    from fseft.evaluation.postprocess import largest_connected_component
+
+    cfg = cfg or InferenceConfig()
+    preprocess_cfg = preprocess_cfg or PreprocessConfig()
+    channels, names = select_structures(model.class_names, structures)
+    case = preprocess(volume, None, preprocess_cfg)
+    probabilities = predict_probabilities(model, case.image[None], cfg, channels=channels)[0]
+    masks = np.zeros((len(names), *volume.array.shape[-3:]), dtype=np.uint8)
+    # one structure at a time: only one native-resolution float map is alive at once
+    for s in range(len(names)):
+        native = to_native(probabilities[s : s + 1], case, mode="linear")[0]
+        mask = native > cfg.threshold
+        del native
+        if cfg.largest_component:
+            mask = largest_connected_component(mask)
+        masks[s] = mask
+    return masks
+
+
+# ------------------------------------------------------------------------- fseft predict
+
+# nnU-Net names input channels `<case>_0000.nii.gz`; predictions are named `<case>.nii.gz`.
+_NNUNET_CHANNEL_SUFFIX = "_0000"
+
+
+def _image_suffix(path: Path) -> str | None:
+    from fseft.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES
+
+    name = path.name.lower()
+    for suffix in (*NIFTI_SUFFIXES, *ITK_SUFFIXES):
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def _case_id(path: Path) -> str:
+    suffix = _image_suffix(path)
+    name = path.name[: -len(suffix)] if suffix else path.name
+    return name.removesuffix(_NNUNET_CHANNEL_SUFFIX) or name
+
+
+def _holds_dicom_series(folder: Path) -> bool:
+    import SimpleITK as sitk
+
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError:
+        return False
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def find_scans(path: str | os.PathLike) -> list[tuple[str, Path]]:
+    """The scans `fseft predict` reads from `path`, as ``(case id, file or DICOM folder)``.
+
+    `path` is an image file, a folder holding one DICOM series, or a folder of cases (image
+    files and/or DICOM series sub-folders). Case ids are file names without extension and
+    without nnU-Net's ``_0000`` channel suffix, or the DICOM folder's name.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"{path}: no such file or folder")
+    if path.is_file():
+        if _image_suffix(path) is None:
+            from fseft.data.io import SUPPORTED
+
+            raise InputFileError(f"{path}: unsupported file type; expected {SUPPORTED}")
+        return [(_case_id(path), path)]
+    entries = _visible(path)
+    files = [p for p in entries if p.is_file()]
+    if not any(_image_suffix(p) for p in files) and files and _holds_dicom_series(path):
+        return [(path.name, path)]
+    scans = [p for p in files if _image_suffix(p)] + [p for p in entries if p.is_dir() and _holds_dicom_series(p)]
+    if not scans:
+        from fseft.data.io import SUPPORTED
+
+        raise InputFileError(f"{path}: no readable scans in this folder; expected {SUPPORTED}, or sub-folders of DICOM series")
+    cases: dict[str, Path] = {}
+    for scan in scans:
+        case_id = _case_id(scan) if scan.is_file() else scan.name
+        if case_id in cases:
+            raise InputFileError(f"{path}: two scans for case {case_id!r}: {cases[case_id].name} and {scan.name}")
+        cases[case_id] = scan
+    return sorted(cases.items())
+
+
+def _nifti_output(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def merge_masks(masks: np.ndarray) -> np.ndarray:
+    """Binary masks ``(S, X, Y, Z)`` -> label map ``(X, Y, Z)`` uint8/int16 with value s + 1 for
+    structure s. Where masks overlap, the structure listed first keeps the voxel."""
+    labels = np.zeros(masks.shape[1:], dtype=np.uint8 if masks.shape[0] < 256 else np.int16)
+    for s in range(masks.shape[0] - 1, -1, -1):  # reverse: earlier structures are written last
+        labels[masks[s] > 0] = s + 1
+    return labels
+
+
+@dataclass
+class PredictResult:
+    """What `predict_path` wrote: case id -> output files."""
+
+    outputs: dict[str, list[Path]] = field(default_factory=dict)
+    structures: tuple[str, ...] = ()
+
+
+def predict_path(
+    input_path: str | os.PathLike,
+    output: str | os.PathLike,
+    model: str | SegmentationModel,
+    weights: str | None = None,
+    structures: Sequence[str] | str | None = None,
+    cfg: InferenceConfig | None = None,
+    preprocess_cfg: PreprocessConfig | None = None,
+    per_structure_files: bool = False,
+) -> PredictResult:
+    """`fseft predict`: segment every scan found at `input_path` (see `find_scans`).
+
+    model: a zoo id or an fseft model file (loaded once for all cases, with `weights` if
+        given), or a model object. preprocess_cfg: default = the one stored in the model file's
+        metadata, else `PreprocessConfig()`.
+    output: a folder receiving ``<case>.nii.gz`` (label value s + 1 = structure s, label map in
+        ``<case>.json`` beside it) or, with `per_structure_files`, ``<case>/<structure>.nii.gz``
+        binary masks; for a single scan it may also be a ``.nii.gz`` file name. Every output is
+        in its scan's native geometry (same shape and affine).
+    """
+    from tqdm.auto import tqdm
+
+    from fseft.data.io import read_image, write_mask
+
+    cfg = cfg or InferenceConfig()
+    scans = find_scans(input_path)
+    output = Path(output)
+    if _nifti_output(output) and (len(scans) > 1 or per_structure_files):
+        raise ConfigError(
+            f"{output}: a single NIfTI output needs a single scan and no per-structure files; "
+            f"{input_path} holds {len(scans)} scans: give an output folder"
+        )
+    if isinstance(model, str):
+        model, stored_cfg = _load_for_inference(model, weights, cfg.device)
+        preprocess_cfg = preprocess_cfg or stored_cfg
+    _, names = select_structures(model.class_names, structures)  # fail before any work
+    label_map = {i + 1: name for i, name in enumerate(names)}
+    result = PredictResult(structures=names)
+    for case_id, scan in tqdm(scans, desc="predict", unit="case", disable=not cfg.progress or len(scans) < 2):
+        volume = read_image(scan)
+        masks = segment_volume(model, volume, preprocess_cfg, cfg, names)
+        if per_structure_files:
+            written = [write_mask(masks[s], volume, output / case_id / f"{name}.nii.gz") for s, name in enumerate(names)]
+        else:
+            target = output if _nifti_output(output) else output / f"{case_id}.nii.gz"
+            written = [write_mask(merge_masks(masks), volume, target, label_map)]
+        result.outputs[case_id] = written
+    return result
+
+
+def _load_for_inference(model_ref: str, weights: str | None, device: str) -> tuple[SegmentationModel, PreprocessConfig | None]:
+    """Load a zoo model or an fseft model file; also return the preprocessing stored with it."""
+    from fseft.models.zoo import load_model
+
+    model = load_model(model_ref, weights, device=device)
+    return model, _stored_preprocess(model_ref)
+
+
+def _stored_preprocess(model_ref: str) -> PreprocessConfig | None:
+    """The `PreprocessConfig` in an fseft model file's metadata, if `model_ref` is such a file."""
+    return None

@@ -1,0 +1,163 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fseft.data.io import Volume
+from fseft.data.preprocessing import PreprocessConfig
+from fseft.data.structures import UnknownStructureError
+from fseft.engine.inference import (
+    InferenceConfig,
+    find_scans,
+    merge_masks,
+    predict_probabilities,
+    segment_volume,
+    select_structures,
+)
+from fseft.errors import ConfigError, InputFileError
+from fseft.evaluation.metrics import dice
+from fseft.models.base import SegmentationModel
+
+
+class TinyConvModel(SegmentationModel):
+    """Two 3x3x3 convolutions: the output depends on a neighbourhood (window borders matter)."""
+
+    def __init__(self, class_names=("liver", "spleen", "kidney_left")):
+        super().__init__(class_names, feature_channels=4)
+        self.conv = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 4, 3, padding=1))
+
+    def features(self, x):
+        return self.conv(x)
+
+
+class IntensityModel(SegmentationModel):
+    """Voxel-wise: logit = 20 (x - 0.5) for every class, i.e. foreground where the windowed
+    intensity exceeds 0.5 (about 38 HU with the default HU window)."""
+
+    def __init__(self, class_names=("liver", "spleen")):
+        super().__init__(class_names, feature_channels=1)
+        with torch.no_grad():
+            self.head.weight.fill_(20.0)
+            self.head.bias.fill_(-10.0)
+
+    def features(self, x):
+        return x
+
+
+def _cfg(**kw):
+    return InferenceConfig(**{"roi_size": (32, 32, 32), "progress": False, **kw})
+
+
+def test_sliding_window_equals_full_forward_when_roi_covers_the_volume():
+    torch.manual_seed(0)
+    model = TinyConvModel()
+    image = torch.rand(1, 1, 32, 32, 32)
+    probs = predict_probabilities(model, image, _cfg())
+    with torch.no_grad():
+        expected = torch.sigmoid(model.eval()(image))
+    assert probs.shape == (1, 3, 32, 32, 32) and probs.dtype == torch.float32
+    torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_overlapping_windows_blend_to_the_full_forward_of_a_voxelwise_model():
+    # 40^3 with 32^3 windows: 8 overlapping windows, Gaussian blending; a voxel-wise model
+    # gives the same value in every window, so the blend must equal the full forward.
+    torch.manual_seed(0)
+    model = IntensityModel()
+    image = torch.rand(1, 1, 40, 40, 40)
+    probs = predict_probabilities(model, image, _cfg(overlap=0.5))
+    with torch.no_grad():
+        expected = torch.sigmoid(model(image))
+    torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_selection_bf16_and_training_flag():
+    torch.manual_seed(0)
+    model = TinyConvModel().train()
+    image = torch.rand(1, 1, 40, 36, 34)  # smaller than the roi along Y/Z: padded by MONAI
+    full = predict_probabilities(model, image, _cfg())
+    assert model.training  # restored
+    assert full.shape == (1, 3, 40, 36, 34)
+    picked = predict_probabilities(model, image, _cfg(), channels=[2, 0])
+    torch.testing.assert_close(picked, full[:, [2, 0]])
+    low = predict_probabilities(model, image, _cfg(bf16=True), channels=[2, 0])
+    assert low.dtype == torch.float32
+    assert (low - picked).abs().max() < 0.05
+
+
+def test_predict_probabilities_rejects_bad_shape():
+    with pytest.raises(ValueError, match=r"\(1, 1, X, Y, Z\)"):
+        predict_probabilities(IntensityModel(), torch.rand(1, 2, 8, 8, 8), _cfg())
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="overlap"):
+        InferenceConfig(overlap=1.0)
+    with pytest.raises(ConfigError, match="blend"):
+        InferenceConfig(blend="median")
+    assert InferenceConfig(roi_size=64).roi_size == (64, 64, 64)
+
+
+def test_select_structures_by_any_spelling_and_unknown_lists_classes():
+    classes = ("liver", "kidney_left", "spleen")
+    assert select_structures(classes, None) == ([0, 1, 2], classes)
+    assert select_structures(classes, "spleen,lKid") == ([2, 1], ("spleen", "kidney_left"))
+    with pytest.raises(UnknownStructureError, match="liver, kidney_left, spleen"):
+        select_structures(classes, ["pancreas"])
+
+
+def _phantom_volume(affine):
+    """Body at 0 HU in air, a 200 HU box (the 'organ') and a small 200 HU island."""
+    hu = np.full((36, 30, 20), -1000.0, np.float32)
+    hu[2:34, 2:28, 1:19] = 0.0
+    hu[8:22, 8:20, 5:13] = 200.0
+    hu[28:30, 23:25, 15:17] = 200.0  # island, far from the box
+    return Volume(hu, affine, "phantom")
+
+
+@pytest.mark.parametrize("lcc", [True, False])
+def test_segment_volume_returns_native_geometry_masks(lcc):
+    # LAS, anisotropic: segment_volume must come back to this grid, not the 1.5 mm RAS one
+    affine = np.diag([-1.2, 1.0, 2.5, 1.0])
+    affine[:3, 3] = (40.0, -20.0, 10.0)
+    volume = _phantom_volume(affine)
+    masks = segment_volume(IntensityModel(), volume, PreprocessConfig(), _cfg(largest_component=lcc), ["spleen"])
+    assert masks.shape == (1, 36, 30, 20) and masks.dtype == np.uint8
+    organ = np.zeros((36, 30, 20), bool)
+    organ[8:22, 8:20, 5:13] = True
+    island = np.zeros_like(organ)
+    island[28:30, 23:25, 15:17] = True
+    assert dice(masks[0] & ~island, organ) > 0.85
+    if lcc:
+        assert not masks[0][island].any()
+    else:
+        assert masks[0][island].any()
+
+
+def test_merge_masks_first_structure_wins_overlaps():
+    masks = np.zeros((2, 3, 3, 3), np.uint8)
+    masks[0, 0] = 1
+    masks[1, :2] = 1
+    labels = merge_masks(masks)
+    assert (labels[0] == 1).all() and (labels[1] == 2).all() and (labels[2] == 0).all()
+
+
+def test_find_scans(tmp_path):
+    (tmp_path / "a_0000.nii.gz").write_bytes(b"")
+    (tmp_path / "b.nrrd").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [c for c, _ in find_scans(tmp_path)] == ["a", "b"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("x")
+    with pytest.raises(InputFileError, match="no readable scans") as err:
+        find_scans(empty)
+    assert str(empty) in str(err.value)
+
+
+def test_find_scans_dicom_folder(totalseg_examples):
+    dicom = totalseg_examples / "example_ct_dicom"
+    assert find_scans(dicom) == [("example_ct_dicom", dicom)]
+    # a folder of cases: NIfTI files and no DICOM sub-folder
+    cases = dict(find_scans(totalseg_examples))
+    assert "example_ct_sm" in cases and "example_ct_dicom" in cases
