@@ -62,13 +62,82 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="segment scans (NIfTI or DICOM) into masks in their own geometry")
-    p.set_defaults(func=_not_yet("predict"))
+    p = sub.add_parser(
+        "predict",
+        help="segment scans (NIfTI or DICOM) into masks in their own geometry",
+        description="Segment a scan (NIfTI, NRRD, MHA or a DICOM series folder) or a folder of "
+        "them. OUT receives <case>.nii.gz per scan (label value i = i-th structure, label map in "
+        "<case>.json beside it) or <case>/<structure>.nii.gz with --per-structure-files, each in "
+        "the geometry (shape and affine) of its scan.",
+    )
+    p.add_argument("-i", "--input", required=True, metavar="IN",
+                   help="scan file, DICOM series folder, or folder of cases (scan files / DICOM sub-folders)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output folder (or a .nii.gz file name for a single scan)")
+    p.add_argument("--model", required=True, metavar="ID|PATH", help="model zoo id or fseft model file (.safetensors)")
+    p.add_argument("--weights", metavar="PATH", help="weights file for a zoo model (default: the zoo's)")
+    p.add_argument("--structures", type=_csv, metavar="A,B", help="structures to segment (default: all the model's classes)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (default: 0.25)")
+    p.add_argument("--roi-size", type=int, nargs=3, default=(96, 96, 96), metavar=("X", "Y", "Z"),
+                   help="sliding-window size in model-space voxels (default: 96 96 96)")
+    p.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    p.add_argument("--threshold", type=float, default=0.5, help="sigmoid probability threshold (default: 0.5)")
+    p.add_argument("--no-lcc", action="store_true", help="keep every connected component (default: the largest only)")
+    p.add_argument("--per-structure-files", action="store_true", help="one binary mask file per structure")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from fseft.engine.inference import InferenceConfig, predict_path
+
+    cfg = InferenceConfig(
+        roi_size=tuple(args.roi_size), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+        bf16=args.bf16, threshold=args.threshold, largest_component=not args.no_lcc,
+        device=args.device, progress=not args.no_progress,
+    )
+    result = predict_path(args.input, args.output, args.model, weights=args.weights,
+                          structures=args.structures, cfg=cfg, per_structure_files=args.per_structure_files)
+    n_files = sum(len(v) for v in result.outputs.values())
+    print(f"wrote {n_files} mask file(s) for {len(result.outputs)} case(s) to {args.output}")
+    return 0
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="Dice, NSD and HD95 of predicted masks against ground truth")
-    p.set_defaults(func=_not_yet("evaluate"))
+    p = sub.add_parser(
+        "evaluate",
+        help="Dice, NSD and HD95 of predicted masks against ground truth",
+        description="Match predictions to ground truth by case id and write per-case and mean "
+        "Dice, NSD and HD95 (mm, native geometry) as JSON and CSV (same name, .csv). HD95 is "
+        "null where exactly one of prediction / truth is empty.",
+    )
+    p.add_argument("--pred", required=True, metavar="DIR",
+                   help="predictions: <case>.nii.gz with <case>.json label maps, or <case>/<structure>.nii.gz")
+    p.add_argument("--gt", required=True, metavar="DIR",
+                   help="ground truth: a dataset folder (nnU-Net, TotalSegmentator, FLARE22) or a folder of label files")
+    p.add_argument("--structures", type=_csv, metavar="A,B", help="structures to evaluate (default: those on both sides)")
+    p.add_argument("--label-map", metavar="JSON", help="label map (value -> name) for label files without their own")
+    p.add_argument("--cases", metavar="A,B|FILE", help="evaluate only these cases (comma list or a file, one id per line)")
+    p.add_argument("--tolerance", type=float, default=2.0, metavar="MM", help="NSD tolerance in mm (default: 2)")
+    p.add_argument("--out", required=True, metavar="metrics.json", help="JSON report (the CSV is written beside it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from fseft.evaluation.report import evaluate_folders
+
+    report = evaluate_folders(args.pred, args.gt, structures=args.structures, label_map=args.label_map,
+                              tolerance_mm=args.tolerance, cases=args.cases, out=args.out,
+                              progress=not args.no_progress)
+    mean = report.mean()
+    for name in (*report.structures, "all"):
+        row = mean[name]
+        print(f"{name:<32} dice {row['dice']:.4f}  nsd {row['nsd']:.4f}  hd95 {row['hd95']:.2f} mm")
+    print(f"{len(report.cases)} case(s); report written to {args.out}")
+    return 0
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:

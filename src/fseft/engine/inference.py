@@ -333,13 +333,16 @@ def predict_path(
 
 
 def _load_for_inference(model_ref: str, weights: str | None, device: str) -> tuple[SegmentationModel, PreprocessConfig | None]:
-    """Load a zoo model or an fseft model file; also return the preprocessing stored with it."""
+    """Load a zoo model or an fseft model file, with the `PreprocessConfig` stored in its
+    metadata (`load_model_file` sets ``model.preprocess``; None when absent)."""
+    from fseft.data.preprocessing import PreprocessConfig
     from fseft.models.zoo import load_model
 
     model = load_model(model_ref, weights, device=device)
-    return model, _stored_preprocess(model_ref)
-
-
-def _stored_preprocess(model_ref: str) -> PreprocessConfig | None:
-    """The `PreprocessConfig` in an fseft model file's metadata, if `model_ref` is such a file."""
-    return None
+    stored = getattr(model, "preprocess", None)
+    if stored is None or isinstance(stored, PreprocessConfig):
+        return model, stored
+    try:
+        return model, PreprocessConfig.from_dict(stored)
+    except ConfigError as exc:
+        raise InputFileError(f"{model_ref}: invalid preprocessing config in the model file: {exc}") from exc
