@@ -1,0 +1,74 @@
+"""The model contract every fseft module codes against: a feature extractor and a 1x1x1 head.
+
+Adapters (linear probes, PEFT, black-box adapters) build on the split: they replace `head`,
+wrap `features`, or add modules between the two, without knowing the architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fseft.errors import ConfigError
+
+
+class SegmentationModel(nn.Module):
+    """Volumetric segmentation network = `features` (backbone + decoder) then `head`.
+
+    Attributes:
+        arch: the architecture name used by `fseft.models.create_model` (e.g. ``"swin_unetr"``).
+        class_names: canonical structure names, one output channel each (sigmoid, multi-label).
+        feature_channels: channels of the map `features` returns.
+        head: ``nn.Conv3d(feature_channels, len(class_names), kernel_size=1)``.
+        arch_kwargs: the keyword arguments that rebuild this architecture (JSON-serialisable).
+    """
+
+    arch: ClassVar[str] = ""
+
+    def __init__(self, class_names: Sequence[str], feature_channels: int) -> None:
+        super().__init__()
+        class_names = tuple(class_names)
+        if not class_names:
+            raise ConfigError("a segmentation model needs at least one class name")
+        if len(set(class_names)) != len(class_names):
+            raise ConfigError(f"duplicate class names: {class_names}")
+        self.class_names: tuple[str, ...] = class_names
+        self.feature_channels: int = int(feature_channels)
+        self.head: nn.Conv3d = nn.Conv3d(self.feature_channels, len(class_names), kernel_size=1)
+        self.arch_kwargs: dict[str, Any] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last decoder feature map before the head.
+
+        Args:
+            x: ``(B, 1, D, H, W)`` preprocessed CT.
+        Returns:
+            ``(B, feature_channels, D, H, W)``, full input resolution.
+        """
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, len(class_names), D, H, W)`` for ``x`` ``(B, 1, D, H, W)``; sigmoid per class."""
+        return self.head(self.features(x))
+
+    def extra_repr(self) -> str:
+        return f"classes={len(self.class_names)}, feature_channels={self.feature_channels}"
+
+
+def check_spatial_shape(x: torch.Tensor, divisor: int, arch: str) -> None:
+    """Raise a clear error when ``x`` ``(B, C, D, H, W)`` cannot pass through `arch`'s pyramid."""
+    if x.ndim != 5:
+        raise ValueError(f"{arch} expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
+    bad = [s for s in x.shape[2:] if s % divisor]
+    if bad:
+        raise ValueError(
+            f"{arch}: spatial shape {tuple(x.shape[2:])} must be divisible by {divisor} "
+            "(pad the input or choose such a sliding-window roi_size)"
+        )

@@ -1,0 +1,397 @@
+"""Safe checkpoint reading, key mapping of public checkpoints, and the fseft model file.
+
+Loading never executes code stored in a file: PyTorch pickles are read with
+``torch.load(weights_only=True)`` (tensors, containers and plain numbers only) and everything
+else goes through safetensors. ``map_location`` makes a GPU checkpoint load on a CPU machine.
+
+An fseft model file is one ``.safetensors`` file: the tensors of ``model.state_dict()`` and,
+in its string metadata under ``"fseft"``, a JSON config ``{"format", "arch", "arch_kwargs",
+"class_names", "preprocess", "fseft_version", "extra"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fseft import __version__
+from fseft.errors import ConfigError, InputFileError
+
+if TYPE_CHECKING:
+    from fseft.models.base import SegmentationModel
+
+MODEL_FILE_FORMAT = "fseft-model/1"
+METADATA_KEY = "fseft"
+# Where the tensors live inside the dicts that public training scripts save.
+STATE_DICT_CONTAINERS = ("state_dict", "net", "model", "model_state_dict", "module")
+
+
+class CheckpointWarning(UserWarning):
+    """Weights that were intentionally dropped, or modules left newly initialised, on loading."""
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """NumPy scalar / dtype reconstructors: data only, found in checkpoints that stored e.g.
+    ``best_acc`` as a NumPy float. They build values; they cannot call arbitrary functions."""
+    import numpy as np
+
+    allowed: list[Any] = [np.dtype]
+    try:
+        allowed.append(np._core.multiarray.scalar)  # numpy >= 2
+    except AttributeError:  # pragma: no cover - numpy 1.x
+        allowed.append(np.core.multiarray.scalar)
+    allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    return allowed
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Any, dict[str, str]]:
+    """Read a checkpoint without executing code from it.
+
+    Returns:
+        ``(obj, metadata)``: for ``.safetensors`` a ``dict[str, Tensor]`` and the file's string
+        metadata; for PyTorch files the unpickled object (usually a dict) and ``{}``.
+    Raises:
+        InputFileError: missing or unreadable file, or a pickle that needs anything beyond
+        tensors and plain containers (such a file is refused, never run).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{path}: checkpoint file not found")
+    device = str(map_location)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device=device) as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputFileError(f"{path}: not a readable safetensors file ({exc})") from exc
+        return tensors, metadata
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputFileError(
+            f"{path}: refused to load: the file holds Python objects beyond tensors and plain "
+            f"containers, and fseft never runs code from a checkpoint ({first_line}). "
+            "Re-save only the state_dict (torch.save(model.state_dict(), ...)) or use safetensors."
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as exc:
+        raise InputFileError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+    return obj, {}
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def extract_state_dict(obj: Any, source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint: the object itself, or its ``state_dict`` / ``net`` /
+    ``model`` entry (the layouts of MONAI, CLIP-Driven / SuPreM and plain ``torch.save``)."""
+    if _is_state_dict(obj):
+        return dict(obj)
+    if isinstance(obj, Mapping):
+        for key in STATE_DICT_CONTAINERS:
+            if _is_state_dict(obj.get(key)):
+                return dict(obj[key])
+        keys = ", ".join(map(str, list(obj)[:10]))
+        raise InputFileError(
+            f"{source}: no tensor dictionary found (top-level keys: {keys}; looked for the dict itself "
+            f"and entries {', '.join(STATE_DICT_CONTAINERS)})"
+        )
+    raise InputFileError(f"{source}: expected a dict of tensors, found {type(obj).__name__}")
+
+
+# ------------------------------------------------------------------------------ key rules
+
+
+@dataclass(frozen=True)
+class KeyRules:
+    """How a public checkpoint's keys become `SegmentationModel` keys.
+
+    Applied in order to each source key: the first matching ``strip_prefixes`` entry is
+    removed, ``add_prefix`` is prepended, then the ``renames`` regex substitutions run.
+    Source keys matching a ``drop`` regex (tested on the original key) are discarded on
+    purpose (heads that a 1x1x1 conv cannot represent, self-supervision heads).
+
+    Attributes:
+        strip_prefixes: e.g. ``("module.backbone.", "module.")`` (DDP / wrapper prefixes).
+        add_prefix: e.g. ``"swinViT."`` for a checkpoint of the bare Swin encoder.
+        renames: ``(pattern, replacement)`` regex pairs, e.g. ``(r"^out\\.conv\\.conv\\.", "head.")``.
+        drop: regexes of source keys to discard, reported in a `CheckpointWarning`.
+        new_modules: regexes of model keys the checkpoint does not provide on purpose (left
+            at their initialisation, reported in a `CheckpointWarning`).
+        head_rows: output channels of the checkpoint head kept, in order (BTCV: drop background 0).
+        head_source_channels: output channels the checkpoint head must have (with ``head_rows``).
+    """
+
+    strip_prefixes: tuple[str, ...] = ()
+    add_prefix: str = ""
+    renames: tuple[tuple[str, str], ...] = ()
+    drop: tuple[str, ...] = ()
+    new_modules: tuple[str, ...] = ()
+    head_rows: tuple[int, ...] | None = None
+    head_source_channels: int | None = None
+
+
+@dataclass
+class LoadReport:
+    """What `load_state_dict_checked` did: loaded, dropped and newly initialised keys."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def map_state_dict(
+    state: Mapping[str, torch.Tensor], rules: KeyRules, source: str | os.PathLike
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Apply `rules` to ``state``. Returns ``(mapped, dropped_source_keys, notes)``."""
+    drop = [re.compile(p) for p in rules.drop]
+    renames = [(re.compile(p), r) for p, r in rules.renames]
+    mapped: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for key, value in state.items():
+        if any(p.search(key) for p in drop):
+            dropped.append(key)
+            continue
+        new = key
+        for prefix in rules.strip_prefixes:
+            if new.startswith(prefix):
+                new = new[len(prefix):]
+                break
+        new = rules.add_prefix + new
+        for pattern, repl in renames:
+            new = pattern.sub(repl, new)
+        if new in mapped:
+            raise InputFileError(f"{source}: keys collide after mapping: two entries become {new!r}")
+        mapped[new] = value
+    notes: list[str] = []
+    if rules.head_rows is not None and "head.weight" in mapped:
+        rows = mapped["head.weight"].shape[0]
+        if rules.head_source_channels is not None and rows != rules.head_source_channels:
+            raise InputFileError(
+                f"{source}: the checkpoint head has {rows} output channels, expected "
+                f"{rules.head_source_channels}: a checkpoint with other classes than this model id"
+            )
+        index = torch.tensor(rules.head_rows, dtype=torch.long)
+        for name in ("head.weight", "head.bias"):
+            if name in mapped:
+                mapped[name] = mapped[name].index_select(0, index)
+        kept = set(rules.head_rows)
+        notes.append(f"head output channels {sorted(set(range(rows)) - kept)} of the checkpoint dropped")
+    return mapped, dropped, notes
+
+
+def _summarise(keys: list[str], limit: int = 12) -> str:
+    """Compact key list: grouped by their first two components."""
+    groups: dict[str, int] = {}
+    for k in keys:
+        g = ".".join(k.split(".")[:2])
+        groups[g] = groups.get(g, 0) + 1
+    items = [f"{g}.* ({n})" if n > 1 else g for g, n in groups.items()]
+    more = f", ... ({len(items) - limit} more groups)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def load_state_dict_checked(
+    model: SegmentationModel,
+    state: Mapping[str, torch.Tensor],
+    source: str | os.PathLike,
+    rules: KeyRules | None = None,
+) -> LoadReport:
+    """Load a checkpoint into ``model`` and account for every key.
+
+    Keys dropped by `rules` and model keys listed as new are reported in one
+    `CheckpointWarning`; any other missing or unexpected key, or a shape mismatch, raises
+    `InputFileError` naming ``source``. Nothing is silently ignored.
+    """
+    rules = rules or KeyRules()
+    mapped, dropped, notes = map_state_dict(state, rules, source)
+    expected = model.state_dict()
+    new_patterns = [re.compile(p) for p in rules.new_modules]
+
+    unexpected = [k for k in mapped if k not in expected]
+    missing = [k for k in expected if k not in mapped]
+    # Old BatchNorm checkpoints lack the step counter; it is not a weight.
+    benign = [k for k in missing if k.endswith("num_batches_tracked")]
+    new = [k for k in missing if k not in benign and any(p.search(k) for p in new_patterns)]
+    bad_missing = [k for k in missing if k not in benign and k not in new]
+
+    matched = len(expected) - len(missing)
+    if unexpected or bad_missing:
+        arch = getattr(model, "arch", type(model).__name__)
+        looks_wrong = matched < len(expected) // 2
+        parts = [f"{source}: "]
+        if looks_wrong:
+            parts.append(
+                f"does not look like a checkpoint of this architecture ({arch}, "
+                f"{model.arch_kwargs}): only {matched} of {len(expected)} model keys found. "
+            )
+        if unexpected:
+            parts.append(f"unexpected keys: {_summarise(unexpected)}. ")
+        if bad_missing:
+            parts.append(f"missing keys: {_summarise(bad_missing)}. ")
+        raise InputFileError("".join(parts).strip())
+
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in mapped.items()
+        if tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if mismatched:
+        head = [m for m in mismatched if m.startswith("head.")]
+        if head and len(head) == len(mismatched):
+            raise InputFileError(
+                f"{source}: the checkpoint head has other classes than the model "
+                f"({len(model.class_names)} classes: {', '.join(model.class_names)}): {'; '.join(head)}"
+            )
+        raise InputFileError(
+            f"{source}: shape mismatch for {len(mismatched)} tensors (a checkpoint of another "
+            f"architecture or size than {getattr(model, 'arch', '?')} {model.arch_kwargs}?): "
+            + "; ".join(mismatched[:5])
+        )
+
+    to_load = {k: v.to(dtype=expected[k].dtype) if v.is_floating_point() else v for k, v in mapped.items()}
+    result = model.load_state_dict(to_load, strict=False)
+    leftover = [k for k in result.missing_keys if k not in new and k not in benign]
+    if result.unexpected_keys or leftover:  # pragma: no cover - guarded by the checks above
+        raise InputFileError(f"{source}: could not load {result.unexpected_keys or leftover}")
+
+    report = LoadReport(source=str(source), loaded=sorted(mapped), dropped=dropped, new=new, notes=notes)
+    messages = []
+    if dropped:
+        messages.append(f"dropped {len(dropped)} checkpoint tensors on purpose: {_summarise(dropped)}")
+    messages.extend(notes)
+    if new:
+        messages.append(f"newly initialised (not in the checkpoint): {_summarise(new)}")
+    if messages:
+        warnings.warn(f"{source}: " + "; ".join(messages), CheckpointWarning, stacklevel=2)
+    return report
+
+
+# ------------------------------------------------------------------------------ fseft model file
+
+
+def _preprocess_dict(preprocess: Any) -> dict[str, Any] | None:
+    if preprocess is None:
+        return None
+    if hasattr(preprocess, "to_dict"):
+        return dict(preprocess.to_dict())
+    if isinstance(preprocess, Mapping):
+        return dict(preprocess)
+    raise TypeError(f"preprocess must be a dict or have to_dict(), got {type(preprocess).__name__}")
+
+
+def save_model_file(
+    model: SegmentationModel,
+    path: str | os.PathLike,
+    preprocess: Any = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as an fseft model file (``.safetensors`` + JSON config), atomically.
+
+    Args:
+        model: a `SegmentationModel` created by `create_model` (its ``arch``/``arch_kwargs``
+            rebuild it).
+        path: destination; should end in ``.safetensors``.
+        preprocess: `PreprocessConfig` (anything with ``to_dict()``) or a plain dict, or None.
+        extra: JSON-serialisable information kept in the config (training run, metrics...).
+    Returns:
+        ``path``.
+    """
+    from safetensors.torch import save_file
+
+    from fseft.utils import atomic_path
+
+    path = Path(path)
+    config = {
+        "format": MODEL_FILE_FORMAT,
+        "arch": model.arch,
+        "arch_kwargs": dict(model.arch_kwargs),
+        "class_names": list(model.class_names),
+        "preprocess": _preprocess_dict(preprocess),
+        "fseft_version": __version__,
+        "extra": dict(extra or {}),
+    }
+    # clone(): safetensors refuses tensors that share storage; contiguous copies never do.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(config)})
+    return path
+
+
+def read_model_file_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON config of an fseft model file (header only, no tensors read); None when ``path``
+    is a safetensors file without fseft metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{path}: model file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputFileError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return _parse_config(metadata, path)
+
+
+def _parse_config(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | None:
+    if METADATA_KEY not in metadata:
+        return None
+    try:
+        config = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise InputFileError(f"{path}: the fseft metadata is not valid JSON ({exc})") from exc
+    for key in ("arch", "arch_kwargs", "class_names"):
+        if key not in config:
+            raise InputFileError(f"{path}: the fseft metadata lacks {key!r}")
+    return config
+
+
+def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu", **arch_overrides: Any) -> SegmentationModel:
+    """Rebuild a model saved by `save_model_file`, in eval mode on ``device``.
+
+    ``arch_overrides`` replace run-time options of the saved config (e.g. ``use_checkpoint``).
+    The returned model carries ``model.preprocess`` (dict or None) and ``model.model_config``
+    (the whole JSON config).
+    """
+    from fseft.models.zoo import create_model
+
+    path = Path(path)
+    tensors, metadata = read_checkpoint(path, map_location="cpu")
+    config = _parse_config(metadata, path)
+    if config is None:
+        raise InputFileError(
+            f"{path}: a safetensors file without fseft metadata (not written by save_model_file); "
+            "load public weights with load_model(<zoo id>, weights=...)"
+        )
+    kwargs = {**config["arch_kwargs"], **arch_overrides}
+    try:
+        model = create_model(config["arch"], config["class_names"], **kwargs)
+    except ConfigError as exc:
+        raise InputFileError(f"{path}: its config cannot build a model: {exc}") from exc
+    load_state_dict_checked(model, tensors, path)
+    model.preprocess = config.get("preprocess")
+    model.model_config = config
+    return model.to(device).eval()

@@ -1,0 +1,98 @@
+"""Swin-UNETR (Hatamizadeh et al., 2022) built from `monai.networks.nets.SwinUNETR`.
+
+The MONAI sub-module names are kept (``swinViT``, ``encoder1..4``, ``encoder10``,
+``decoder1..5``) so public checkpoints map with simple key rules; MONAI's ``out`` block
+becomes the plain 1x1x1 `head` (key ``out.conv.conv.*`` -> ``head.*``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import SwinUNETR
+
+from fseft.models.base import SegmentationModel, check_spatial_shape
+
+
+class SwinUNETRSegmenter(SegmentationModel):
+    """Swin-UNETR whose `features` is the ``decoder1`` output (``feature_size`` channels).
+
+    Args:
+        class_names: one output channel per structure.
+        feature_size: 48 for the public checkpoints; 12 or 24 for tests and small models.
+        depths, num_heads: Swin stages (MONAI defaults, those of all public checkpoints).
+        use_checkpoint: gradient checkpointing in the Swin blocks (less memory, slower).
+        use_v2: Swin-UNETR v2 (extra residual conv blocks per stage).
+        in_channels: input channels (1 for CT).
+        dropout_path_rate, drop_rate, attn_drop_rate: regularisation, passed to MONAI.
+    """
+
+    arch = "swin_unetr"
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        feature_size: int = 48,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        use_checkpoint: bool = False,
+        use_v2: bool = False,
+        in_channels: int = 1,
+        dropout_path_rate: float = 0.0,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__(class_names, feature_channels=feature_size)
+        net = SwinUNETR(
+            in_channels=in_channels,
+            out_channels=len(self.class_names),
+            feature_size=feature_size,
+            depths=tuple(depths),
+            num_heads=tuple(num_heads),
+            use_checkpoint=use_checkpoint,
+            use_v2=use_v2,
+            dropout_path_rate=dropout_path_rate,
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            spatial_dims=3,
+        )
+        # Adopt MONAI's sub-modules under their own names; `out` is replaced by `head`.
+        self.swinViT = net.swinViT
+        self.encoder1, self.encoder2, self.encoder3 = net.encoder1, net.encoder2, net.encoder3
+        self.encoder4, self.encoder10 = net.encoder4, net.encoder10
+        self.decoder5, self.decoder4, self.decoder3 = net.decoder5, net.decoder4, net.decoder3
+        self.decoder2, self.decoder1 = net.decoder2, net.decoder1
+        self.normalize = net.normalize
+        self.patch_size = net.patch_size
+        self.arch_kwargs = {
+            "feature_size": int(feature_size),
+            "depths": [int(d) for d in depths],
+            "num_heads": [int(h) for h in num_heads],
+            "use_checkpoint": bool(use_checkpoint),
+            "use_v2": bool(use_v2),
+            "in_channels": int(in_channels),
+            "dropout_path_rate": float(dropout_path_rate),
+            "drop_rate": float(drop_rate),
+            "attn_drop_rate": float(attn_drop_rate),
+        }
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, D, H, W)`` -> ``(B, feature_size, D, H, W)``; D, H, W divisible by 32
+        (and not all 32: the bottleneck needs two voxels)."""
+        check_spatial_shape(x, self.patch_size**5, "swin_unetr")
+        if math.prod(s // self.patch_size**5 for s in x.shape[2:]) < 2:
+            # the bottleneck's instance norm needs more than one voxel
+            raise ValueError(f"swin_unetr: spatial shape {tuple(x.shape[2:])} is too small; use at least 64 along one axis")
+        hidden = self.swinViT(x, self.normalize)
+        enc0 = self.encoder1(x)
+        enc1 = self.encoder2(hidden[0])
+        enc2 = self.encoder3(hidden[1])
+        enc3 = self.encoder4(hidden[2])
+        dec4 = self.encoder10(hidden[4])
+        dec3 = self.decoder5(dec4, hidden[3])
+        dec2 = self.decoder4(dec3, enc3)
+        dec1 = self.decoder3(dec2, enc2)
+        dec0 = self.decoder2(dec1, enc1)
+        return self.decoder1(dec0, enc0)

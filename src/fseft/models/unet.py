@@ -1,0 +1,114 @@
+"""The 3D U-Net of Models Genesis, used as backbone by SuPreM and the CLIP-Driven Universal Model.
+
+Module names follow the public checkpoints (``down_tr64 .. down_tr512``, ``up_tr256 .. up_tr64``,
+each ``ops.<i>.conv1`` / ``ops.<i>.bn1``, ``up_conv``); the public ``out_tr.final_conv`` is `head`.
+
+Channel layout with ``base_channels=b`` (b = 32 in the public models): encoder stage ``d``
+(0..3) maps to ``b*2^d`` then ``b*2^(d+1)`` channels; decoder stage ``d`` (2..0) upsamples
+and concatenates the skip, then two convolutions to ``b*2^(d+1)`` channels. The feature map
+before the head has ``2*b`` (64) channels at full resolution.
+
+The public code normalises with batch statistics even at inference (``ContBatchNorm3d``);
+here `nn.BatchNorm3d` follows `train()` / `eval()` and uses the running statistics in eval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fseft.errors import ConfigError
+from fseft.models.base import SegmentationModel, check_spatial_shape
+
+
+class ConvBNAct(nn.Module):
+    """3x3x3 convolution, batch norm, activation (key names ``conv1``, ``bn1``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, act: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.bn1 = nn.BatchNorm3d(out_channels)
+        if act == "relu":
+            self.activation: nn.Module = nn.ReLU(inplace=True)
+        elif act == "prelu":
+            self.activation = nn.PReLU(out_channels)
+        elif act == "elu":
+            self.activation = nn.ELU(inplace=True)
+        else:
+            raise ConfigError(f"unknown activation {act!r}; use relu, prelu or elu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.bn1(self.conv1(x)))
+
+
+class DownStage(nn.Module):
+    """Two convolutions, then (except at the bottom) 2x max pooling; returns (pooled, skip)."""
+
+    def __init__(self, in_channels: int, depth: int, base: int, act: str, pool: bool) -> None:
+        super().__init__()
+        mid, out = base * 2**depth, base * 2 ** (depth + 1)
+        self.ops = nn.Sequential(ConvBNAct(in_channels, mid, act), ConvBNAct(mid, out, act))
+        self.maxpool = nn.MaxPool3d(2) if pool else nn.Identity()
+        self.out_channels = out
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        skip = self.ops(x)
+        return self.maxpool(skip), skip
+
+
+class UpStage(nn.Module):
+    """2x transposed convolution, concatenation with the skip, two convolutions."""
+
+    def __init__(self, in_channels: int, skip_channels: int, depth: int, base: int, act: str) -> None:
+        super().__init__()
+        out = base * 2 ** (depth + 1)
+        self.up_conv = nn.ConvTranspose3d(in_channels, in_channels, kernel_size=2, stride=2)
+        self.ops = nn.Sequential(ConvBNAct(in_channels + skip_channels, out, act), ConvBNAct(out, out, act))
+        self.out_channels = out
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.ops(torch.cat((self.up_conv(x), skip), dim=1))
+
+
+class UNet3DSegmenter(SegmentationModel):
+    """Models Genesis / SuPreM 3D U-Net; `features` is the ``2*base_channels`` full-resolution map.
+
+    Args:
+        class_names: one output channel per structure.
+        base_channels: 32 for the public checkpoints (64 feature channels); 4 or 8 for tests.
+        act: ``"relu"`` (public checkpoints), ``"prelu"`` or ``"elu"``.
+        in_channels: input channels (1 for CT).
+    """
+
+    arch = "unet3d"
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        base_channels: int = 32,
+        act: str = "relu",
+        in_channels: int = 1,
+    ) -> None:
+        b = int(base_channels)
+        super().__init__(class_names, feature_channels=2 * b)
+        self.down_tr64 = DownStage(in_channels, 0, b, act, pool=True)
+        self.down_tr128 = DownStage(2 * b, 1, b, act, pool=True)
+        self.down_tr256 = DownStage(4 * b, 2, b, act, pool=True)
+        self.down_tr512 = DownStage(8 * b, 3, b, act, pool=False)
+        self.up_tr256 = UpStage(16 * b, 8 * b, 2, b, act)
+        self.up_tr128 = UpStage(8 * b, 4 * b, 1, b, act)
+        self.up_tr64 = UpStage(4 * b, 2 * b, 0, b, act)
+        self.arch_kwargs = {"base_channels": b, "act": act, "in_channels": int(in_channels)}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, D, H, W)`` -> ``(B, 2*base_channels, D, H, W)``; D, H, W divisible by 8."""
+        check_spatial_shape(x, 8, "unet3d")
+        x64, skip64 = self.down_tr64(x)
+        x128, skip128 = self.down_tr128(x64)
+        x256, skip256 = self.down_tr256(x128)
+        x512, _ = self.down_tr512(x256)
+        up256 = self.up_tr256(x512, skip256)
+        up128 = self.up_tr128(up256, skip128)
+        return self.up_tr64(up128, skip64)

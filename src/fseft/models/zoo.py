@@ -1,0 +1,430 @@
+"""Model zoo: architectures by name, the public checkpoints fseft can adapt, and `load_model`.
+
+Weights are never downloaded: ``load_model(<id>)`` reads ``--weights PATH`` or
+``$FSEFT_WEIGHTS_DIR/<id>.pth`` (``.pt``, ``.safetensors``, or the published file name) and,
+when absent, says where the weights are published and where fseft looked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fseft.data.structures import (
+    BTCV_CLASSES,
+    CLIPDRIVEN_CLASSES,
+    FSEFT_CLASSES,
+    SUPREM_CLASSES,
+)
+from fseft.errors import ConfigError, InputFileError
+from fseft.models.base import SegmentationModel
+from fseft.models.checkpoint import (
+    KeyRules,
+    extract_state_dict,
+    load_model_file,
+    load_state_dict_checked,
+    read_checkpoint,
+    read_model_file_config,
+)
+from fseft.models.swin_unetr import SwinUNETRSegmenter
+from fseft.models.unet import UNet3DSegmenter
+
+ARCHITECTURES: dict[str, type[SegmentationModel]] = {
+    SwinUNETRSegmenter.arch: SwinUNETRSegmenter,
+    UNet3DSegmenter.arch: UNet3DSegmenter,
+}
+ARCH_ALIASES = {"swinunetr": "swin_unetr", "swin-unetr": "swin_unetr", "unet": "unet3d", "unet_3d": "unet3d"}
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
+WEIGHTS_DIR_ENV = "FSEFT_WEIGHTS_DIR"
+
+# Intensity / resampling every public checkpoint below was trained with (their configs):
+# 1.5 mm isotropic, HU window [-175, 250] scaled to [0, 1]. Keys of PreprocessConfig.to_dict().
+PUBLIC_PREPROCESS: dict[str, Any] = {
+    "spacing": [1.5, 1.5, 1.5],
+    "hu_window": [-175.0, 250.0],
+    "orientation": "RAS",
+    "crop_foreground": True,
+}
+
+# Key rules shared by the Swin-UNETR checkpoints: timm-style MLP names of the self-supervised
+# encoder, and the names the public code gives the 1x1x1 head.
+_SWIN_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"\.mlp\.fc([12])\.", r".mlp.linear\1."),
+    (r"^out\.conv\.conv\.", "head."),
+    (r"^classifier\.", "head."),
+)
+# The CLIP-Driven / SuPreM text-driven dynamic head (controller generating per-class conv
+# weights from organ embeddings) is not a 1x1x1 conv: dropped, the head is new.
+_DYNAMIC_HEAD = r"^module\.(precls_conv|GAP|controller|text_to_vision|organ_embedding)(\.|$)"
+
+
+def create_model(arch: str, class_names: Sequence[str], **arch_kwargs: Any) -> SegmentationModel:
+    """Build an architecture with random weights.
+
+    Args:
+        arch: ``"swin_unetr"`` or ``"unet3d"`` (aliases ``swinunetr``, ``unet``).
+        class_names: one sigmoid output channel per structure.
+        **arch_kwargs: architecture options, e.g. ``feature_size=12`` (Swin-UNETR),
+            ``base_channels=8`` (U-Net), ``use_checkpoint=True``.
+    """
+    name = ARCH_ALIASES.get(arch.lower(), arch.lower())
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    try:
+        return ARCHITECTURES[name](class_names, **arch_kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"invalid options for architecture {name!r}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the zoo.
+
+    Attributes:
+        model_id: the id users type (``fseft predict --model btcv``).
+        arch, arch_kwargs: the full-size architecture of the published weights.
+        class_names: output channel order of the model (canonical names); None when the
+            weights file carries its own (fseft model files).
+        key_rules: how the published keys map onto the fseft model.
+        url: where the weights are published (fseft never downloads them).
+        filename: the published file name (also looked for in the weights folder).
+        description: one line for the table.
+        head_pretrained: whether the published head is loaded (False: head is new).
+        bundled: package-relative path of weights shipped inside fseft.
+        preprocess: the preprocessing the weights were trained with.
+    """
+
+    model_id: str
+    arch: str
+    arch_kwargs: Mapping[str, Any]
+    class_names: tuple[str, ...] | None
+    key_rules: KeyRules
+    url: str
+    filename: str = ""
+    description: str = ""
+    head_pretrained: bool = True
+    bundled: str | None = None
+    preprocess: Mapping[str, Any] | None = field(default_factory=lambda: dict(PUBLIC_PREPROCESS))
+
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    spec.model_id: spec
+    for spec in (
+        ModelSpec(
+            model_id="selfsup",
+            arch="swin_unetr",
+            arch_kwargs={"feature_size": 48},
+            class_names=BTCV_CLASSES,
+            key_rules=KeyRules(
+                strip_prefixes=("module.",),
+                add_prefix="swinViT.",
+                renames=_SWIN_RENAMES,
+                # Only the Swin encoder is kept; rotation / contrastive / reconstruction
+                # (convTrans3d) heads of the self-supervised training are dropped.
+                drop=(r"^module\.(?!patch_embed\.|layers[1-4]\.)",),
+                new_modules=(r"^(encoder|decoder)\d+\.", r"^head\."),
+            ),
+            url="https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/model_swinvit.pt",
+            filename="model_swinvit.pt",
+            description="Swin-UNETR self-supervised encoder (Tang et al., CVPR 2022); decoder and head new",
+            head_pretrained=False,
+        ),
+        ModelSpec(
+            model_id="btcv",
+            arch="swin_unetr",
+            arch_kwargs={"feature_size": 48},
+            class_names=BTCV_CLASSES,
+            key_rules=KeyRules(
+                strip_prefixes=("module.",),
+                renames=_SWIN_RENAMES,
+                head_rows=tuple(range(1, 1 + len(BTCV_CLASSES))),  # channel 0 is background
+                head_source_channels=1 + len(BTCV_CLASSES),
+            ),
+            url="https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+            "swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt",
+            filename="swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt",
+            description="Swin-UNETR fine-tuned on BTCV (MONAI research-contributions); background dropped",
+        ),
+        ModelSpec(
+            model_id="clipdriven",
+            arch="swin_unetr",
+            arch_kwargs={"feature_size": 48},
+            class_names=CLIPDRIVEN_CLASSES,
+            key_rules=KeyRules(
+                strip_prefixes=("module.backbone.",),
+                renames=_SWIN_RENAMES,
+                drop=(_DYNAMIC_HEAD, r"^module\.backbone\.out\."),
+                new_modules=(r"^head\.",),
+            ),
+            url="https://huggingface.co/MrGiovanni/SuPreM/resolve/main/supervised_clip_driven_universal_swin_unetr_2100.pth"
+            " (code: https://github.com/ljwztc/CLIP-Driven-Universal-Model)",
+            filename="supervised_clip_driven_universal_swin_unetr_2100.pth",
+            description="CLIP-Driven Universal Model Swin-UNETR; text-driven head dropped, head new",
+            head_pretrained=False,
+        ),
+        ModelSpec(
+            model_id="fseft",
+            arch="swin_unetr",
+            arch_kwargs={"feature_size": 48},
+            class_names=FSEFT_CLASSES,
+            key_rules=KeyRules(
+                strip_prefixes=("module.backbone.", "module.", "backbone."),
+                renames=_SWIN_RENAMES,
+            ),
+            url="https://drive.google.com/file/d/18yLNxmWGnVifQNeYYwyyu56Cg4tWV9aW/view"
+            " (code: https://github.com/jusiro/fewshot-finetuning)",
+            filename="fseft.pth",
+            description="FSEFT foundation model, Swin-UNETR, 29 structures (Silva-Rodriguez et al., MedIA 2025)",
+        ),
+        ModelSpec(
+            model_id="suprem_swinunetr",
+            arch="swin_unetr",
+            arch_kwargs={"feature_size": 48},
+            class_names=SUPREM_CLASSES,
+            key_rules=KeyRules(
+                strip_prefixes=("module.backbone.",),
+                renames=_SWIN_RENAMES,
+                drop=(_DYNAMIC_HEAD, r"^module\.backbone\.out\."),
+                new_modules=(r"^head\.",),
+            ),
+            url="https://huggingface.co/MrGiovanni/SuPreM/resolve/main/supervised_suprem_swinunetr_2100.pth"
+            " (code: https://github.com/MrGiovanni/SuPreM)",
+            filename="supervised_suprem_swinunetr_2100.pth",
+            description="SuPreM Swin-UNETR (AbdomenAtlas 1.1); text-driven head dropped, head new",
+            head_pretrained=False,
+        ),
+        ModelSpec(
+            model_id="suprem_unet",
+            arch="unet3d",
+            arch_kwargs={"base_channels": 32},
+            class_names=SUPREM_CLASSES,
+            key_rules=KeyRules(
+                strip_prefixes=("module.backbone.",),
+                renames=((r"^out_tr\.final_conv\.", "head."),),
+                drop=(_DYNAMIC_HEAD, r"^module\.backbone\.out_tr\."),
+                new_modules=(r"^head\.",),
+            ),
+            url="https://huggingface.co/MrGiovanni/SuPreM/resolve/main/supervised_suprem_unet_2100.pth"
+            " (code: https://github.com/MrGiovanni/SuPreM)",
+            filename="supervised_suprem_unet_2100.pth",
+            description="SuPreM 3D U-Net (AbdomenAtlas 1.1); text-driven head dropped, head new",
+            head_pretrained=False,
+        ),
+        ModelSpec(
+            model_id="phantom",
+            arch="swin_unetr",
+            arch_kwargs={"feature_size": 12},
+            class_names=None,  # the fseft model file carries its class names
+            key_rules=KeyRules(),
+            url="shipped inside fseft at src/fseft/weights/phantom_swinunetr.safetensors "
+            "(made with `fseft pretrain` on the synthetic phantom)",
+            filename="phantom_swinunetr.safetensors",
+            description="small Swin-UNETR pre-trained on the synthetic phantom (gallbladder held out)",
+            bundled="weights/phantom_swinunetr.safetensors",
+            preprocess=None,  # in the model file
+        ),
+    )
+}
+
+
+def get_spec(model_id: str) -> ModelSpec:
+    """The `ModelSpec` of ``model_id``; `ConfigError` listing the ids if unknown."""
+    try:
+        return MODEL_SPECS[model_id]
+    except KeyError:
+        raise ConfigError(
+            f"unknown model id {model_id!r}; choose one of {', '.join(MODEL_SPECS)} "
+            "or give the path of an fseft model file (.safetensors)"
+        ) from None
+
+
+def weights_dir(override: str | os.PathLike | None = None) -> Path:
+    """Folder searched for public weights: ``override``, else ``$FSEFT_WEIGHTS_DIR``, else
+    ``~/.cache/fseft/weights``."""
+    if override:
+        return Path(override).expanduser()
+    env = os.environ.get(WEIGHTS_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fseft" / "weights"
+
+
+def weight_candidates(spec: ModelSpec, directory: str | os.PathLike | None = None) -> list[Path]:
+    """Every path `find_weights` tries for ``spec``, in order."""
+    paths: list[Path] = []
+    if spec.bundled:
+        paths.append(Path(str(resources.files("fseft").joinpath(spec.bundled))))
+    folder = weights_dir(directory)
+    paths += [folder / f"{spec.model_id}{suffix}" for suffix in WEIGHT_SUFFIXES]
+    if spec.filename:
+        paths.append(folder / spec.filename)
+    return list(dict.fromkeys(paths))
+
+
+def find_weights(spec: ModelSpec, directory: str | os.PathLike | None = None) -> Path | None:
+    """The first existing weights file for ``spec``, or None."""
+    return next((p for p in weight_candidates(spec, directory) if p.is_file()), None)
+
+
+def _looks_like_path(model: str) -> bool:
+    return Path(model).suffix in WEIGHT_SUFFIXES or os.sep in model or Path(model).exists()
+
+
+def load_model(
+    model: str,
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    **arch_overrides: Any,
+) -> SegmentationModel:
+    """A ready model (eval mode, on ``device``) from a zoo id or an fseft model file.
+
+    Args:
+        model: a zoo id (`MODEL_SPECS`) or the path of an fseft model file.
+        weights: weights file for a zoo id; default: `find_weights` (``$FSEFT_WEIGHTS_DIR``).
+        device: where the model goes; checkpoints are always read onto the CPU first.
+        **arch_overrides: architecture options replacing the spec's (``use_checkpoint=True``;
+            tests use ``feature_size=12`` with tiny checkpoints).
+    Returns:
+        The model, with ``model.preprocess`` (dict or None) and ``model.model_config``.
+    Raises:
+        InputFileError: weights absent (says where they are published and where fseft
+            looked), unreadable, unsafe, or not matching the architecture / classes.
+        ConfigError: unknown id.
+    """
+    if model not in MODEL_SPECS and _looks_like_path(model):
+        if weights is not None:
+            raise ConfigError(f"--weights is only for zoo ids; {model} is already a model file")
+        return load_model_file(model, device=device, **arch_overrides)
+    spec = get_spec(model)
+    path = Path(weights) if weights is not None else find_weights(spec)
+    if path is None:
+        looked = "\n  ".join(str(p) for p in weight_candidates(spec))
+        raise InputFileError(
+            f"weights for model {spec.model_id!r} not found; fseft does not download them. "
+            f"They are published at {spec.url}. Put the file at ${WEIGHTS_DIR_ENV}/{spec.model_id}.pth "
+            f"or pass --weights PATH. Looked in:\n  {looked}"
+        )
+    if not path.is_file():
+        raise InputFileError(f"{path}: weights file for model {spec.model_id!r} not found (published at {spec.url})")
+
+    if path.suffix == ".safetensors":
+        config = read_model_file_config(path)
+        if config is not None:
+            return _load_spec_model_file(spec, path, config, device, arch_overrides)
+    if spec.class_names is None:
+        raise InputFileError(f"{path}: model {spec.model_id!r} needs an fseft model file (.safetensors with metadata)")
+
+    kwargs = {**spec.arch_kwargs, **arch_overrides}
+    net = create_model(spec.arch, spec.class_names, **kwargs)
+    obj, _ = read_checkpoint(path, map_location="cpu")
+    state = extract_state_dict(obj, path)
+    load_state_dict_checked(net, state, path, spec.key_rules)
+    net.preprocess = dict(spec.preprocess) if spec.preprocess is not None else None
+    net.model_config = {
+        "model_id": spec.model_id,
+        "weights": str(path),
+        "arch": net.arch,
+        "arch_kwargs": dict(net.arch_kwargs),
+        "class_names": list(net.class_names),
+        "preprocess": net.preprocess,
+        "head_pretrained": spec.head_pretrained,
+    }
+    return net.to(device).eval()
+
+
+def _load_spec_model_file(
+    spec: ModelSpec, path: Path, config: Mapping[str, Any], device: str | torch.device, overrides: Mapping[str, Any]
+) -> SegmentationModel:
+    """An fseft model file given for a zoo id: its architecture and classes must be the id's."""
+    arch = ARCH_ALIASES.get(str(config["arch"]).lower(), str(config["arch"]).lower())
+    if arch != spec.arch:
+        raise InputFileError(f"{path}: holds a {arch} model, but model {spec.model_id!r} is a {spec.arch}")
+    if spec.class_names is not None and tuple(config["class_names"]) != tuple(spec.class_names):
+        raise InputFileError(
+            f"{path}: unexpected classes for model {spec.model_id!r}: the file has "
+            f"{', '.join(config['class_names'])}; expected {', '.join(spec.class_names)}"
+        )
+    net = load_model_file(path, device=device, **overrides)
+    net.model_config = {**net.model_config, "model_id": spec.model_id, "weights": str(path)}
+    return net
+
+
+# ------------------------------------------------------------------------------ listing
+
+
+@lru_cache(maxsize=None)
+def _parameter_count(arch: str, frozen_kwargs: tuple[tuple[str, Any], ...]) -> tuple[int, int]:
+    """(parameters without the head, feature channels) of an architecture, built once on CPU
+    (MONAI's Swin-UNETR cannot be built on the meta device: it calls ``.item()``)."""
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in frozen_kwargs}
+    with torch.no_grad():
+        net = create_model(arch, ["_"], **kwargs)
+    total = sum(p.numel() for p in net.parameters())
+    head = sum(p.numel() for p in net.head.parameters())
+    return total - head, net.feature_channels
+
+
+def parameter_count(arch: str, num_classes: int, arch_kwargs: Mapping[str, Any]) -> int:
+    """Trainable parameters of ``arch`` with a ``num_classes`` head (1x1x1 conv with bias)."""
+    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in arch_kwargs.items()))
+    body, channels = _parameter_count(arch, frozen)
+    return body + num_classes * (channels + 1)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One row of `fseft models`."""
+
+    model_id: str
+    arch: str
+    num_classes: int | None
+    parameters: int | None
+    weights: Path | None
+    spec: ModelSpec
+
+
+def list_models(directory: str | os.PathLike | None = None) -> list[ZooEntry]:
+    """Every zoo model with its full-size parameter count and weights file (None if absent)."""
+    rows = []
+    for spec in MODEL_SPECS.values():
+        path = find_weights(spec, directory)
+        arch, kwargs, classes = spec.arch, dict(spec.arch_kwargs), spec.class_names
+        if spec.class_names is None and path is not None and path.suffix == ".safetensors":
+            try:
+                config = read_model_file_config(path)
+            except InputFileError:
+                config = None
+            if config is not None:
+                arch, kwargs, classes = config["arch"], dict(config["arch_kwargs"]), tuple(config["class_names"])
+        n_classes = len(classes) if classes is not None else None
+        params = parameter_count(arch, n_classes or 1, kwargs) if n_classes else None
+        rows.append(ZooEntry(spec.model_id, arch, n_classes, params, path, spec))
+    return rows
+
+
+def format_model_table(directory: str | os.PathLike | None = None) -> str:
+    """The table `fseft models` prints."""
+    rows = list_models(directory)
+    header = ("id", "architecture", "classes", "parameters", "weights")
+    lines = [header]
+    for r in rows:
+        params = f"{r.parameters / 1e6:.2f}M" if r.parameters is not None else "-"
+        weights = f"present: {r.weights}" if r.weights else "absent"
+        lines.append((r.model_id, r.arch, str(r.num_classes or "-"), params, weights))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    text = ["  ".join(c.ljust(w) for c, w in zip(line[:-1], widths)) + "  " + line[-1] for line in lines]
+    text.insert(1, "-" * len(text[0]))
+    folder = weights_dir(directory)
+    text.append("")
+    text.append(f"weights folder: {folder} (set ${WEIGHTS_DIR_ENV} or --weights-dir); files: <id>.pth/.pt/.safetensors")
+    absent = [r for r in rows if r.weights is None]
+    if absent:
+        text.append("absent weights are published at:")
+        text += [f"  {r.model_id}: {r.spec.url}" for r in absent]
+    return "\n".join(text)
