@@ -57,8 +57,26 @@ def _run_datasets_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the model zoo and whether each weights file is present")
-    p.set_defaults(func=_not_yet("models"))
+    p = sub.add_parser(
+        "models",
+        help="list the model zoo and whether each weights file is present",
+        description="List the model zoo: id, architecture, classes, parameters of the full-size "
+        "architecture, and whether the weights file is present (fseft never downloads weights).",
+    )
+    p.add_argument(
+        "--weights-dir",
+        metavar="DIR",
+        default=None,
+        help="folder holding <id>.pth/.pt/.safetensors (default: $FSEFT_WEIGHTS_DIR, else ~/.cache/fseft/weights)",
+    )
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from fseft.models.zoo import format_model_table
+
+    print(format_model_table(args.weights_dir))
+    return 0
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
