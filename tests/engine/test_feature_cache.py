@@ -1,0 +1,184 @@
+"""FeatureCache: hits, misses, stale keys, atomic writes."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fseft.data.datasets import open_dataset
+from fseft.data.preprocessing import PreprocessConfig, preprocess
+from fseft.engine.feature_cache import CacheError, FeatureCache, compute_features, model_fingerprint
+from fseft.data.io import Volume, write_image, write_mask
+from fseft.engine.inference import InferenceConfig
+
+# Tiny nnU-Net-layout datasets and models, shared with test_adapt.py (fast: no phantom
+# generator, 20-voxel volumes).
+STRUCTURES = ("liver", "gallbladder")
+
+
+def write_tiny_dataset(root: Path, n_cases: int = 4, shape=(20, 18, 16), spacing=3.0, seed: int = 0) -> Path:
+    """Cases with a bright box body, a 'liver' ball and a small 'gallbladder' ball (values 1, 2)."""
+    rng = np.random.default_rng(seed)
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    grid = np.indices(shape).astype(np.float32)
+    for i in range(n_cases):
+        image = np.full(shape, -1000.0, np.float32)
+        image[2:-2, 2:-2, 1:-1] = 40.0 + rng.normal(0, 5, (shape[0] - 4, shape[1] - 4, shape[2] - 2))
+        labels = np.zeros(shape, np.uint8)
+        for value, radius, hu in ((1, 4.0 + i % 2, 120.0), (2, 2.0, -20.0)):
+            centre = np.array(shape) / 2 + rng.integers(-2, 3, 3) + (0 if value == 1 else 5)
+            ball = ((grid - centre[:, None, None, None]) ** 2).sum(0) <= radius**2
+            image[ball] = hu
+            labels[ball] = value
+        vol = Volume(image.astype(np.int16), affine, f"case{i}")
+        write_image(vol, root / "imagesTr" / f"case{i:02d}_0000.nii.gz")
+        write_mask(labels, vol, root / "labelsTr" / f"case{i:02d}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "tiny", "channel_names": {"0": "CT"},
+        "labels": {"background": 0, "liver": 1, "gallbladder": 2},
+        "numTraining": n_cases, "file_ending": ".nii.gz",
+    }))
+    return root
+
+
+def tiny_model(classes=("liver", "spleen"), seed: int = 0):
+    """A 4-feature-channel U-Net (inputs divisible by 8)."""
+    from fseft.models.zoo import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("unet3d", list(classes), base_channels=2)
+    model.preprocess = {"spacing": [3.0, 3.0, 3.0], "crop_foreground": False}
+    return model.eval()
+
+
+PRE = PreprocessConfig(spacing=(3.0, 3.0, 3.0), crop_foreground=False)
+INF = InferenceConfig(roi_size=(16, 16, 16), overlap=0.25, progress=False)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return open_dataset(write_tiny_dataset(tmp_path_factory.mktemp("tiny"), n_cases=2))
+
+
+def _cache(tmp_path, model=None, pre=PRE, inf=INF):
+    return FeatureCache(model if model is not None else tiny_model(), pre, tmp_path / "cache", inf)
+
+
+def test_miss_then_hit_returns_the_model_features_and_labels(dataset, tmp_path):
+    model = tiny_model()
+    cache = _cache(tmp_path, model)
+    case = dataset.cases[0]
+    first = cache.load(case, ("liver",))
+    assert (cache.misses, cache.hits) == (1, 0)
+    again = cache.load(case, ("liver",))
+    assert (cache.misses, cache.hits) == (1, 1)
+    assert isinstance(again.features, np.memmap) and again.features.dtype == np.float16
+    image, labels = case.load(["liver"])
+    pre = preprocess(image, labels, PRE)
+    expected = compute_features(model, pre.image[None], INF)[0].numpy()
+    assert first.features.shape == (model.feature_channels, *pre.image.shape[1:])
+    np.testing.assert_allclose(again.features, expected, rtol=1e-2, atol=1e-3)
+    np.testing.assert_array_equal(again.labels, pre.label.numpy())
+    # another structure of the same volume: features reused, only its label added
+    both = cache.load(case, ("liver", "gallbladder"))
+    assert cache.misses == 1 and both.labels.shape[0] == 2 and both.labels[1].sum() > 0
+
+
+def test_cached_features_through_the_head_match_the_model_prediction(dataset, tmp_path):
+    from fseft.engine.inference import predict_probabilities
+
+    model = tiny_model()
+    cached = _cache(tmp_path, model).load(dataset.cases[1])
+    assert cached.labels is None
+    image, _ = dataset.cases[1].load(["liver"])
+    pre = preprocess(image, None, PRE)
+    probs = predict_probabilities(model, pre.image[None], INF)[0]
+    with torch.no_grad():
+        from_cache = torch.sigmoid(model.head(torch.from_numpy(np.asarray(cached.features, np.float32))[None]))[0]
+    assert torch.allclose(from_cache, probs, atol=2e-3)
+
+
+def test_other_model_preprocessing_or_window_gets_another_key(dataset, tmp_path):
+    case = dataset.cases[0]
+    ref = _cache(tmp_path)
+    key = ref.entry_dir(case.image)
+    assert _cache(tmp_path).entry_dir(case.image) == key  # same inputs, same key
+    assert _cache(tmp_path, tiny_model(seed=1)).entry_dir(case.image) != key
+    assert _cache(tmp_path, pre=PreprocessConfig(spacing=(2.0, 3.0, 3.0), crop_foreground=False)).entry_dir(case.image) != key
+    assert _cache(tmp_path, inf=InferenceConfig(roi_size=(16, 16, 16), overlap=0.5)).entry_dir(case.image) != key
+
+
+def test_changed_volume_file_is_a_miss(tmp_path):
+    ds = open_dataset(write_tiny_dataset(tmp_path / "ds", n_cases=1))
+    cache = _cache(tmp_path)
+    cache.load(ds.cases[0])
+    write_tiny_dataset(tmp_path / "ds", n_cases=1, seed=5)  # rewritten file: new size/mtime
+    cache.load(open_dataset(tmp_path / "ds").cases[0])
+    assert cache.misses == 2
+
+
+def test_stale_entry_is_recomputed_never_reused(dataset, tmp_path):
+    model = tiny_model()
+    cache = _cache(tmp_path, model)
+    case = dataset.cases[0]
+    entry = cache.load(case).path
+    good = np.array(cache.load(case).features)
+    # an entry whose recorded inputs differ (copied from elsewhere, or a key collision)
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["key"]["preprocess"]["spacing"] = [9.0, 9.0, 9.0]
+    np.save(entry / "features.npy", np.zeros_like(good))
+    (entry / "meta.json").write_text(json.dumps(meta))
+    fresh = _cache(tmp_path, model)
+    again = fresh.load(case)
+    assert fresh.misses == 1
+    np.testing.assert_array_equal(np.asarray(again.features), good)
+    # a truncated features file is recomputed too
+    (entry / "features.npy").write_bytes(b"\x93NUMPY")
+    assert _cache(tmp_path, model).load(case).features.shape == good.shape
+
+
+def test_full_disk_mid_write_leaves_nothing_behind(dataset, tmp_path, monkeypatch):
+    cache = _cache(tmp_path)
+    real = np.lib.format.open_memmap
+
+    class FullDisk:
+        def __init__(self, arr):
+            self.arr = arr
+
+        def __setitem__(self, index, value):
+            if index == 1:  # first channel written, then the disk fills
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.arr[index] = value
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", lambda *a, **k: FullDisk(real(*a, **k)))
+    with pytest.raises(CacheError, match="disk is full.*--cache-dir"):
+        cache.load(dataset.cases[0], ("liver",))
+    leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert leftovers == []
+    monkeypatch.setattr(np.lib.format, "open_memmap", real)
+    assert cache.load(dataset.cases[0], ("liver",)).labels.sum() > 0
+
+
+def test_interrupt_mid_write_leaves_nothing_behind(dataset, tmp_path, monkeypatch):
+    cache = _cache(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.load(dataset.cases[0], ("liver",))
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
+def test_model_fingerprint_follows_the_weights():
+    a, b = tiny_model(seed=0), tiny_model(seed=0)
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():
+        b.head.bias.add_(1e-3)
+    assert model_fingerprint(a) != model_fingerprint(b)
