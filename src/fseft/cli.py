@@ -24,8 +24,41 @@ def _csv(value: str) -> list[str]:
 
 
 def _add_phantom(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("phantom", help="write a synthetic abdomen CT dataset (nnU-Net layout)")
-    p.set_defaults(func=_not_yet("phantom"))
+    p = sub.add_parser(
+        "phantom",
+        help="write a synthetic abdomen CT dataset (nnU-Net layout)",
+        description="Write synthetic abdomen CT cases (int16 HU) with multilabel masks as an "
+        "nnU-Net v2 raw dataset (dataset.json, imagesTr/, labelsTr/). Deterministic for "
+        "(domain, seed, case). With --partial-sources K, writes K sub-datasets under --out, "
+        "each labelling a subset of the structures (none labels gallbladder).",
+    )
+    p.add_argument("--out", required=True, help="dataset folder to create")
+    p.add_argument("--cases", type=int, default=8, help="number of cases (per source with --partial-sources; default 8)")
+    p.add_argument("--domain", choices=("source", "target"), default="source",
+                   help="source: portal-venous phase; target: late arterial, noisier, other spacing/FOV")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    labels = p.add_mutually_exclusive_group()  # each partial source labels its own subset
+    labels.add_argument("--structures", type=_csv, default=None,
+                        help="comma-separated structures to label (default: all the phantom draws)")
+    labels.add_argument("--partial-sources", type=int, default=None, metavar="K",
+                        help="write K partial-label source datasets (partial_A, ...) instead of one dataset")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_run_phantom)
+
+
+def _run_phantom(args: argparse.Namespace) -> int:
+    from fseft.data.phantom import write_partial_label_sources, write_phantom_dataset
+
+    if args.partial_sources is None:
+        root = write_phantom_dataset(args.out, args.cases, args.domain, args.seed, args.structures,
+                                     overwrite=args.overwrite, progress=args.progress)
+        print(root)
+        return 0
+    for root in write_partial_label_sources(args.out, args.partial_sources, args.cases, args.seed, args.domain,
+                                            overwrite=args.overwrite, progress=args.progress):
+        print(root)
+    return 0
 
 
 def _add_datasets(sub: argparse._SubParsersAction) -> None:
