@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -161,3 +163,105 @@ def test_find_scans_dicom_folder(totalseg_examples):
     # a folder of cases: NIfTI files and no DICOM sub-folder
     cases = dict(find_scans(totalseg_examples))
     assert "example_ct_sm" in cases and "example_ct_dicom" in cases
+
+
+# ------------------------------------------------------------------- fseft predict end to end
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A random tiny Swin-UNETR saved as an fseft model file, with a non-default preprocessing
+    (4 mm voxels: few windows, fast tests)."""
+    from fseft.models.checkpoint import save_model_file
+    from fseft.models.zoo import create_model
+
+    torch.manual_seed(0)
+    model = create_model("swin_unetr", ["liver", "spleen"], feature_size=12)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model_file(model, path, preprocess=PreprocessConfig(spacing=(4.0, 4.0, 4.0)))
+    return path
+
+
+def _write_scan(path, shape=(30, 26, 14), spacing=(2.0, 2.5, 4.0), seed=0):
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    hu = rng.normal(0.0, 200.0, shape).astype(np.int16)
+    affine = np.diag([-spacing[0], spacing[1], spacing[2], 1.0])  # LAS
+    affine[:3, 3] = (30.0, -40.0, 12.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(hu, affine), str(path))
+    return affine
+
+
+@pytest.mark.slow
+def test_predict_cli_nifti_keeps_native_geometry(model_file, tmp_path):
+    import nibabel as nib
+
+    from fseft.cli import main
+
+    affine = _write_scan(tmp_path / "in" / "case1_0000.nii.gz")
+    _write_scan(tmp_path / "in" / "case2.nii.gz", shape=(20, 22, 12), seed=1)
+    out = tmp_path / "out"
+    argv = ["predict", "-i", str(tmp_path / "in"), "-o", str(out), "--model", str(model_file),
+            "--roi-size", "64", "32", "32", "--structures", "spleen,liver", "--no-progress"]
+    assert main(argv) == 0
+    img = nib.load(str(out / "case1.nii.gz"))
+    assert img.shape == (30, 26, 14)
+    np.testing.assert_allclose(img.affine, affine, atol=1e-5)
+    assert set(np.unique(np.asarray(img.dataobj))) <= {0, 1, 2}
+    assert json.loads((out / "case1.json").read_text()) == {"1": "spleen", "2": "liver"}
+    assert nib.load(str(out / "case2.nii.gz")).shape == (20, 22, 12)
+
+    single = ["predict", "-i", str(tmp_path / "in" / "case2.nii.gz"), "-o", str(out / "single"), *argv[5:]]
+    assert main([*single, "--per-structure-files", "--no-lcc"]) == 0
+    masks = sorted(p.name for p in (out / "single" / "case2").iterdir())
+    assert masks == ["liver.nii.gz", "spleen.nii.gz"]
+
+
+@pytest.mark.slow
+def test_predict_matches_segment_volume_with_the_stored_preprocessing(model_file, tmp_path):
+    from fseft.data.io import read_image, read_multilabel
+    from fseft.engine.inference import predict_path
+    from fseft.models.zoo import load_model
+
+    _write_scan(tmp_path / "scan.nii.gz")
+    cfg = _cfg(roi_size=(64, 32, 32), largest_component=False)
+    result = predict_path(tmp_path / "scan.nii.gz", tmp_path / "seg.nii.gz", str(model_file), cfg=cfg)
+    assert result.structures == ("liver", "spleen")
+    written = read_multilabel(tmp_path / "seg.nii.gz", {1: "liver", 2: "spleen"}, ["liver", "spleen"])
+    expected = segment_volume(load_model(str(model_file)), read_image(tmp_path / "scan.nii.gz"),
+                              PreprocessConfig(spacing=(4.0, 4.0, 4.0)), cfg)
+    overlap = (expected[0] > 0) & (expected[1] > 0)  # multilabel: the first structure wins
+    expected[1][overlap] = 0
+    np.testing.assert_array_equal(written.array, expected)
+
+
+def test_predict_errors(model_file, tmp_path, capsys):
+    from fseft.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", "-i", str(tmp_path / "empty"), "-o", str(tmp_path / "o"), "--model", str(model_file)]) == 2
+    assert "no readable scans" in capsys.readouterr().err
+    _write_scan(tmp_path / "scan.nii.gz")
+    assert main(["predict", "-i", str(tmp_path / "scan.nii.gz"), "-o", str(tmp_path / "o"),
+                 "--model", str(model_file), "--structures", "pancreas"]) == 2
+    err = capsys.readouterr().err
+    assert "pancreas" in err and "liver, spleen" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_predict_dicom_series_gives_the_dicom_geometry(model_file, totalseg_examples, tmp_path):
+    import nibabel as nib
+
+    from fseft.cli import main
+
+    out = tmp_path / "out"
+    assert main(["predict", "-i", str(totalseg_examples / "example_ct_dicom"), "-o", str(out),
+                 "--model", str(model_file), "--roi-size", "64", "64", "32", "--overlap", "0.1", "--no-progress"]) == 0
+    seg = nib.load(str(out / "example_ct_dicom.nii.gz"))
+    reference = nib.load(str(totalseg_examples / "example_seg_dicom.nii.gz"))
+    assert seg.shape == reference.shape == (512, 512, 20)
+    assert nib.aff2axcodes(seg.affine) == ("L", "A", "S")
+    np.testing.assert_allclose(seg.affine, reference.affine, atol=1e-3)
