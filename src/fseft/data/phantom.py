@@ -456,7 +456,7 @@ def _draw_anatomy(p: _Painter, rng: np.random.Generator, body_a: float, body_b: 
         p.paint(sl, lumen & (wy_sl > y_level) & (gas_frac > 0.2), "gas", "stomach")
 
     # Gallbladder: pear under the liver's inferior surface, anterior, fundus tilted down-forward.
-    paint_shape(p.ellipsoid(*p.jitter_ellipsoid((46, 40, 48), (14, 14, 30), (35, 0, 0))),
+    paint_shape(p.ellipsoid(*p.jitter_ellipsoid((46, 40, 48), (17, 17, 34), (35, 0, 0))),
                 "gallbladder", "gallbladder", within=abdomen)
 
     # Paraspinal and psoas muscles, then the spine: bodies (cortical shell, cancellous core),
@@ -653,7 +653,7 @@ def write_phantom_dataset(
         remap[PHANTOM_LABELS[s]] = value
     case_info: dict[str, Any] = {}
     with _staged_folder(out, overwrite) as tmp:
-        for i in tqdm(range(int(cases)), desc=f"phantom {domain}", unit="case", disable=not progress):
+        for i in tqdm(range(int(cases)), desc=f"phantom {out.name} ({domain})", unit="case", disable=not progress):
             case = generate_case(cfg, domain, seed, i, stream)
             case_id = f"{cfg.case_prefix}_{i:03d}"
             write_image(case.image, tmp / "imagesTr" / f"{case_id}_0000.nii.gz")
