@@ -192,8 +192,50 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="supervised pre-training with partial labels (torch DDP)")
-    p.set_defaults(func=_not_yet("pretrain"))
+    p = sub.add_parser(
+        "pretrain",
+        help="supervised pre-training with partial labels (torch DDP)",
+        description="Pre-train a segmentation model on an assembly of partially labelled datasets "
+        "(FSEFT eq. 1). Distributed: torchrun --nproc_per_node N -m fseft pretrain ...",
+    )
+    p.add_argument("--config", required=True, metavar="ASSEMBLY.yaml",
+                   help="assembly YAML: datasets, model, preprocess, train (see examples/pretrain_phantom.yaml)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="run folder: checkpoint.pt, log.jsonl, cache/, model.safetensors")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in DIR")
+    p.add_argument("--until-epoch", type=int, metavar="N",
+                   help="stop after epoch N in this call (time-sliced jobs; continue with --resume)")
+    overrides = p.add_argument_group("overrides of the assembly's train section")
+    overrides.add_argument("--epochs", type=int)
+    overrides.add_argument("--batch-size", type=int, help="volumes per step per process")
+    overrides.add_argument("--patches-per-volume", type=int)
+    overrides.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"))
+    overrides.add_argument("--lr", type=float)
+    overrides.add_argument("--device", help="auto, cpu, cuda (torchrun: each process its LOCAL_RANK GPU)")
+    overrides.add_argument("--seed", type=int)
+    overrides.add_argument("--num-workers", type=int, help="DataLoader worker processes")
+    overrides.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
+    overrides.add_argument("--grad-checkpointing", action="store_true", default=None,
+                           help="gradient checkpointing (less memory, slower)")
+    overrides.add_argument("--balance-datasets", action="store_true", default=None,
+                           help="draw volumes so that every dataset is equally likely")
+    overrides.add_argument("--tensorboard", action="store_true", default=None,
+                           help="also log to DIR/tensorboard (if TensorBoard is installed)")
+    overrides.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                           help="no progress bars")
+    p.set_defaults(func=_run_pretrain)
+
+
+_PRETRAIN_OVERRIDES = ("epochs", "batch_size", "patches_per_volume", "patch_size", "lr", "device", "seed",
+                       "num_workers", "bf16", "grad_checkpointing", "balance_datasets", "tensorboard", "progress")
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from fseft.engine.pretrain import load_assembly, pretrain
+
+    assembly = load_assembly(args.config, overrides={k: getattr(args, k) for k in _PRETRAIN_OVERRIDES})
+    pretrain(assembly, args.out, resume=args.resume, until_epoch=args.until_epoch)
+    return 0
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (

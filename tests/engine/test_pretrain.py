@@ -1,0 +1,258 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fseft.cli import main
+from fseft.data.io import Volume, write_image, write_mask
+from fseft.engine.pretrain import (
+    AssemblyConfig,
+    PretrainConfig,
+    assembly_from_dict,
+    load_assembly,
+    pretrain,
+    resolve_sources,
+)
+from fseft.engine.sampling import EpochPatchDataset, patch_transforms
+from fseft.errors import ConfigError, InputFileError
+from fseft.utils import write_json
+
+# Organs of the tiny synthetic scans: name -> (HU, box in voxels). Every scan shows all of them.
+ORGANS = {
+    "liver": (60.0, (slice(4, 12), slice(4, 14), slice(5, 15))),
+    "spleen": (45.0, (slice(13, 18), slice(5, 10), slice(6, 12))),
+    "kidney_left": (150.0, (slice(12, 17), slice(12, 17), slice(4, 9))),
+}
+
+
+def write_tiny_dataset(root: Path, structures: list[str], cases: int = 1, seed: int = 0, shape=(20, 20, 20)) -> Path:
+    """An nnU-Net dataset of `cases` 20^3 scans (4 mm) labelling only `structures` (values 1..k)."""
+    rng = np.random.default_rng(seed)
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    for i in range(cases):
+        image = np.full(shape, -1000.0)
+        image[2:18, 2:19, 2:18] = 0.0  # body
+        labels = np.zeros(shape, np.uint8)
+        for name, (hu, box) in ORGANS.items():
+            shift = tuple(slice(b.start + int(rng.integers(-1, 2)), b.stop + int(rng.integers(-1, 2))) for b in box)
+            image[shift] = hu
+            if name in structures:
+                labels[shift] = structures.index(name) + 1
+        image += rng.normal(0, 10, shape)
+        volume = Volume(np.round(image).astype(np.float32), affine, f"tiny_{i}")
+        write_image(volume, root / "imagesTr" / f"tiny_{i:03d}_0000.nii.gz")
+        write_mask(labels, volume, root / "labelsTr" / f"tiny_{i:03d}.nii.gz")
+    write_json(root / "dataset.json", {
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, **{s: v for v, s in enumerate(structures, start=1)}},
+        "numTraining": cases, "file_ending": ".nii.gz",
+    })
+    return root
+
+
+def tiny_assembly(root: Path, cases: int = 1, **train) -> dict:
+    """Two partial-label datasets (A: liver + spleen, B: spleen + kidney_left), a tiny U-Net."""
+    if not (root / "A").exists():
+        write_tiny_dataset(root / "A", ["liver", "spleen"], cases, seed=1)
+        write_tiny_dataset(root / "B", ["kidney_left", "spleen"], cases, seed=2)
+    return {
+        "datasets": [{"path": "A", "structures": ["liver", "spleen"]}, {"path": "B"}],
+        "model": {"arch": "unet3d", "arch_kwargs": {"base_channels": 2}},
+        "preprocess": {"spacing": [4, 4, 4]},
+        "train": {"epochs": 2, "batch_size": 1, "patches_per_volume": 2, "patch_size": [16, 16, 16],
+                  "warmup_epochs": 0, "lr": 1e-3, "progress": False, **train},
+    }
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def test_load_assembly_resolves_paths_and_catalogue(tmp_path):
+    data = tiny_assembly(tmp_path)
+    assembly = load_assembly(write_yaml(tmp_path / "a.yaml", data), overrides={"epochs": 5, "device": None})
+    assert isinstance(assembly, AssemblyConfig) and isinstance(assembly.train, PretrainConfig)
+    assert assembly.datasets[0].path == tmp_path / "A"
+    assert assembly.train.epochs == 5 and assembly.train.patch_size == (16, 16, 16)
+    catalogue, sources = resolve_sources(assembly)
+    # union in order of appearance; B lists nothing, so it annotates all its label map names
+    assert catalogue == ("liver", "spleen", "kidney_left")
+    assert [s.structures for s in sources] == [("liver", "spleen"), ("spleen", "kidney_left")]
+
+
+@pytest.mark.parametrize("section,key,suggestion", [
+    ("train", "epoch", "epochs"),
+    ("datasets", "structrues", "structures"),
+    ("model", "arch_kwarg", "arch_kwargs"),
+    ("top", "preprocesing", "preprocess"),
+])
+def test_unknown_key_names_key_file_and_closest(tmp_path, section, key, suggestion):
+    data = tiny_assembly(tmp_path)
+    if section == "top":
+        data[key] = {}
+    elif section == "datasets":
+        data["datasets"][0][key] = ["liver"]
+    else:
+        data[section][key] = 1
+    path = write_yaml(tmp_path / "a.yaml", data)
+    with pytest.raises(ConfigError) as err:
+        load_assembly(path)
+    msg = str(err.value)
+    assert repr(key) in msg and str(path) in msg and f"did you mean {suggestion!r}" in msg
+
+
+def test_bad_values_and_missing_dataset_are_config_errors(tmp_path):
+    data = tiny_assembly(tmp_path)
+    with pytest.raises(ConfigError, match="epochs must be >= 1"):
+        assembly_from_dict(data, base_dir=tmp_path, overrides={"epochs": 0})
+    with pytest.raises(ConfigError, match="patch_size"):
+        assembly_from_dict(data, base_dir=tmp_path, overrides={"patch_size": [16, 16]})
+    with pytest.raises(ConfigError, match="unknown key 'epoch'.*'epochs'"):
+        assembly_from_dict(data, base_dir=tmp_path, overrides={"epoch": 3})
+    data["datasets"].append({"path": "nowhere"})
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'nowhere'} does not exist"):
+        assembly_from_dict(data, base_dir=tmp_path)
+
+
+def test_dataset_errors_before_training(tmp_path):
+    data = tiny_assembly(tmp_path)
+    data["datasets"][1]["structures"] = ["kidney_left", "liver"]  # B has no liver label
+    with pytest.raises(ConfigError, match="does not annotate liver"):
+        resolve_sources(assembly_from_dict(data, base_dir=tmp_path))
+
+    data = tiny_assembly(tmp_path)
+    data["model"]["classes"] = ["liver"]
+    data["datasets"][1]["structures"] = ["kidney_left"]
+    with pytest.raises(ConfigError, match="'B' annotates none of the catalogue classes"):
+        resolve_sources(assembly_from_dict(data, base_dir=tmp_path))
+
+    # a label-map override that leaves a value of the label files unmapped
+    data = tiny_assembly(tmp_path)
+    data["datasets"][1]["label_map"] = {1: "kidney_left"}
+    with pytest.raises(InputFileError, match=r"label value\(s\) \[2\] are not in the label map"):
+        pretrain(assembly_from_dict(data, base_dir=tmp_path), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    data = tiny_assembly(tmp_path)
+    data["train"]["warmup_epoch"] = 1
+    path = write_yaml(tmp_path / "a.yaml", data)
+    assert main(["pretrain", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count(str(path)) == 1 and "'warmup_epoch'" in err and "did you mean 'warmup_epochs'" in err
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def _volume(c=2, shape=(12, 14, 10)):
+    label = torch.zeros((c, *shape), dtype=torch.uint8)
+    label[0, 2:4, 3:5, 2:4] = 1
+    return {"image": torch.rand(1, *shape), "label": label, "annotated": torch.tensor([True, False])}
+
+
+def test_patches_shapes_positive_sampling_and_reproducibility():
+    transform = patch_transforms((16, 8, 8), patches_per_volume=3, pos=1, neg=0, augment=True)
+    dataset = EpochPatchDataset([_volume()], transform, seed=3)
+    patches = dataset[0]
+    assert len(patches) == 3
+    for p in patches:
+        assert tuple(p["image"].shape) == (1, 16, 8, 8) and tuple(p["label"].shape) == (2, 16, 8, 8)
+        assert p["label"].sum() > 0  # pos only: every patch holds the structure
+        assert torch.equal(p["annotated"], torch.tensor([True, False]))
+    again = dataset[0]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(patches, again))
+    dataset.set_epoch(1)
+    assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(patches, dataset[0]))
+
+
+def test_dataset_balanced_sampling_equalises_groups():
+    volumes = list(range(10))
+    dataset = EpochPatchDataset(volumes, lambda v: v, groups=[0] * 9 + [1], length=2000)
+    dataset.transform = type("T", (), {"set_random_state": lambda self, seed: None, "__call__": lambda self, v: v})()
+    drawn = np.array([volumes[i] for i in dataset.order])
+    assert 0.45 < (drawn == 9).mean() < 0.55  # the one-volume dataset gets half the draws
+    plain = EpochPatchDataset(volumes, dataset.transform, length=20)
+    assert list(plain.order) == list(range(10)) * 2
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    data = tiny_assembly(tmp_path)
+    straight = pretrain(assembly_from_dict(data, base_dir=tmp_path), tmp_path / "straight")
+    assert straight.epochs_done == 2 and straight.model_path == tmp_path / "straight" / "model.safetensors"
+
+    cut = tmp_path / "cut"
+    first = pretrain(assembly_from_dict(data, base_dir=tmp_path), cut, until_epoch=1)
+    assert first.model_path is None and first.epochs_done == 1
+    assert not (cut / "model.safetensors").exists() and (cut / "checkpoint.pt").exists()
+    with pytest.raises(ConfigError, match="--resume"):
+        pretrain(assembly_from_dict(data, base_dir=tmp_path), cut)
+    resumed = pretrain(assembly_from_dict(data, base_dir=tmp_path), cut, resume=True)
+    assert resumed.epochs_done == 2
+
+    a, b = _weights(straight.model), _weights(resumed.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    # training moved the weights (the comparison is not between two untouched models)
+    assert any(not torch.allclose(a[k], _weights(first.model)[k]) for k in a if a[k].is_floating_point())
+
+    log = [json.loads(line) for line in (cut / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in straight.history], rel=1e-5)
+    assert set(log[0]["loss_per_class"]) == {"liver", "spleen", "kidney_left"}
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    data = tiny_assembly(tmp_path)
+    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+        pretrain(assembly_from_dict(data, base_dir=tmp_path), tmp_path / "empty", resume=True)
+
+
+@pytest.mark.slow
+def test_phantom_pretrain_cli_end_to_end(tmp_path):
+    from fseft.data.datasets import open_dataset
+    from fseft.data.phantom import write_partial_label_sources
+    from fseft.data.preprocessing import PreprocessConfig, preprocess
+    from fseft.models.checkpoint import read_model_file_config
+    from fseft.models.zoo import load_model
+
+    write_partial_label_sources(tmp_path / "sources", n_sources=3, cases_per_source=1, progress=False)
+    example = yaml.safe_load((Path(__file__).parents[2] / "examples" / "pretrain_phantom.yaml").read_text())
+    # the example's datasets and catalogue, with a tiny model and coarse voxels to keep it fast
+    example["datasets"] = [{**d, "path": str(tmp_path / "sources" / Path(d["path"]).name)} for d in example["datasets"]]
+    example["model"] = {"arch": "unet3d", "arch_kwargs": {"base_channels": 2}, "classes": example["model"].get("classes")}
+    example["preprocess"] = {**example.get("preprocess", {}), "spacing": [6, 6, 6]}
+    config = write_yaml(tmp_path / "assembly.yaml", example)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), "--out", str(out), "--epochs", "1",
+                 "--patch-size", "16", "16", "16", "--batch-size", "1", "--no-progress"]) == 0
+
+    model = load_model(str(out / "model.safetensors"))
+    assert "gallbladder" not in model.class_names and {"liver", "pancreas", "aorta"} <= set(model.class_names)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and np.isfinite(log[0]["loss"])
+    assert all(v is not None for v in log[0]["loss_per_class"].values())  # every class seen in one epoch
+
+    # the model file carries the preprocessing it was trained with
+    cfg = PreprocessConfig.from_dict(read_model_file_config(out / "model.safetensors")["preprocess"])
+    assert cfg.spacing == (6.0, 6.0, 6.0)
+    image, _ = open_dataset(tmp_path / "sources" / "partial_A").cases[0].load()
+    x = preprocess(image, None, cfg).image.as_tensor()[None, :, :16, :16, :16]
+    with torch.no_grad():
+        assert model(x).shape == (1, len(model.class_names), 16, 16, 16)
