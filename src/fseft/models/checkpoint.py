@@ -202,11 +202,11 @@ def map_state_dict(
     return mapped, dropped, notes
 
 
-def _summarise(keys: list[str], limit: int = 12) -> str:
-    """Compact key list: grouped by their first two components."""
+def _summarise(keys: list[str], limit: int = 12, depth: int = 2) -> str:
+    """Compact key list: grouped by their first `depth` components."""
     groups: dict[str, int] = {}
     for k in keys:
-        g = ".".join(k.split(".")[:2])
+        g = ".".join(k.split(".")[:depth])
         groups[g] = groups.get(g, 0) + 1
     items = [f"{g}.* ({n})" if n > 1 else g for g, n in groups.items()]
     more = f", ... ({len(items) - limit} more groups)" if len(items) > limit else ""
@@ -283,7 +283,7 @@ def load_state_dict_checked(
         messages.append(f"dropped {len(dropped)} checkpoint tensors on purpose: {_summarise(dropped)}")
     messages.extend(notes)
     if new:
-        messages.append(f"newly initialised (not in the checkpoint): {_summarise(new)}")
+        messages.append(f"newly initialised (not in the checkpoint): {_summarise(new, depth=1)}")
     if messages:
         warnings.warn(f"{source}: " + "; ".join(messages), CheckpointWarning, stacklevel=2)
     return report
