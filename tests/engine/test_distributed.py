@@ -1,0 +1,112 @@
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from fseft.engine.distributed import distributed_context, resolve_device
+from fseft.errors import ConfigError
+from fseft.models.base import SegmentationModel
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_pretrain import tiny_assembly  # noqa: E402  (the tiny partial-label datasets)
+
+
+class TinySegmenter(SegmentationModel):
+    """Two convolutions, GroupNorm: per-sample normalisation, so that the loss of a batch split
+    over ranks equals that of the whole batch (BatchNorm statistics would depend on the split)."""
+
+    arch = "tiny_test"
+
+    def __init__(self, class_names, channels: int = 4) -> None:
+        super().__init__(class_names, feature_channels=channels)
+        self.body = nn.Sequential(nn.Conv3d(1, channels, 3, padding=1), nn.GroupNorm(1, channels), nn.ReLU(),
+                                  nn.Conv3d(channels, channels, 3, padding=1), nn.ReLU())
+        self.arch_kwargs = {"channels": channels}
+
+    def features(self, x):
+        return self.body(x)
+
+
+def _register_tiny():
+    from fseft.models import zoo
+
+    zoo.ARCHITECTURES["tiny_test"] = TinySegmenter
+
+
+def _assembly(root: Path, **train):
+    from fseft.engine.pretrain import assembly_from_dict
+
+    data = tiny_assembly(root, **train)
+    data["model"] = {"arch": "tiny_test"}
+    return assembly_from_dict(data, base_dir=root)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, root: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    _register_tiny()
+    from fseft.engine.pretrain import pretrain
+
+    result = pretrain(_assembly(Path(root), epochs=1, batch_size=1, device="cpu"), Path(root) / "ddp")
+    torch.save({"weights": result.model.state_dict(), "history": result.history},
+               Path(root) / f"rank{rank}.pt")
+
+
+def test_single_process_context_has_no_process_group(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with distributed_context("cpu") as ctx:
+        assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.is_distributed) == (0, 1, True, False)
+        assert ctx.backend is None and not torch.distributed.is_initialized()
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError):
+        resolve_device("tpu")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE"):
+        with distributed_context("cpu"):
+            pass
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_a_single_process_with_the_same_global_batch(tmp_path, monkeypatch):
+    from fseft.engine.pretrain import pretrain
+    from fseft.models import zoo
+    from fseft.utils import seed_everything
+
+    # two volumes (one per dataset): each rank takes one volume per step, the single process two
+    _assembly(tmp_path)  # writes the datasets once, before the ranks start
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    monkeypatch.setitem(zoo.ARCHITECTURES, "tiny_test", TinySegmenter)
+    single = pretrain(_assembly(tmp_path, epochs=1, batch_size=2, device="cpu"), tmp_path / "single")
+
+    # DDP all-reduces the gradients: both ranks apply the same update
+    for key, value in ranks[0]["weights"].items():
+        assert torch.equal(value, ranks[1]["weights"][key]), key
+    # ... which is the update of the whole batch on one process
+    reference = single.model.state_dict()
+    for key, value in ranks[0]["weights"].items():
+        assert torch.allclose(value, reference[key], atol=1e-6, rtol=1e-5), key
+    seed_everything(0)  # the initial weights, as pretrain draws them
+    initial = TinySegmenter(single.model.class_names).state_dict()
+    assert all(not torch.allclose(initial[k], reference[k]) for k in initial if k.endswith("weight"))
+    assert ranks[0]["history"][0]["steps"] == 1 and single.history[0]["steps"] == 1
+    assert ranks[0]["history"][0]["world_size"] == 2
+    assert ranks[0]["history"][0]["loss"] == pytest.approx(single.history[0]["loss"], rel=1e-5)
+    # only rank 0 wrote the log, the checkpoint and the model file
+    log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and (tmp_path / "ddp" / "model.safetensors").exists()
