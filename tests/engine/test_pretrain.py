@@ -191,6 +191,7 @@ def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     data = tiny_assembly(tmp_path)
     straight = pretrain(assembly_from_dict(data, base_dir=tmp_path), tmp_path / "straight")

@@ -603,12 +603,8 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
     for jobs cut into time slices; continue later with ``resume=True``.
     Raises `ConfigError` / `InputFileError` for a bad assembly or dataset before training starts.
     """
-    from monai.data import list_data_collate
-    from monai.optimizers import WarmupCosineSchedule
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
-
-    from fseft.engine.sampling import EpochPatchDataset, patch_transforms
 
     out = Path(out)
     train = assembly.train
@@ -631,6 +627,12 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
             write_json(out / "assembly.json", {**resolved, "source": assembly.source})
         cache_dir = out / "cache"
         _main_first(ctx, _check_label_values, sources, cache_dir, train.progress)
+        # MONAI takes seconds to import: only once the assembly has passed every check
+        from monai.data import list_data_collate
+        from monai.optimizers import WarmupCosineSchedule
+
+        from fseft.engine.sampling import EpochPatchDataset, patch_transforms
+
         volumes = prepare_cache(sources, catalogue, assembly.preprocess, cache_dir, ctx, train.progress)
 
         model = _build_model(assembly, catalogue)
