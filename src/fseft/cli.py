@@ -238,6 +238,74 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "adapt",
+        help="few-shot black-box adaptation on cached frozen features (generalization, lp, spatial-adapter)",
+        description="Adapt a frozen model to STRUCTURES with K labelled support cases of DATA "
+        "(FewShotTask.sample with SEED; the other eligible cases are the queries), training a "
+        "small adapter on the model's cached features; evaluate on the queries in native "
+        "geometry. RUN receives adapter_model.safetensors, adapter_config.json, metrics.json "
+        "(and predictions/ with --save-predictions).",
+    )
+    p.add_argument("--model", required=True, metavar="ID|PATH", help="model zoo id or fseft model file (.safetensors)")
+    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder (nnU-Net, TotalSegmentator, FLARE22)")
+    p.add_argument("--structures", required=True, type=_csv, metavar="A,B", help="structures to adapt to")
+    p.add_argument("--k", type=int, required=True, help="number of labelled support cases")
+    p.add_argument("--seed", type=int, default=0, help="task sampling and training seed (default: 0)")
+    p.add_argument("--method", default="lp", metavar="NAME",
+                   help="generalization (the model's own head, no training), lp (linear probe) or "
+                   "spatial-adapter (default: lp)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder")
+    p.add_argument("--ti", action="store_true", help="transductive inference: organ-size constraint on the queries")
+    p.add_argument("--ti-gamma", type=float, default=0.1, help="relative half-width of the size band (default: 0.1)")
+    p.add_argument("--ti-weight", type=float, default=1.0, help="lambda of the size constraint (default: 1)")
+    p.add_argument("--objective", choices=("sigmoid", "multiclass"), default="sigmoid",
+                   help="independent sigmoids per structure, or softmax over background + structures")
+    p.add_argument("--kernel-size", type=int, help="spatial-adapter kernel size (1 = MLP adapter; default: 3)")
+    p.add_argument("--epochs", type=int, default=200, help="maximum epochs (default: 200)")
+    p.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs, 0 = off (default: 20)")
+    p.add_argument("--lr", type=float, help="learning rate (default: 1e-2 lp, 1e-4 spatial-adapter)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=(96, 96, 96), metavar=("X", "Y", "Z"),
+                   help="training patch size in model-space voxels (default: 96 96 96)")
+    p.add_argument("--patches-per-volume", type=int, default=6, help="patches per support volume per iteration (default: 6)")
+    p.add_argument("--n-query", type=int, help="number of query cases (default: all other eligible cases)")
+    p.add_argument("--roi-size", type=int, nargs=3, default=(96, 96, 96), metavar=("X", "Y", "Z"),
+                   help="sliding window of the feature computation (default: 96 96 96)")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: 0.25)")
+    p.add_argument("--save-predictions", action="store_true", help="write query predictions to RUN/predictions/")
+    p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: $FSEFT_CACHE_DIR or ~/.cache/fseft)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_adapt)
+
+
+def _run_adapt(args: argparse.Namespace) -> int:
+    from fseft.engine.adapt import AdaptConfig, adapt
+    from fseft.methods.transductive import TransductiveConfig
+
+    cfg = AdaptConfig(
+        method=args.method,
+        method_options={} if args.kernel_size is None else {"kernel_size": args.kernel_size},
+        objective=args.objective, epochs=args.epochs, patience=args.patience, lr=args.lr,
+        weight_decay=args.weight_decay, patch_size=tuple(args.patch_size),
+        patches_per_volume=args.patches_per_volume, transductive=args.ti,
+        ti=TransductiveConfig(gamma=args.ti_gamma, weight=args.ti_weight), n_query=args.n_query,
+        roi_size=tuple(args.roi_size), overlap=args.overlap, cache_dir=args.cache_dir,
+        device=args.device, bf16=args.bf16, save_predictions=args.save_predictions,
+        progress=not args.no_progress,
+    )
+    metrics = adapt(args.model, args.data, args.structures, args.k, args.seed, args.out, cfg)
+    for name, row in metrics["mean"].items():
+        cells = "  ".join(f"{m} {'n/a' if v is None else f'{v:.4f}'}" for m, v in row.items())
+        print(f"{name:<32} {cells}")
+    print(f"{len(metrics['queries'])} query case(s), {metrics['trainable_params']} trainable parameters, "
+          f"{metrics['train_seconds']:.1f} s training; run written to {args.out}")
+    return 0
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_phantom,
     _add_datasets,
@@ -245,6 +313,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_predict,
     _add_evaluate,
     _add_pretrain,
+    _add_adapt,
 )
 
 

@@ -193,7 +193,7 @@ def iter_slab_logits(
         a, b = max(0, z0 - halo), min(depth, z1 + halo)
         chunk = features[..., a:b]
         if isinstance(chunk, np.ndarray):
-            chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+            chunk = torch.from_numpy(np.array(chunk))  # a writable copy of the slab only
         chunk = chunk.to(device=device, dtype=dtype).unsqueeze(0)
         amp = autocast_dtype is not None
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=amp):
