@@ -235,9 +235,15 @@ def sample_patch_slices(
 def _patch_batch(
     volume: _SupportVolume, windows: Sequence[tuple[slice, slice, slice]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    feats = np.stack([np.asarray(volume.features[(slice(None), *w)], dtype=np.float32) for w in windows])
+    """Features ``(N, C, *patch)`` float32 in ``channels_last_3d`` layout (the cache's own, and
+    the fast one for CPU 3D convolutions) and labels ``(N, S, *patch)`` of the windows."""
+    size = tuple(s.stop - s.start for s in windows[0])
+    feats = torch.empty((len(windows), volume.features.shape[0], *size), memory_format=torch.channels_last_3d)
+    for n, w in enumerate(windows):
+        # (C, x, y, z) view of channels-last storage: copying keeps the layout, then one cast
+        feats[n].copy_(torch.from_numpy(np.array(volume.features[(slice(None), *w)])))
     labels = np.stack([volume.labels[(slice(None), *w)] for w in windows])
-    return torch.from_numpy(feats).to(device), torch.from_numpy(labels).to(device)
+    return feats.to(device), torch.from_numpy(labels).to(device)
 
 
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, multiclass: bool) -> torch.Tensor:
@@ -293,7 +299,7 @@ def train_adapter(
 
     device = torch.device(cfg.device)
     multiclass = cfg.objective == "multiclass"
-    adapter.to(device).train()
+    adapter.to(device, memory_format=torch.channels_last_3d).train()
     params = [p for p in adapter.parameters() if p.requires_grad]
     if not params or cfg.epochs == 0:
         return TrainResult(0, [], [], 0.0, False)

@@ -8,9 +8,13 @@ the preprocessed labels, and hands them back on every later run.
 
 Layout under the cache root (``--cache-dir``, default ``$FSEFT_CACHE_DIR`` or ``~/.cache/fseft``)::
 
-    features-v1/<model fingerprint>/<entry key>/meta.json
-                                               /features.npy        (C, X', Y', Z') float16
+    features-v2/<model fingerprint>/<entry key>/meta.json
+                                               /features.npy        (X', Y', Z', C) float16
                                                /label-<key>.npy     (X', Y', Z') uint8, one per structure
+
+Features are stored channels-last: a training patch is then a run of contiguous reads, and it
+lands directly in PyTorch's ``channels_last_3d`` layout, where CPU 3D convolutions are up to
+10x faster. `CachedCase.features` is the ``(C, X', Y', Z')`` view of that file (no copy).
 
 The entry key hashes everything the features depend on: the model weights (a fingerprint of
 its state dict), the volume file (resolved path, size, modification time), the preprocessing
@@ -43,7 +47,7 @@ from fseft.errors import FseftError
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = "features-v1"
+CACHE_FORMAT = "features-v2"
 
 
 class CacheError(FseftError):
@@ -135,8 +139,9 @@ def compute_features(model: torch.nn.Module, image: torch.Tensor, cfg: Any = Non
 
 @dataclass
 class CachedCase:
-    """A volume's cached entry: `features` ``(C, X', Y', Z')`` float16 (read-only memory map),
-    `labels` ``(S, X', Y', Z')`` uint8 for the requested structures (None when none were)."""
+    """A volume's cached entry: `features` ``(C, X', Y', Z')`` float16 (read-only memory map,
+    a transposed view of the channels-last file), `labels` ``(S, X', Y', Z')`` uint8 for the
+    requested structures (None when none were)."""
 
     case_id: str
     features: np.ndarray
@@ -229,14 +234,14 @@ class FeatureCache:
             if meta.get("key") != json.loads(json.dumps(material, default=str)):
                 logger.warning("feature cache entry %s was written for other inputs; recomputing", entry)
                 return None
-            feats = np.load(entry / "features.npy", mmap_mode="r")
+            stored = np.load(entry / "features.npy", mmap_mode="r")
         except (OSError, ValueError) as exc:
             logger.warning("feature cache entry %s is unreadable (%s); recomputing", entry, exc)
             return None
-        if feats.dtype != np.float16 or list(feats.shape) != meta.get("shape"):
+        if stored.dtype != np.float16 or stored.ndim != 4 or list(stored.shape) != meta.get("shape"):
             logger.warning("feature cache entry %s has a wrong shape or dtype; recomputing", entry)
             return None
-        return feats
+        return stored.transpose(3, 0, 1, 2)  # (X, Y, Z, C) file -> (C, X, Y, Z) view
 
     def _read_labels(self, entry: Path, names: Sequence[str], shape: tuple[int, ...]) -> np.ndarray | None:
         arrays = []
@@ -265,14 +270,15 @@ class FeatureCache:
         self.model_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=self.model_dir))
         try:
-            out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16, shape=tuple(feats.shape))
-            for c in range(feats.shape[0]):  # one channel at a time: no second full-size copy
-                out[c] = feats[c].numpy()
+            shape = (*feats.shape[1:], feats.shape[0])  # channels last
+            out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16, shape=shape)
+            for x in range(feats.shape[1]):  # one sagittal slice at a time: no second full-size copy
+                out[x] = feats[:, x].permute(1, 2, 0).numpy()
             out.flush()
             del out
             for s, name in enumerate(structures):
                 np.save(tmp / self._label_file(case, name), pre.label[s].as_tensor().numpy().astype(np.uint8))
-            meta = {"key": material, "shape": list(feats.shape), "case_id": case.case_id}
+            meta = {"key": material, "shape": list(shape), "case_id": case.case_id}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
             if entry.exists():  # stale or unreadable: replace it
                 _remove_tree(entry)

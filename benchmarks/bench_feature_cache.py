@@ -1,0 +1,145 @@
+"""Feature cache vs the reference protocol: time per training epoch of black-box adapters.
+
+Same model, same data, same patches, one run: for `lp` and `spatial-adapter`, an epoch of
+training on cached fp16 features (`FeatureCache`) is timed against the reference protocol,
+where the frozen backbone (fp32) recomputes the features of every patch. Prints the ratios,
+the cache build time, its size on disk and the peak resident memory after each phase.
+
+    python benchmarks/bench_feature_cache.py                     # 48-channel Swin-UNETR
+    python benchmarks/bench_feature_cache.py --feature-size 12   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--feature-size", type=int, default=48, help="Swin-UNETR feature size (48: public checkpoints)")
+    parser.add_argument("--cases", type=int, default=2, help="support volumes (phantom cases)")
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per method and protocol")
+    parser.add_argument("--patch-size", type=int, default=96)
+    parser.add_argument("--patches-per-volume", type=int, default=6)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workdir", help="where phantom data and cache go (default: a temporary folder)")
+    args = parser.parse_args(argv)
+
+    from fseft.data.datasets import open_dataset
+    from fseft.data.io import read_image
+    from fseft.data.phantom import write_phantom_dataset
+    from fseft.data.preprocessing import PreprocessConfig, preprocess
+    from fseft.engine.adapt import (
+        AdaptConfig, _patch_batch, _support_volume, build_method_adapter, sample_patch_slices, supervised_loss,
+    )
+    from fseft.engine.feature_cache import FeatureCache
+    from fseft.engine.inference import InferenceConfig
+    from fseft.methods import count_trainable_parameters
+    from fseft.models.zoo import create_model
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="fseft-bench-"))
+    root = work / "phantom"
+    if not (root / "dataset.json").exists():
+        write_phantom_dataset(root, args.cases, domain="target", structures="liver,gallbladder", progress=False)
+    dataset = open_dataset(root)
+    cases = dataset.cases[: args.cases]
+    structures = ("liver",)
+    model = create_model("swin_unetr", ["liver", "spleen"], feature_size=args.feature_size).to(device).eval()
+    model.requires_grad_(False)
+    pre_cfg = PreprocessConfig()
+    patch = (args.patch_size,) * 3
+    inference = InferenceConfig(roi_size=patch, progress=False, device=args.device)
+
+    # -- cache build (timed), then the preprocessed images the reference protocol crops
+    cache = FeatureCache(model, pre_cfg, work / "cache", inference)
+    cache.clear()
+    t0 = time.perf_counter()
+    cached = [cache.load(c, structures) for c in cases]
+    build_s = time.perf_counter() - t0
+    rss_build = _peak_rss_mb()
+    images = []
+    for c in cases:
+        image, labels = c.load(structures)
+        images.append(preprocess(image, labels, pre_cfg).image.as_tensor())
+    volumes = [_support_volume(c.features, c.labels) for c in cached]
+    shapes = [tuple(c.spatial_shape) for c in cached]
+
+    # the same patch windows for every protocol and method: (epoch, volume) -> windows
+    rng = np.random.RandomState(0)
+    windows = [
+        [sample_patch_slices(v.labels.shape[1:], v.fg, v.bg, patch, args.patches_per_volume, 0.5, rng) for v in volumes]
+        for _ in range(args.epochs + 1)  # +1: a warm-up epoch, not timed
+    ]
+
+    def reference_batch(i: int, wins):
+        """fp32 frozen backbone on each image patch (padded to a multiple of 32)."""
+        crops = []
+        for w in wins:
+            crop = images[i][(slice(None), *w)]
+            pad = [(-s) % 32 for s in crop.shape[1:]]
+            crop = torch.nn.functional.pad(crop, [0, pad[2], 0, pad[1], 0, pad[0]])
+            with torch.no_grad():
+                feats = model.features(crop[None].to(device))
+            crops.append(feats[..., : crop.shape[1] - pad[0], : crop.shape[2] - pad[1], : crop.shape[3] - pad[2]])
+        labels = np.stack([volumes[i].labels[(slice(None), *w)] for w in wins])
+        # the adapter gets the layout it is fastest in, as on the cached path
+        return torch.cat(crops).contiguous(memory_format=torch.channels_last_3d), torch.from_numpy(labels).to(device)
+
+    def epoch_seconds(method: str, source: str) -> float:
+        torch.manual_seed(0)
+        cfg = AdaptConfig(method=method)
+        adapter = build_method_adapter(cfg, model, structures).to(device, memory_format=torch.channels_last_3d).train()
+        opt = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-3)
+        times = []
+        for epoch_windows in windows:
+            start = time.perf_counter()
+            for i, wins in enumerate(epoch_windows):
+                if source == "cache":
+                    feats, labels = _patch_batch(volumes[i], wins, device)
+                else:
+                    feats, labels = reference_batch(i, wins)
+                opt.zero_grad(set_to_none=True)
+                supervised_loss(adapter(feats), labels, multiclass=False).backward()
+                opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        print(f"  {method:<16} {source:<10} {np.mean(times[1:]):8.3f} s/epoch  "
+              f"({count_trainable_parameters(adapter)} trainable params, peak RSS so far {_peak_rss_mb():.0f} MB)",
+              flush=True)
+        return float(np.mean(times[1:]))
+
+    print(f"fseft feature-cache benchmark: Swin-UNETR feature_size={args.feature_size}, device={device}, "
+          f"torch threads={torch.get_num_threads()}")
+    print(f"  {len(cases)} phantom volumes, model-space shapes {shapes}; {args.patches_per_volume} patches of "
+          f"{patch} per volume per epoch; {args.epochs} timed epoch(s) after one warm-up epoch")
+    print(f"  cache build: {build_s:.1f} s ({build_s / len(cases):.1f} s/volume), "
+          f"{cache.size_bytes() / 2**20:.1f} MiB on disk, peak RSS {rss_build:.0f} MB")
+    results = {}
+    for method in ("lp", "spatial-adapter"):
+        cached_s = epoch_seconds(method, "cache")
+        reference_s = epoch_seconds(method, "reference")
+        results[method] = reference_s / cached_s
+    goals = {"lp": 30.0, "spatial-adapter": 5.0}
+    print("speed-up of an epoch on cached features over the reference protocol:")
+    for method, ratio in results.items():
+        print(f"  {method:<16} {ratio:6.1f}x   (goal >= {goals[method]:.0f}x with the 48-channel model)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
