@@ -663,6 +663,8 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
             unwrap_model(model).load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            # a resume with another --epochs stretches the schedule to the new length
+            scheduler.t_total = train.epochs * steps_per_epoch
             start_epoch = int(state["epoch"])
             _set_rng_state(state["rng"])
         log_lines = _read_log(out / LOG_NAME, start_epoch) if resume else []
