@@ -172,7 +172,7 @@ def segment_volume(
     Returns ``(S, X, Y, Z)`` uint8 binary masks in `volume`'s geometry.
     """
     from fseft.data.preprocessing import PreprocessConfig, preprocess, to_native
-    from fseft.evaluation.postprocess import largest_connected_component
+    from fseft.evaluation.postprocess import binarize
 
     cfg = cfg or InferenceConfig()
     preprocess_cfg = preprocess_cfg or PreprocessConfig()
@@ -182,12 +182,8 @@ def segment_volume(
     masks = np.zeros((len(names), *volume.array.shape[-3:]), dtype=np.uint8)
     # one structure at a time: only one native-resolution float map is alive at once
     for s in range(len(names)):
-        native = to_native(probabilities[s : s + 1], case, mode="linear")[0]
-        mask = native > cfg.threshold
-        del native
-        if cfg.largest_component:
-            mask = largest_connected_component(mask)
-        masks[s] = mask
+        native = to_native(probabilities[s : s + 1], case, mode="linear")  # (1, X, Y, Z)
+        masks[s] = binarize(native, cfg.threshold, cfg.largest_component)[0]
     return masks
 
 
