@@ -1,0 +1,202 @@
+"""Adapters saved apart from the base model, and loaded back onto it.
+
+A run folder holds only what a method trained or added, as two files named as HF peft names
+them:
+
+- ``adapter_config.json``: for peft methods (``lora``) peft's own ``LoraConfig`` JSON, so that
+  ``peft.PeftModel.from_pretrained(base, run_dir)`` loads the folder (once the base has the
+  run's head, see `prepare_base_head`); for the other methods fseft's record of the method
+  (``{"format": "fseft-peft-v1", "method", "options", "structures", ...}``).
+- ``adapter_model.safetensors``: the tensors. peft methods: peft's adapter state dict (the LoRA
+  factors, and the ``modules_to_save`` copies: head and, when trained, decoder). Others: the
+  trainable parameters (plus the buffers of the modules that own them, e.g. BatchNorm running
+  statistics, and any fixed tensor of an added module), under the adapted model's own names.
+  Its metadata key ``"fseft"`` holds the method record (JSON) in both cases.
+
+``load_adapted(base, run_dir)`` re-applies the method to a fresh base and loads the tensors:
+the result reproduces the trained model's outputs exactly. ``merge(model)`` folds LoRA / ARENA
+updates into the base weights for inference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fseft.errors import ConfigError, InputFileError
+from fseft.methods.peft_methods import apply_method, get_encoder_method, replace_head, unwrap
+from fseft.utils import atomic_path
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FORMAT = "fseft-peft-v1"
+
+
+def method_record(model: nn.Module) -> dict[str, Any]:
+    """The record `apply_method` attached to `model` (method, options, structures, ...)."""
+    record = getattr(model, "fseft_method", None)
+    if record is None:
+        raise ConfigError("this model was not prepared with fseft.methods.peft_methods.apply_method")
+    return record
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a non-peft method saves (see the module docstring), detached, on the CPU."""
+    keep: set[str] = set()
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        owns_trainable = any(p.requires_grad for p in module.parameters(recurse=False))
+        added = bool(getattr(module, "fseft_added", False))
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad or added:
+                keep.add(prefix + name)
+        if owns_trainable or added:
+            keep.update(prefix + name for name, _ in module.named_buffers(recurse=False))
+    state = model.state_dict()
+    return {k: state[k].detach().cpu().contiguous().clone() for k in sorted(keep) if k in state}
+
+
+def save_adapter(model: nn.Module, run_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> dict[str, int]:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` of `model` into `run_dir`.
+
+    `extra` (JSON) is stored in the record, e.g. the base model reference. Files are written
+    atomically. Returns ``{file name: size in bytes}``.
+    """
+    from safetensors.torch import save_file
+
+    record = dict(method_record(model))
+    if extra:
+        record["extra"] = extra
+    record["format"] = FORMAT
+    spec = get_encoder_method(record["method"])
+    run_dir = Path(run_dir)
+    if spec.uses_peft:
+        from peft import get_peft_model_state_dict
+
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in get_peft_model_state_dict(model).items()}
+        config = model.peft_config["default"].to_dict()
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        config_text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        metadata = {"format": "pt"}  # what peft writes
+    else:
+        tensors = adapter_state_dict(model)
+        config_text = json.dumps(record, indent=2)
+        metadata = {}
+    metadata["fseft"] = json.dumps(record)
+    with atomic_path(run_dir / ADAPTER_WEIGHTS, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    with atomic_path(run_dir / ADAPTER_CONFIG, suffix=".json") as tmp:
+        tmp.write_text(config_text + "\n")
+    return {name: (run_dir / name).stat().st_size for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
+
+
+def read_adapter_record(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The method record stored in a run folder's ``adapter_model.safetensors``."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(run_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise InputFileError(f"{path}: not found; is {run_dir} a fine-tuning run folder?")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        record = json.loads(metadata["fseft"])
+        if record.get("format") != FORMAT:
+            raise KeyError("format")
+        return record
+    except (SafetensorError, OSError) as exc:
+        raise InputFileError(f"{path}: not a readable safetensors file ({exc})") from exc
+    except (KeyError, json.JSONDecodeError, TypeError) as exc:
+        raise InputFileError(f"{path}: no fseft method record in its metadata ({exc})") from exc
+
+
+def _check_base(base: nn.Module, record: dict[str, Any], run_dir: Path) -> None:
+    model = unwrap(base)
+    if getattr(model, "fseft_method", None) is not None or model is not base:
+        raise ConfigError("load_adapted needs a fresh base model, not one already prepared for a method")
+    problems = []
+    if getattr(model, "arch", None) != record["arch"]:
+        problems.append(f"architecture {getattr(model, 'arch', None)!r} != {record['arch']!r}")
+    elif dict(model.arch_kwargs) != record["arch_kwargs"]:
+        diff = {k: (model.arch_kwargs.get(k), v) for k, v in record["arch_kwargs"].items()
+                if model.arch_kwargs.get(k) != v and k != "use_checkpoint"}
+        if diff:
+            problems.append(f"architecture options differ (base, adapter): {diff}")
+    if list(model.class_names) != list(record["base_class_names"]):
+        problems.append(f"classes {list(model.class_names)} != {record['base_class_names']}")
+    if problems:
+        raise InputFileError(f"{run_dir}: the adapter was trained on another base model: {'; '.join(problems)}")
+
+
+def prepare_base_head(base: nn.Module, run_dir: str | os.PathLike) -> nn.Module:
+    """Give a fresh `base` the head layout of the run (for ``PeftModel.from_pretrained``)."""
+    record = read_adapter_record(run_dir)
+    _check_base(base, record, Path(run_dir))
+    replace_head(base, record["structures"], record["multiclass"], init_from_head=False)
+    return base
+
+
+def load_adapted(base: nn.Module, run_dir: str | os.PathLike) -> nn.Module:
+    """Apply the run's method to a fresh `base` (changed in place) and load its tensors.
+
+    Returns the adapted model in eval mode (a ``PeftModel`` for peft methods), whose outputs
+    equal those of the model `save_adapter` wrote. `InputFileError` when the folder does not
+    match `base` (architecture, classes, tensor names or shapes).
+    """
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    record = read_adapter_record(run_dir)
+    _check_base(base, record, run_dir)
+    spec = get_encoder_method(record["method"])
+    options = {k: v for k, v in record["options"].items()}
+    model = apply_method(base, spec.make_config(**options), record["structures"], multiclass=record["multiclass"])
+    tensors = load_file(str(run_dir / ADAPTER_WEIGHTS))
+    weights_path = run_dir / ADAPTER_WEIGHTS
+    if spec.uses_peft:
+        from peft import set_peft_model_state_dict
+
+        try:
+            result = set_peft_model_state_dict(model, tensors)
+        except RuntimeError as exc:
+            raise InputFileError(f"{weights_path}: does not fit the base model ({exc})") from exc
+        unexpected = list(getattr(result, "unexpected_keys", []))
+        if unexpected:
+            raise InputFileError(f"{weights_path}: tensors the adapted model does not have: {unexpected[:5]}")
+    else:
+        expected = set(adapter_state_dict(model))
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or unexpected:
+            raise InputFileError(
+                f"{weights_path}: does not match method {record['method']!r}: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        try:
+            model.load_state_dict(tensors, strict=False)
+        except RuntimeError as exc:
+            raise InputFileError(f"{weights_path}: does not fit the base model ({exc})") from exc
+    return model.eval()
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the method into plain base weights for inference; returns the `SegmentationModel`.
+
+    LoRA: peft's ``merge_and_unload`` (the trained head / decoder copies take their place);
+    ARENA: ``W + (alpha / r) B diag(v) A``. Methods that train base weights in place (ft,
+    bitfit, affine, ...) are already plain; AdaptFormer's ReLU bottleneck cannot be folded and
+    stays. The merged model no longer carries the method record.
+    """
+    from fseft.methods.arena import merge_arena
+
+    record = method_record(model)
+    if get_encoder_method(record["method"]).uses_peft:
+        merged = model.merge_and_unload()
+    else:
+        merged = merge_arena(model)
+    merged.__dict__.pop("fseft_method", None)
+    return merged

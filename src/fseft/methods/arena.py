@@ -1,0 +1,190 @@
+"""`arena`: LoRA with an adaptive rank, chosen per layer by an L1 penalty on a rank gate.
+
+Each targeted layer ``W`` gets ``delta W = (alpha / r) B diag(v) A`` with ``A (r, in)``,
+``B (out, r)`` and a gate ``v (r,)``; the training objective adds ``l1 * ||v||_1``, solved by a
+proximal (soft-threshold) step after each optimiser step (`proximal_step`)::
+
+    v <- sign(v) * max(|v| - t, 0)
+
+With plain SGD ``t = lr * l1``. With Adam / AdamW the step on ``v`` is preconditioned by the
+optimiser's second moment, so the threshold is taken in the same metric,
+``t_i = lr * l1 / (sqrt(v_hat_i) + eps)`` (ProxGen, Yun et al., NeurIPS 2021): a gate then stays
+at zero exactly when its gradient is smaller than ``l1`` (the L1 optimality condition), which
+makes ``l1`` comparable across layers and learning rates. The number of non-zero gates is the
+layer's effective rank (`effective_ranks`); it shrinks from ``r`` where a direction does not
+pay its penalty, and a zero gate can come back when its gradient grows past ``l1``.
+
+Initialisation as LoRA: ``A`` Kaiming-uniform, ``B = 0``, ``v = 1`` (full rank ``r``, and the
+network starts as the pre-trained one). Gates that have never had a gradient (``B`` is still
+zero at the first step) are not thresholded.
+
+Targets: the Swin attention ``qkv`` (``nn.Linear``), or the U-Net encoder's 3x3x3 convolutions
+(``A`` a convolution like the base one with ``r`` outputs, ``B`` a 1x1x1 convolution).
+`merge_arena` folds ``delta W`` into the base weights.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fseft.errors import ConfigError
+from fseft.methods.peft_methods import EncoderMethodConfig, ModelParts, register_encoder_method, unwrap
+
+DEFAULT_TARGETS: dict[str, list[str] | str] = {
+    "swin_unetr": ["qkv"],
+    "unet3d": r"down_tr\d+\.ops\.\d+\.conv1",
+}
+
+
+@dataclass
+class ArenaConfig(EncoderMethodConfig):
+    """Options of `arena`: `rank` (maximum rank ``r``), `alpha` (``alpha / r`` scales the
+    update), `l1` (penalty on the gates), `target_modules` (as peft's: name suffixes, or one
+    regular expression matched against full names; None: the architecture's default)."""
+
+    default_lr: ClassVar[float] = 1e-3
+    rank: int = 16
+    alpha: float = 16.0
+    l1: float = 1e-3
+    target_modules: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if int(self.rank) < 1:
+            raise ConfigError(f"arena: rank must be >= 1, got {self.rank}")
+        if float(self.l1) < 0:
+            raise ConfigError(f"arena: l1 must be >= 0, got {self.l1}")
+
+
+class AdaptiveRankLayer(nn.Module):
+    """A frozen ``nn.Linear`` or ``nn.Conv3d`` plus ``scaling * up(gate * down(x))``.
+
+    Linear: ``x (..., in) -> (..., out)``; ``down`` Linear(in, r), ``up`` Linear(r, out), the
+    gate scales the last axis. Conv3d: ``x (B, in, X, Y, Z)``; ``down`` a bias-free copy of the
+    base convolution's geometry with ``r`` outputs, ``up`` a 1x1x1 convolution ``r -> out``,
+    the gate scales the channel axis.
+    """
+
+    def __init__(self, base: nn.Linear | nn.Conv3d, rank: int, alpha: float, l1: float) -> None:
+        super().__init__()
+        self.base = base
+        self.rank = int(rank)
+        self.scaling = float(alpha) / self.rank
+        self.l1 = float(l1)
+        w = base.weight
+        if isinstance(base, nn.Linear):
+            self.down: nn.Module = nn.Linear(base.in_features, self.rank, bias=False)
+            self.up: nn.Module = nn.Linear(self.rank, base.out_features, bias=False)
+        elif isinstance(base, nn.Conv3d):
+            self.down = nn.Conv3d(base.in_channels, self.rank, base.kernel_size, base.stride,
+                                  base.padding, base.dilation, base.groups, bias=False)
+            self.up = nn.Conv3d(self.rank, base.out_channels, 1, bias=False)
+        else:
+            raise ConfigError(f"arena targets nn.Linear or nn.Conv3d layers, not {type(base).__name__}")
+        self.gate = nn.Parameter(torch.ones(self.rank))
+        self.down.to(device=w.device, dtype=w.dtype)
+        self.up.to(device=w.device, dtype=w.dtype)
+        self.gate.data = self.gate.data.to(device=w.device, dtype=w.dtype)
+        if w.device.type != "meta":
+            with torch.no_grad():
+                nn.init.zeros_(self.up.weight)  # down keeps PyTorch's Kaiming-uniform init
+
+    def _gate_view(self) -> torch.Tensor:
+        return self.gate if isinstance(self.base, nn.Linear) else self.gate.view(1, -1, 1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x) * self._gate_view()) * self.scaling
+
+    def effective_rank(self) -> int:
+        return int(torch.count_nonzero(self.gate.detach()))
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B diag(v) A`` in the base weight's shape."""
+        a, b = self.down.weight, self.up.weight
+        if isinstance(self.base, nn.Linear):
+            return (b * self.gate) @ a * self.scaling
+        # b: (out, r, 1, 1, 1), a: (r, in, kx, ky, kz)
+        return torch.einsum("or,rikjl->oikjl", b.flatten(1) * self.gate, a) * self.scaling
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        """The base layer with ``delta W`` added to its weight."""
+        self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
+        return self.base
+
+
+def _matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+@register_encoder_method("arena", ArenaConfig, "LoRA with an adaptive (L1-gated) rank per layer")
+def _prepare_arena(model: nn.Module, cfg: ArenaConfig, parts: ModelParts) -> nn.Module:
+    targets = cfg.target_modules if cfg.target_modules is not None else DEFAULT_TARGETS[unwrap(model).arch]
+    chosen = [(name, m) for name, m in model.named_modules()
+              if name and _matches(name, targets) and isinstance(m, (nn.Linear, nn.Conv3d))]
+    if not chosen:
+        raise ConfigError(f"arena: no nn.Linear / nn.Conv3d module matches target_modules={targets!r}")
+    for name, module in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = AdaptiveRankLayer(module, int(cfg.rank), float(cfg.alpha), float(cfg.l1))
+        layer.down.requires_grad_(True)
+        layer.up.requires_grad_(True)
+        setattr(parent, child, layer)
+    return model
+
+
+def arena_layers(model: nn.Module) -> list[tuple[str, AdaptiveRankLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptiveRankLayer)]
+
+
+def effective_ranks(model: nn.Module) -> dict[str, int]:
+    """Per ARENA layer (module name of the adapted layer): the number of non-zero gates."""
+    return {name: layer.effective_rank() for name, layer in arena_layers(model)}
+
+
+@torch.no_grad()
+def proximal_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Soft-threshold every ARENA gate after ``optimizer.step()`` (see the module docstring).
+
+    Uses the learning rate of the gate's parameter group (so schedulers apply) and, for
+    Adam-type optimisers, its second-moment estimate. Gates not in `optimizer` are left alone.
+    """
+    layers = arena_layers(model)
+    if not layers:
+        return
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for _, layer in layers:
+        gate = layer.gate
+        group = group_of.get(id(gate))
+        if group is None or layer.l1 == 0.0:
+            continue
+        base_t = float(group["lr"]) * layer.l1
+        state = optimizer.state.get(gate, {})
+        if "exp_avg_sq" in state and "betas" in group:
+            sq = state["exp_avg_sq"]
+            correction = 1.0 - group["betas"][1] ** float(state["step"])
+            denom = (sq / correction).sqrt() + group["eps"]
+            threshold = torch.where(sq > 0, base_t / denom, torch.zeros_like(denom))
+        else:
+            threshold = torch.full_like(gate, base_t)
+        gate.copy_(gate.sign() * (gate.abs() - threshold).clamp_min(0.0))
+
+
+@torch.no_grad()
+def merge_arena(model: nn.Module) -> nn.Module:
+    """Replace every ARENA layer of `model` (in place) by its base layer with ``delta W`` merged."""
+    for name, layer in arena_layers(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.merged())
+    return model

@@ -1,0 +1,579 @@
+"""Fine-tuning and parameter-efficient fine-tuning (PEFT) of the whole network (issue 6).
+
+Unlike the black-box adapters of `fseft.methods` (small modules on cached frozen features),
+these methods change or extend the network itself and train on images end to end. Each is a
+config dataclass (a `MethodConfig`) plus a `prepare` function registered by name::
+
+    model = apply_method(base, "lora", structures=["liver", "gallbladder"], decoder="fine-tuned", rank=4)
+    params = [p for p in model.parameters() if p.requires_grad]      # what the optimiser gets
+    ... after each optimizer.step(): post_step(model, optimizer)     # ARENA's proximal step
+    save_adapter(model, run_dir); load_adapted(fresh_base, run_dir)   # fseft.methods.adapter_io
+
+Why a registry of its own (`ENCODER_METHODS`) rather than `fseft.methods.register_method`: that
+registry maps a name to a `FeatureAdapter` class built as ``cls(feature_channels, num_outputs,
+cfg)`` on cached features, and `fseft adapt` trains every registered name that way; a method
+that rewrites the network cannot be built from a channel count. The configs still subclass
+`MethodConfig` (``default_lr``, ``to_dict``), and `get_encoder_method` raises the same
+`ConfigError`.
+
+The parts of each architecture (what "encoder", "decoder", "last block" mean):
+
+- Swin-UNETR: encoder = ``swinViT`` (the Swin transformer, 8.06M parameters at feature_size
+  48); decoder = ``decoder1..5`` (19.6M, the FSEFT paper's "decoder" count, and what its code
+  unfreezes: parameters named ``decoder*``); last decoder block = ``decoder1``. The UNETR
+  convolutional blocks on the skip connections and the bottleneck, ``encoder1..4`` and
+  ``encoder10`` (34.5M, named "encoder" by MONAI), are `ModelParts.skip_blocks`: frozen with the
+  encoder, unless ``include_skip_blocks=True`` makes ``--decoder`` apply to them too (54.1M;
+  needed with the self-supervised checkpoint, which has no weights for them).
+- 3D U-Net: encoder = ``down_tr64..down_tr512``; decoder = ``up_tr256..up_tr64``;
+  last decoder block = ``up_tr64``; no skip blocks.
+- head: the 1x1x1 ``head``, always trainable; rebuilt for the requested structures, each row
+  copied from the pre-trained head when the structure is in ``model.class_names``.
+
+``--decoder`` of every encoder method: ``frozen`` (decoder weights fixed), ``fine-tuned``
+(trainable from the pre-trained weights) or ``new`` (re-initialised, trainable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fseft.errors import ConfigError
+from fseft.methods import MethodConfig
+
+DECODER_MODES = ("frozen", "fine-tuned", "new")
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+# ---------------------------------------------------------------------------- model parts
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """Top-level module names of an architecture's encoder, decoder and last decoder block."""
+
+    encoder: tuple[str, ...]
+    decoder: tuple[str, ...]
+    last_block: tuple[str, ...]
+    skip_blocks: tuple[str, ...] = ()
+    head: str = "head"
+
+    def decoder_modules(self, include_skip_blocks: bool = False) -> tuple[str, ...]:
+        """What ``--decoder`` acts on."""
+        return self.decoder + (self.skip_blocks if include_skip_blocks else ())
+
+
+_PARTS: dict[str, ModelParts] = {
+    "swin_unetr": ModelParts(
+        encoder=("swinViT",),
+        decoder=("decoder5", "decoder4", "decoder3", "decoder2", "decoder1"),
+        last_block=("decoder1",),
+        skip_blocks=("encoder1", "encoder2", "encoder3", "encoder4", "encoder10"),
+    ),
+    "unet3d": ModelParts(
+        encoder=("down_tr64", "down_tr128", "down_tr256", "down_tr512"),
+        decoder=("up_tr256", "up_tr128", "up_tr64"),
+        last_block=("up_tr64",),
+    ),
+}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The `SegmentationModel` inside a peft `PeftModel` (the model itself otherwise)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    """The encoder / decoder split of `model`'s architecture (``model.arch``)."""
+    arch = getattr(unwrap(model), "arch", "")
+    try:
+        return _PARTS[arch]
+    except KeyError:
+        raise ConfigError(
+            f"encoder fine-tuning methods know the architectures {', '.join(_PARTS)}, not {arch!r}"
+        ) from None
+
+
+def part_parameters(model: nn.Module, names: Sequence[str]) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(qualified name, parameter)`` of the top-level modules `names`."""
+    base = unwrap(model)
+    for name in names:
+        for sub, p in getattr(base, name).named_parameters():
+            yield f"{name}.{sub}", p
+
+
+@torch.no_grad()
+def reinitialize(module: nn.Module) -> None:
+    """Draw fresh weights for every sub-module that defines ``reset_parameters`` (PyTorch's
+    default initialisation), plus MONAI's Swin relative position bias tables."""
+    for sub in module.modules():
+        if hasattr(sub, "reset_parameters") and callable(sub.reset_parameters):
+            sub.reset_parameters()
+        table = getattr(sub, "relative_position_bias_table", None)
+        if isinstance(table, nn.Parameter):
+            nn.init.trunc_normal_(table, std=0.02)  # MONAI's own initialisation of the table
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+@dataclass
+class FullModelConfig(MethodConfig):
+    """Options of the baselines that train whole blocks (`ft`, `ft-last`, `scratch`): none but
+    `init_from_head` (copy the pre-trained head rows of known structures)."""
+
+    default_lr: ClassVar[float] = 1e-4
+    #: which parts a method trains, for the docs and `describe_method`
+    trains: ClassVar[str] = ""
+
+
+@dataclass
+class EncoderMethodConfig(MethodConfig):
+    """Base options of the encoder PEFT methods.
+
+    decoder: ``"frozen"`` | ``"fine-tuned"`` | ``"new"`` (see the module docstring).
+    include_skip_blocks: the decoder option also applies to Swin-UNETR's ``encoder1..4`` and
+        ``encoder10`` (no effect on the U-Net).
+    """
+
+    default_lr: ClassVar[float] = 1e-3
+    trains: ClassVar[str] = ""
+    decoder: str = "frozen"
+    include_skip_blocks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.decoder not in DECODER_MODES:
+            raise ConfigError(f"decoder must be one of {', '.join(DECODER_MODES)}, got {self.decoder!r}")
+
+
+# ---------------------------------------------------------------------------- registry
+
+PrepareFn = Callable[[nn.Module, Any, ModelParts], nn.Module]
+
+
+@dataclass(frozen=True)
+class EncoderMethodSpec:
+    """A registered method: `prepare(model, cfg, parts)` sets ``requires_grad`` on (or adds
+    modules to) the encoder of `model` and returns the model to train (itself, or a peft
+    `PeftModel` around it). Decoder and head are handled by `apply_method`."""
+
+    name: str
+    config_cls: type[MethodConfig]
+    prepare: PrepareFn
+    description: str
+    uses_peft: bool = False
+
+    def make_config(self, **options: Any) -> MethodConfig:
+        names = {f.name for f in dataclasses.fields(self.config_cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ConfigError(
+                f"method {self.name!r} has no option(s) {', '.join(unknown)}; "
+                f"its options are: {', '.join(sorted(names)) or 'none'}"
+            )
+        return self.config_cls(**options)
+
+
+ENCODER_METHODS: dict[str, EncoderMethodSpec] = {}
+
+
+def register_encoder_method(
+    name: str, config_cls: type[MethodConfig], description: str, uses_peft: bool = False
+) -> Callable[[PrepareFn], PrepareFn]:
+    """Function decorator registering a `prepare` function under `name`."""
+
+    def decorate(prepare: PrepareFn) -> PrepareFn:
+        if name in ENCODER_METHODS and ENCODER_METHODS[name].prepare is not prepare:
+            raise ValueError(f"encoder method {name!r} is already registered")
+        ENCODER_METHODS[name] = EncoderMethodSpec(name, config_cls, prepare, description, uses_peft)
+        return prepare
+
+    return decorate
+
+
+def _load_encoder_methods() -> None:
+    # Imported for their registration side effect; late so that they can import this module.
+    from fseft.methods import adaptformer, arena, lora  # noqa: F401
+
+
+def available_encoder_methods() -> tuple[str, ...]:
+    """Names of the registered fine-tuning / PEFT methods, in registration order."""
+    _load_encoder_methods()
+    return tuple(ENCODER_METHODS)
+
+
+def get_encoder_method(name: str) -> EncoderMethodSpec:
+    """The registered method `name`; `ConfigError` listing the choices otherwise."""
+    _load_encoder_methods()
+    try:
+        return ENCODER_METHODS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown fine-tuning method {name!r}; choose one of: {', '.join(ENCODER_METHODS)}"
+        ) from None
+
+
+def is_encoder_method(name: str) -> bool:
+    """Whether `name` is one of these whole-network methods (else a feature adapter)."""
+    _load_encoder_methods()
+    return name in ENCODER_METHODS
+
+
+# ---------------------------------------------------------------------------- head
+
+
+@torch.no_grad()
+def replace_head(model: nn.Module, structures: Sequence[str], multiclass: bool = False,
+                 init_from_head: bool = True) -> list[int | None]:
+    """Give `model` a new 1x1x1 head with one output per structure (plus a zero-initialised
+    background output 0 when `multiclass`).
+
+    A structure in ``model.class_names`` starts from its pre-trained head row (when
+    `init_from_head`); a new one keeps PyTorch's random initialisation. Updates
+    ``model.class_names``. Returns, per output, the base row it was copied from (or None).
+    """
+    base = unwrap(model)
+    old: nn.Conv3d = base.head
+    structures = tuple(structures)
+    if not structures:
+        raise ConfigError("at least one structure is needed for the new head")
+    if len(set(structures)) != len(structures):
+        raise ConfigError(f"duplicate structures: {', '.join(structures)}")
+    rows: list[int | None] = [base.class_names.index(s) if s in base.class_names else None for s in structures]
+    if multiclass:
+        rows = [None, *rows]
+    head = nn.Conv3d(old.in_channels, len(rows), kernel_size=1).to(device=old.weight.device, dtype=old.weight.dtype)
+    if multiclass:
+        head.weight[0].zero_()
+        head.bias[0].zero_()
+    if init_from_head and old.weight.device.type != "meta":
+        for i, row in enumerate(rows):
+            if row is not None:
+                head.weight[i].copy_(old.weight[row])
+                head.bias[i].copy_(old.bias[row] if old.bias is not None else 0.0)
+    base.head = head
+    base.class_names = structures
+    return rows
+
+
+# ---------------------------------------------------------------------------- apply
+
+
+def apply_method(
+    model: nn.Module,
+    method: str | MethodConfig,
+    structures: Sequence[str] | None = None,
+    *,
+    multiclass: bool = False,
+    **options: Any,
+) -> nn.Module:
+    """Prepare `model` (a `SegmentationModel`, changed in place) for fine-tuning with `method`.
+
+    Args:
+        model: the pre-trained base model.
+        method: a registered name (then `options` are its config fields, e.g.
+            ``decoder="fine-tuned", rank=4``) or a config instance.
+        structures: outputs of the adapted model (None keeps ``model.class_names``); the head
+            is always rebuilt and trainable (see `replace_head`).
+        multiclass: add a background output 0 (softmax objective).
+    Returns:
+        the model to train: `model` itself, or for peft methods a ``peft.PeftModel`` around it
+        (``.features``, ``.head``, ``.class_names`` still reach the `SegmentationModel`). Its
+        parameters with ``requires_grad`` are exactly what the method trains. The method's
+        record (name, options, structures) is kept as ``fseft_method`` for `save_adapter`.
+    """
+    if isinstance(method, MethodConfig):
+        spec = next((s for s in (get_encoder_method(n) for n in available_encoder_methods())
+                     if type(method) is s.config_cls), None)
+        if spec is None:
+            raise ConfigError(f"{type(method).__name__} is not the config of a fine-tuning method")
+        if options:
+            raise ConfigError("pass options either in the config instance or as keywords, not both")
+        cfg = method
+    else:
+        spec = get_encoder_method(method)
+        cfg = spec.make_config(**options)
+    if getattr(model, "fseft_method", None) is not None or unwrap(model) is not model:
+        raise ConfigError("apply_method: this model was already prepared for a method; start from a fresh base")
+    parts = model_parts(model)
+    base_classes = list(model.class_names)
+    structures = tuple(structures) if structures is not None else tuple(model.class_names)
+
+    model.requires_grad_(False)
+    rows = replace_head(model, structures, multiclass, init_from_head=bool(cfg.init_from_head))
+    decoder = getattr(cfg, "decoder", None)
+    decoder_modules = parts.decoder_modules(bool(getattr(cfg, "include_skip_blocks", False)))
+    if decoder == "new" and not _is_meta(model):
+        for name in decoder_modules:
+            reinitialize(getattr(model, name))
+    if decoder in ("fine-tuned", "new"):
+        for _, p in part_parameters(model, decoder_modules):
+            p.requires_grad_(True)
+    model.head.requires_grad_(True)
+    prepared = spec.prepare(model, cfg, parts)
+    prepared.fseft_method = {
+        "method": spec.name,
+        "options": cfg.to_dict(),
+        "structures": list(structures),
+        "multiclass": bool(multiclass),
+        "head_rows": rows,
+        "base_class_names": base_classes,
+        "arch": unwrap(prepared).arch,
+        "arch_kwargs": dict(unwrap(prepared).arch_kwargs),
+    }
+    return prepared
+
+
+def _is_meta(model: nn.Module) -> bool:
+    return next(model.parameters()).device.type == "meta"
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every parameter the method trains."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def count_trainable(model: nn.Module, exclude_head: bool = False) -> int:
+    """Number of trainable scalars (optionally without the head, for comparison with tables
+    that count the encoder adaptation alone)."""
+    total = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad and not (exclude_head and _is_head_param(name)):
+            total += p.numel()
+    return total
+
+
+def _is_head_param(name: str) -> bool:
+    parts = name.split(".")
+    return "head" in parts and parts.index("head") <= 3  # head.*, base_model.model.head.*
+
+
+def method_train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, except that normalisation layers with frozen affine parameters stay in
+    eval mode: their running statistics (BatchNorm in the U-Net) are part of the frozen base
+    and must not drift, or base + saved adapter would no longer reproduce the trained model."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, NORM_TYPES):
+            params = list(module.parameters(recurse=False))
+            if not any(p.requires_grad for p in params):
+                module.eval()
+    return model
+
+
+def post_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Call after every ``optimizer.step()``: ARENA's proximal (soft-threshold) step on its
+    rank gates; nothing for the other methods."""
+    from fseft.methods.arena import proximal_step
+
+    proximal_step(model, optimizer)
+
+
+def default_lr(method: str) -> float:
+    """The method's default AdamW learning rate."""
+    return float(get_encoder_method(method).config_cls.default_lr)
+
+
+# ---------------------------------------------------------------------------- counting
+
+
+@contextlib.contextmanager
+def _empty_weights() -> Iterator[None]:
+    """Build modules with parameters on the meta device (no memory, no initialisation).
+    `accelerate` (a dependency of peft) does it by patching `register_parameter`; MONAI's
+    SwinUNETR cannot be built under ``torch.device("meta")`` (it calls ``.item()``)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        yield
+
+
+def count_method_parameters(
+    arch: str,
+    method: str,
+    structures: Sequence[str] = ("structure",),
+    class_names: Sequence[str] | None = None,
+    *,
+    multiclass: bool = False,
+    arch_kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, int]:
+    """Trainable parameters of `method` on `arch`, without weights or training (for
+    ``fseft adapt --dry-run``): the model is built with empty (meta) parameters.
+
+    Returns `parameter_breakdown`: ``{"trainable": total, "head": head scalars,
+    "encoder_method": trainable scalars of the encoder and added modules, "decoder": trainable
+    scalars of the decoder (and skip blocks), "total_model": all scalars of the adapted
+    network}``.
+    """
+    from fseft.models.zoo import create_model
+
+    class_names = tuple(class_names) if class_names is not None else tuple(structures)
+    with _empty_weights():
+        base = create_model(arch, class_names, **(arch_kwargs or {}))
+        model = apply_method(base, method, structures, multiclass=multiclass, **options)
+    return parameter_breakdown(model)
+
+
+def parameter_breakdown(model: nn.Module) -> dict[str, int]:
+    """Trainable scalars split into head, decoder and encoder-side (method) parameters."""
+    parts = model_parts(model)
+    dec = parts.decoder + parts.skip_blocks
+    head = decoder = other = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        local = name.removeprefix("base_model.model.")
+        top = local.split(".")[0]
+        if top == parts.head:
+            head += p.numel()
+        elif top in dec:
+            decoder += p.numel()
+        else:
+            other += p.numel()
+    total_model = sum(p.numel() for n, p in model.named_parameters()
+                      if "modules_to_save" not in n)  # peft keeps a trainable copy of those
+    return {"trainable": head + decoder + other, "head": head, "encoder_method": other,
+            "decoder": decoder, "total_model": total_model}
+
+
+# ---------------------------------------------------------------------------- baselines
+
+
+@dataclass
+class FineTuneConfig(FullModelConfig):
+    """`ft`: every weight of the pre-trained network is trained."""
+
+    trains: ClassVar[str] = "all weights"
+
+
+@dataclass
+class FineTuneLastConfig(FullModelConfig):
+    """`ft-last`: the last decoder block and the head are trained."""
+
+    default_lr: ClassVar[float] = 1e-3
+    trains: ClassVar[str] = "last decoder block + head"
+
+
+@dataclass
+class ScratchConfig(FullModelConfig):
+    """`scratch`: random initialisation, every weight trained (the no-pre-training baseline)."""
+
+    trains: ClassVar[str] = "all weights, random init"
+    init_from_head: bool = False
+
+
+@register_encoder_method("ft", FineTuneConfig, "fine-tune all weights")
+def _prepare_ft(model: nn.Module, cfg: FineTuneConfig, parts: ModelParts) -> nn.Module:
+    return model.requires_grad_(True)
+
+
+@register_encoder_method("ft-last", FineTuneLastConfig, "fine-tune the last decoder block and the head")
+def _prepare_ft_last(model: nn.Module, cfg: FineTuneLastConfig, parts: ModelParts) -> nn.Module:
+    for _, p in part_parameters(model, parts.last_block):
+        p.requires_grad_(True)
+    return model
+
+
+@register_encoder_method("scratch", ScratchConfig, "train all weights from a random initialisation")
+def _prepare_scratch(model: nn.Module, cfg: ScratchConfig, parts: ModelParts) -> nn.Module:
+    if not _is_meta(model):
+        reinitialize(model)
+    return model.requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------- selective
+
+
+@dataclass
+class BitFitConfig(EncoderMethodConfig):
+    """`bitfit`: the encoder's bias terms (Zaken et al., 2022).
+
+    Biases of the linear and convolution layers and, in Swin, the attention's relative
+    position bias tables. Normalisation biases are left to `affine` (the two methods select
+    disjoint sets, as in the FSEFT paper's table: 210.7K for the 48-channel Swin encoder).
+    """
+
+
+@dataclass
+class AffineConfig(EncoderMethodConfig):
+    """`affine`: the encoder's normalisation affine parameters (LayerNorm weight and bias in
+    Swin; BatchNorm / InstanceNorm weight and bias in the U-Net)."""
+
+
+def _encoder_modules(model: nn.Module, parts: ModelParts) -> Iterator[tuple[str, nn.Module]]:
+    for top in parts.encoder:
+        for name, module in getattr(unwrap(model), top).named_modules():
+            yield f"{top}.{name}" if name else top, module
+
+
+@register_encoder_method("bitfit", BitFitConfig, "train the encoder's biases")
+def _prepare_bitfit(model: nn.Module, cfg: BitFitConfig, parts: ModelParts) -> nn.Module:
+    for _, module in _encoder_modules(model, parts):
+        if isinstance(module, NORM_TYPES):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if pname == "bias" or pname.endswith("_bias_table"):
+                p.requires_grad_(True)
+    return model
+
+
+@register_encoder_method("affine", AffineConfig, "train the encoder's normalisation affine parameters")
+def _prepare_affine(model: nn.Module, cfg: AffineConfig, parts: ModelParts) -> nn.Module:
+    found = False
+    for _, module in _encoder_modules(model, parts):
+        if isinstance(module, NORM_TYPES):
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(True)
+                found = True
+    if not found:
+        raise ConfigError("affine: the encoder has no normalisation layer with affine parameters")
+    return model
+
+
+def describe_methods() -> str:
+    """One line per method, for help texts."""
+    lines = []
+    for name in available_encoder_methods():
+        spec = ENCODER_METHODS[name]
+        lines.append(f"{name:12s} {spec.description}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "DECODER_MODES",
+    "ENCODER_METHODS",
+    "AffineConfig",
+    "BitFitConfig",
+    "EncoderMethodConfig",
+    "EncoderMethodSpec",
+    "FineTuneConfig",
+    "FineTuneLastConfig",
+    "FullModelConfig",
+    "ModelParts",
+    "ScratchConfig",
+    "apply_method",
+    "available_encoder_methods",
+    "count_method_parameters",
+    "count_trainable",
+    "default_lr",
+    "describe_methods",
+    "get_encoder_method",
+    "is_encoder_method",
+    "method_train_mode",
+    "model_parts",
+    "parameter_breakdown",
+    "post_step",
+    "register_encoder_method",
+    "replace_head",
+    "reinitialize",
+    "trainable_parameters",
+    "unwrap",
+]
