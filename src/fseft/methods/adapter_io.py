@@ -9,8 +9,8 @@ them:
   (``{"format": "fseft-peft-v1", "method", "options", "structures", ...}``).
 - ``adapter_model.safetensors``: the tensors. peft methods: peft's adapter state dict (the LoRA
   factors, and the ``modules_to_save`` copies: head and, when trained, decoder). Others: the
-  trainable parameters (plus the buffers of the modules that own them, e.g. BatchNorm running
-  statistics, and any fixed tensor of an added module), under the adapted model's own names.
+  trainable parameters (plus the running statistics of trained BatchNorm layers, and any
+  fixed tensor of an added module), under the adapted model's own names.
   Its metadata key ``"fseft"`` holds the method record (JSON) in both cases.
 
 ``load_adapted(base, run_dir)`` re-applies the method to a fresh base and loads the tensors:
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fseft.errors import ConfigError, InputFileError
-from fseft.methods.peft_methods import apply_method, get_encoder_method, replace_head, unwrap
+from fseft.methods.peft_methods import NORM_TYPES, apply_method, get_encoder_method, replace_head, unwrap
 from fseft.utils import atomic_path
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -55,7 +55,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, p in module.named_parameters(recurse=False):
             if p.requires_grad or added:
                 keep.add(prefix + name)
-        if owns_trainable or added:
+        # running statistics of trained norms change in training; other buffers (e.g. Swin's
+        # relative position index) are fixed functions of the architecture
+        if (owns_trainable and isinstance(module, NORM_TYPES)) or added:
             keep.update(prefix + name for name, _ in module.named_buffers(recurse=False))
     state = model.state_dict()
     return {k: state[k].detach().cpu().contiguous().clone() for k in sorted(keep) if k in state}
