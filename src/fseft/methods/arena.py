@@ -6,17 +6,19 @@ proximal (soft-threshold) step after each optimiser step (`proximal_step`)::
 
     v <- sign(v) * max(|v| - t, 0)
 
-With plain SGD ``t = lr * l1``. With Adam / AdamW the step on ``v`` is preconditioned by the
-optimiser's second moment, so the threshold is taken in the same metric,
-``t_i = lr * l1 / (sqrt(v_hat_i) + eps)`` (ProxGen, Yun et al., NeurIPS 2021): a gate then stays
-at zero exactly when its gradient is smaller than ``l1`` (the L1 optimality condition), which
-makes ``l1`` comparable across layers and learning rates. The number of non-zero gates is the
-layer's effective rank (`effective_ranks`); it shrinks from ``r`` where a direction does not
-pay its penalty, and a zero gate can come back when its gradient grows past ``l1``.
+with ``t = lr * l1`` and ``lr`` the gate's current learning rate (schedulers apply). The
+number of non-zero gates is the layer's effective rank (`effective_ranks`): it starts at ``r``
+and shrinks where a direction does not pay its penalty; a zero gate comes back when its
+gradient step outweighs the threshold.
 
-Initialisation as LoRA: ``A`` Kaiming-uniform, ``B = 0``, ``v = 1`` (full rank ``r``, and the
-network starts as the pre-trained one). Gates that have never had a gradient (``B`` is still
-zero at the first step) are not thresholded.
+With Adam / AdamW the gradient step on each gate is normalised to at most ``lr`` in size
+(``lr * m_hat / sqrt(v_hat)``), so the threshold reads on the same scale: a gate survives only
+while its normalised step ``|m_hat / sqrt(v_hat)|`` (how consistently its gradient pushes it
+away from zero) exceeds ``l1``; ``l1`` in ``(0, 1)`` is scale-free, and ``l1 >= 1`` closes
+every gate. A gate starting at 1 needs at least ``1 / (lr * l1)`` steps to close.
+
+Initialisation as LoRA: ``A`` Kaiming-uniform, ``B = 0``, ``v = 1`` (full rank ``r``; the
+network starts as the pre-trained one).
 
 Targets: the Swin attention ``qkv`` (``nn.Linear``), or the U-Net encoder's 3x3x3 convolutions
 (``A`` a convolution like the base one with ``r`` outputs, ``B`` a 1x1x1 convolution).
@@ -30,7 +32,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fseft.errors import ConfigError
@@ -45,13 +46,13 @@ DEFAULT_TARGETS: dict[str, list[str] | str] = {
 @dataclass
 class ArenaConfig(EncoderMethodConfig):
     """Options of `arena`: `rank` (maximum rank ``r``), `alpha` (``alpha / r`` scales the
-    update), `l1` (penalty on the gates), `target_modules` (as peft's: name suffixes, or one
+    update), `l1` (penalty on the gates; with AdamW, in ``(0, 1)``), `target_modules` (as peft's: name suffixes, or one
     regular expression matched against full names; None: the architecture's default)."""
 
     default_lr: ClassVar[float] = 1e-3
     rank: int = 16
     alpha: float = 16.0
-    l1: float = 1e-3
+    l1: float = 0.5
     target_modules: list[str] | str | None = None
 
     def __post_init__(self) -> None:
@@ -156,8 +157,8 @@ def effective_ranks(model: nn.Module) -> dict[str, int]:
 def proximal_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Soft-threshold every ARENA gate after ``optimizer.step()`` (see the module docstring).
 
-    Uses the learning rate of the gate's parameter group (so schedulers apply) and, for
-    Adam-type optimisers, its second-moment estimate. Gates not in `optimizer` are left alone.
+    Uses the learning rate of the gate's parameter group (so that schedulers apply). Gates
+    not in `optimizer` are left alone.
     """
     layers = arena_layers(model)
     if not layers:
@@ -168,15 +169,7 @@ def proximal_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         group = group_of.get(id(gate))
         if group is None or layer.l1 == 0.0:
             continue
-        base_t = float(group["lr"]) * layer.l1
-        state = optimizer.state.get(gate, {})
-        if "exp_avg_sq" in state and "betas" in group:
-            sq = state["exp_avg_sq"]
-            correction = 1.0 - group["betas"][1] ** float(state["step"])
-            denom = (sq / correction).sqrt() + group["eps"]
-            threshold = torch.where(sq > 0, base_t / denom, torch.zeros_like(denom))
-        else:
-            threshold = torch.full_like(gate, base_t)
+        threshold = float(group["lr"]) * layer.l1
         gate.copy_(gate.sign() * (gate.abs() - threshold).clamp_min(0.0))
 
 
