@@ -125,7 +125,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="scan file, DICOM series folder, or folder of cases (scan files / DICOM sub-folders)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output folder (or a .nii.gz file name for a single scan)")
-    p.add_argument("--model", required=True, metavar="ID|PATH", help="model zoo id or fseft model file (.safetensors)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", metavar="ID|PATH", help="model zoo id or fseft model file (.safetensors)")
+    which.add_argument("--adapter", metavar="RUN",
+                       help="an `fseft adapt` run folder: its base model + adapter segment its structures")
     p.add_argument("--weights", metavar="PATH", help="weights file for a zoo model (default: the zoo's)")
     p.add_argument("--structures", type=_csv, metavar="A,B", help="structures to segment (default: all the model's classes)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
@@ -150,7 +153,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         device=args.device, progress=not args.no_progress,
     )
     result = predict_path(args.input, args.output, args.model, weights=args.weights,
-                          structures=args.structures, cfg=cfg, per_structure_files=args.per_structure_files)
+                          structures=args.structures, cfg=cfg, per_structure_files=args.per_structure_files,
+                          adapter=args.adapter)
     n_files = sum(len(v) for v in result.outputs.values())
     print(f"wrote {n_files} mask file(s) for {len(result.outputs)} case(s) to {args.output}")
     return 0

@@ -212,3 +212,14 @@ def test_cli_adapt_on_phantom_cases_writes_the_run_folder(tmp_path, capsys):
                  *args[args.index("--epochs"):]]) == 0
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("features.npy")}
     assert after == before and len(before) == 3
+    # `fseft predict --adapter RUN` segments a scan with base model + adapter in its native geometry
+    import nibabel as nib
+
+    scan = sorted((root / "imagesTr").glob("*_0000.nii.gz"))[0]
+    out = tmp_path / "predicted.nii.gz"
+    assert main(["predict", "-i", str(scan), "-o", str(out), "--adapter", str(run),
+                 "--roi-size", "64", "32", "32", "--no-progress"]) == 0
+    written, source = nib.load(out), nib.load(scan)
+    assert written.shape == source.shape
+    assert np.allclose(written.affine, source.affine, atol=1e-4)
+    assert json.loads(out.with_name("predicted.json").read_text()) == {"1": "liver", "2": "gallbladder"}

@@ -281,12 +281,13 @@ class PredictResult:
 def predict_path(
     input_path: str | os.PathLike,
     output: str | os.PathLike,
-    model: str | SegmentationModel,
+    model: str | SegmentationModel | None,
     weights: str | None = None,
     structures: Sequence[str] | str | None = None,
     cfg: InferenceConfig | None = None,
     preprocess_cfg: PreprocessConfig | None = None,
     per_structure_files: bool = False,
+    adapter: str | os.PathLike | None = None,
 ) -> PredictResult:
     """`fseft predict`: segment every scan found at `input_path` (see `find_scans`).
 
@@ -297,6 +298,8 @@ def predict_path(
         ``<case>.json`` beside it) or, with `per_structure_files`, ``<case>/<structure>.nii.gz``
         binary masks; for a single scan it may also be a ``.nii.gz`` file name. Every output is
         in its scan's native geometry (same shape and affine).
+    adapter: an `fseft adapt` run folder; replaces `model` with its base model + adapter
+        (`fseft.engine.adapt.load_adapted_model`) and its recorded preprocessing.
     """
     from tqdm.auto import tqdm
 
@@ -310,7 +313,12 @@ def predict_path(
             f"{output}: a single NIfTI output needs a single scan and no per-structure files; "
             f"{input_path} holds {len(scans)} scans: give an output folder"
         )
-    if isinstance(model, str):
+    if adapter is not None:
+        from fseft.engine.adapt import load_adapted_model
+
+        model = load_adapted_model(adapter, cfg.device)
+        preprocess_cfg = preprocess_cfg or model.preprocess
+    elif isinstance(model, str):
         model, stored_cfg = _load_for_inference(model, weights, cfg.device)
         preprocess_cfg = preprocess_cfg or stored_cfg
     _, names = select_structures(model.class_names, structures)  # fail before any work
