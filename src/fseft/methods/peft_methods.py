@@ -130,8 +130,6 @@ class FullModelConfig(MethodConfig):
     `init_from_head` (copy the pre-trained head rows of known structures)."""
 
     default_lr: ClassVar[float] = 1e-4
-    #: which parts a method trains, for the docs and `describe_method`
-    trains: ClassVar[str] = ""
 
 
 @dataclass
@@ -144,7 +142,6 @@ class EncoderMethodConfig(MethodConfig):
     """
 
     default_lr: ClassVar[float] = 1e-3
-    trains: ClassVar[str] = ""
     decoder: str = "frozen"
     include_skip_blocks: bool = False
 
@@ -257,7 +254,10 @@ def replace_head(model: nn.Module, structures: Sequence[str], multiclass: bool =
         for i, row in enumerate(rows):
             if row is not None:
                 head.weight[i].copy_(old.weight[row])
-                head.bias[i].copy_(old.bias[row] if old.bias is not None else 0.0)
+                if old.bias is not None:
+                    head.bias[i].copy_(old.bias[row])
+                else:
+                    head.bias[i].zero_()
     base.head = head
     base.class_names = structures
     return rows
@@ -451,22 +451,18 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
 class FineTuneConfig(FullModelConfig):
     """`ft`: every weight of the pre-trained network is trained."""
 
-    trains: ClassVar[str] = "all weights"
-
 
 @dataclass
 class FineTuneLastConfig(FullModelConfig):
     """`ft-last`: the last decoder block and the head are trained."""
 
     default_lr: ClassVar[float] = 1e-3
-    trains: ClassVar[str] = "last decoder block + head"
 
 
 @dataclass
 class ScratchConfig(FullModelConfig):
     """`scratch`: random initialisation, every weight trained (the no-pre-training baseline)."""
 
-    trains: ClassVar[str] = "all weights, random init"
     init_from_head: bool = False
 
 
