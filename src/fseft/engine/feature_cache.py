@@ -97,41 +97,14 @@ def compute_features(model: torch.nn.Module, image: torch.Tensor, cfg: Any = Non
     """Sliding-window ``model.features`` over a whole preprocessed volume.
 
     `image`: ``(1, 1, X, Y, Z)`` on the CPU; `cfg`: an `InferenceConfig` (roi, overlap, blend,
-    bf16, device; the model must already be on `cfg.device`). Returns ``(1, C, X, Y, Z)``
+    bf16, device). Returns ``(1, C, X, Y, Z)``
     float32 on the CPU, windows blended by MONAI's `sliding_window_inference` exactly as
     `predict_probabilities` blends logits; the head being a 1x1x1 convolution,
     ``head(features)`` equals the blended logits.
     """
-    from monai.inferers import sliding_window_inference
+    from fseft.engine.inference import sliding_window_map
 
-    from fseft.engine.inference import InferenceConfig
-
-    cfg = cfg or InferenceConfig()
-    device = torch.device(cfg.device)
-    image = image.as_tensor() if hasattr(image, "as_tensor") else image
-
-    def predictor(window: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            return model.features(window).float()
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            out = sliding_window_inference(
-                image.float(),
-                roi_size=cfg.roi_size,
-                sw_batch_size=cfg.sw_batch_size,
-                predictor=predictor,
-                overlap=cfg.overlap,
-                mode=cfg.blend,
-                sw_device=device,
-                device=torch.device("cpu"),  # a whole-volume C-channel map may not fit the GPU
-                progress=cfg.progress,
-            )
-    finally:
-        model.train(was_training)
-    return torch.as_tensor(out).float()
+    return sliding_window_map(model, image, cfg, model.features)
 
 
 # ---------------------------------------------------------------------------- the cache

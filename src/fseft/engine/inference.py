@@ -9,7 +9,7 @@ post-processing; `predict_path` is `fseft predict`: files, DICOM folders or fold
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,45 +103,41 @@ def select_structures(class_names: Sequence[str], structures: Sequence[str] | st
 
 
 @torch.inference_mode()
-def predict_probabilities(
+def sliding_window_map(
     model: nn.Module,
     image: torch.Tensor,
     cfg: InferenceConfig | None = None,
-    channels: Sequence[int] | None = None,
+    window_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Sigmoid probabilities of a model over a whole preprocessed volume, by sliding windows.
+    """Blend a per-window map of `model` over a whole preprocessed volume (MONAI
+    `sliding_window_inference`): the one sliding-window loop of fseft (logits, features).
 
-    model: any module mapping ``(B, 1, x, y, z)`` to logits ``(B, C, x, y, z)``; it is moved to
-        `cfg.device` and run in eval mode (its training flag is restored afterwards).
     image: ``(1, 1, X, Y, Z)`` float, model space (e.g. `PreprocessedCase.image[None]`).
-    channels: output channels to keep (all when None); keeping only the needed ones saves the
-        memory of the full ``C``-channel volume.
-    Returns ``(1, C', X, Y, Z)`` float32 on the CPU, C' = len(channels) or C. Logits are
-    blended across windows, then passed through the sigmoid.
+    window_fn: ``(B, 1, x, y, z) -> (B, C, x, y, z)``, default ``model`` itself (logits); run
+        under bf16 autocast when `cfg.bf16`. `model` is moved to `cfg.device` and run in eval
+        mode (its training flag is restored afterwards).
+    Returns ``(1, C, X, Y, Z)`` float32 on the CPU, windows blended in float32.
     """
     from monai.inferers import sliding_window_inference
 
     cfg = cfg or InferenceConfig()
     if image.ndim != 5 or image.shape[:2] != (1, 1):
-        raise ValueError(f"predict_probabilities expects a (1, 1, X, Y, Z) image, got shape {tuple(image.shape)}")
+        raise ValueError(f"sliding-window inference expects a (1, 1, X, Y, Z) image, got shape {tuple(image.shape)}")
     device = torch.device(cfg.device)
     # a MetaTensor would drag its metadata through every window; the plain tensor suffices
     image = image.as_tensor() if hasattr(image, "as_tensor") else image
-    image = image.float()
-    index = None if channels is None else torch.as_tensor(list(channels), dtype=torch.long, device=device)
+    window_fn = window_fn or model
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits = model(window)
-        if index is not None:
-            logits = logits.index_select(1, index)
-        return logits.float()  # blend in float32 whatever the autocast dtype
+            out = window_fn(window)
+        return out.float()  # blend in float32 whatever the autocast dtype
 
     was_training = model.training
     model.to(device).eval()
     try:
-        logits = sliding_window_inference(
-            image,
+        out = sliding_window_inference(
+            image.float(),
             roi_size=cfg.roi_size,
             sw_batch_size=cfg.sw_batch_size,
             predictor=predictor,
@@ -153,7 +149,32 @@ def predict_probabilities(
         )
     finally:
         model.train(was_training)
-    return logits.sigmoid_()
+    return torch.as_tensor(out).float()
+
+
+def predict_probabilities(
+    model: nn.Module,
+    image: torch.Tensor,
+    cfg: InferenceConfig | None = None,
+    channels: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Sigmoid probabilities of a model over a whole preprocessed volume, by sliding windows.
+
+    model: any module mapping ``(B, 1, x, y, z)`` to logits ``(B, C, x, y, z)``.
+    image: ``(1, 1, X, Y, Z)`` float, model space (e.g. `PreprocessedCase.image[None]`).
+    channels: output channels to keep (all when None); keeping only the needed ones saves the
+        memory of the full ``C``-channel volume.
+    Returns ``(1, C', X, Y, Z)`` float32 on the CPU, C' = len(channels) or C. Logits are
+    blended across windows (`sliding_window_map`), then passed through the sigmoid.
+    """
+    cfg = cfg or InferenceConfig()
+    index = None if channels is None else torch.as_tensor(list(channels), dtype=torch.long, device=cfg.device)
+
+    def logits_of(window: torch.Tensor) -> torch.Tensor:
+        logits = model(window)
+        return logits if index is None else logits.index_select(1, index)
+
+    return sliding_window_map(model, image, cfg, logits_of).sigmoid()
 
 
 def segment_volume(
