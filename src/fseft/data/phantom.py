@@ -24,14 +24,10 @@ level, spacing and field of view. A case is a deterministic function of
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +38,7 @@ from scipy import ndimage as ndi
 from fseft.data.io import Volume, write_image, write_mask
 from fseft.data.structures import PHANTOM_CLASSES, canonical_names
 from fseft.errors import ConfigError, InputFileError
-from fseft.utils import write_json
+from fseft.utils import atomic_dir, write_json
 
 # Bump when a change alters the arrays a (config, domain, seed, case) produces.
 PHANTOM_VERSION = "1"
@@ -577,30 +573,6 @@ def generate_case(
 # ---------------------------------------------------------------------------------- writing
 
 
-@contextlib.contextmanager
-def _staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `out`; move it onto `out` only if the block
-    succeeds, so no half-written dataset is ever visible at `out`."""
-    if out.exists() and not out.is_dir():
-        raise InputFileError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out}: folder exists and is not empty; pass --overwrite (overwrite=True) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _resolve_structures(structures: Sequence[str] | str | None) -> tuple[str, ...]:
     if structures is None:
         return PHANTOM_CLASSES
@@ -652,7 +624,7 @@ def write_phantom_dataset(
     for value, s in enumerate(labelled, start=1):
         remap[PHANTOM_LABELS[s]] = value
     case_info: dict[str, Any] = {}
-    with _staged_folder(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         for i in tqdm(range(int(cases)), desc=f"phantom {out.name} ({domain})", unit="case", disable=not progress):
             case = generate_case(cfg, domain, seed, i, stream)
             case_id = f"{cfg.case_prefix}_{i:03d}"
@@ -711,7 +683,7 @@ def write_partial_label_sources(
     cfg = config or PhantomConfig()
     out = Path(out)
     names = [f"partial_{chr(ord('A') + i)}" for i in range(int(n_sources))]
-    with _staged_folder(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         for i, sub in enumerate(names):
             letter = sub[-1]
             write_phantom_dataset(
