@@ -13,15 +13,19 @@ from fseft.methods import (
 
 
 def test_registry_lists_the_builtin_methods():
-    assert {"generalization", "lp", "spatial-adapter"} <= set(available_methods())
+    assert set(available_methods("features")) == {"generalization", "lp", "spatial-adapter"}
+    assert {"lora", "ft", "arena"} < set(available_methods())  # one registry of every method
+    assert all(get_method(n).kind == "features" and get_method(n).module_cls for n in available_methods("features"))
     assert get_method("lp").config_cls.default_lr == pytest.approx(1e-2)
     assert get_method("spatial-adapter").config_cls.default_lr == pytest.approx(1e-4)
     assert not get_method("generalization").config_cls.trainable
 
 
 def test_unknown_method_and_option_are_config_errors():
-    with pytest.raises(ConfigError, match="unknown adaptation method 'lora'.*spatial-adapter"):
-        get_method("lora")
+    with pytest.raises(ConfigError, match="unknown adaptation method 'lorra'.*spatial-adapter.*lora"):
+        get_method("lorra")
+    with pytest.raises(ConfigError, match="'lora' is trained through the network.*spatial-adapter"):
+        build_adapter("lora", 8, 1)
     with pytest.raises(ConfigError, match="no option.*rank"):
         build_adapter("lp", 8, 1, rank=4)
     with pytest.raises(ConfigError, match="kernel_size must be odd"):

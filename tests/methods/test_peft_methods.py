@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 from fseft.errors import ConfigError
+from fseft.methods import available_methods, get_method
 from fseft.methods.peft_methods import (
     apply_method,
-    available_encoder_methods,
     count_method_parameters,
-    get_encoder_method,
     method_train_mode,
     model_parts,
     trainable_parameters,
@@ -40,11 +39,14 @@ def _top(name: str) -> str:
 
 
 def test_registry_lists_all_methods():
-    names = available_encoder_methods()
-    for name in ("ft", "ft-last", "scratch", "bitfit", "affine", "lora", "adaptformer", "arena"):
-        assert name in names
-    with pytest.raises(ConfigError, match="unknown fine-tuning method 'nope'.*lora"):
-        get_encoder_method("nope")
+    names = available_methods("network")
+    assert set(names) == {"ft", "ft-last", "scratch", "bitfit", "affine", "lora", "adaptformer", "arena"}
+    assert all(get_method(n).kind == "network" and get_method(n).prepare for n in names)
+    assert get_method("lora").uses_peft and not get_method("arena").uses_peft
+    with pytest.raises(ConfigError, match="unknown adaptation method 'nope'.*spatial-adapter.*lora"):
+        get_method("nope")
+    with pytest.raises(ConfigError, match="'lp' is trained on cached features.*bitfit"):
+        apply_method(create_model("unet3d", ["liver"], base_channels=4), "lp")
     with pytest.raises(ConfigError, match="no option"):
         apply_method(create_model("unet3d", ["liver"], base_channels=4), "lora", ranks=3)
     with pytest.raises(ConfigError, match="decoder must be one of"):

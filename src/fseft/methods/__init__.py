@@ -1,16 +1,28 @@
-"""Adaptation methods: a registry of small modules trained on a frozen model's features.
+"""Adaptation methods: one registry of every method `fseft adapt` trains, by name.
 
-A method is a config dataclass plus a `FeatureAdapter` module class, registered by name (the
-way HF peft maps a ``PeftType`` to its config and model classes)::
+A method is a config dataclass (a `MethodConfig`: its options) plus how it is built, registered
+by name (the way HF peft maps a ``PeftType`` to its config and model classes). Each spec says
+its `kind`:
 
-    @register_method("lp", LinearProbeConfig)
-    class LinearProbe(FeatureAdapter): ...
+- ``"features"`` (black-box): a `FeatureAdapter` module class trained on the cached frozen
+  features of the base model (`linear_probe`, `spatial_adapter`)::
 
-    adapter = build_adapter("spatial-adapter", feature_channels=48, num_outputs=2, kernel_size=1)
+      @register_method("lp", LinearProbeConfig)
+      class LinearProbe(FeatureAdapter): ...
 
-An adapter maps the frozen features ``Z (B, C, X, Y, Z)`` of `SegmentationModel.features` to
-logits ``(B, num_outputs, X, Y, Z)``: ``forward(z) = head(trunk(z))`` with ``head`` a 1x1x1
-``nn.Conv3d``, so that an adapter on top of a base model is again a `SegmentationModel`.
+      adapter = build_adapter("spatial-adapter", feature_channels=48, num_outputs=2, kernel_size=1)
+
+  An adapter maps the frozen features ``Z (B, C, X, Y, Z)`` of `SegmentationModel.features` to
+  logits ``(B, num_outputs, X, Y, Z)``: ``forward(z) = head(trunk(z))`` with ``head`` a 1x1x1
+  ``nn.Conv3d``, so that an adapter on top of a base model is again a `SegmentationModel`.
+- ``"network"`` (fine-tuning / encoder PEFT): a `prepare(model, cfg, parts)` function that
+  changes or extends the network itself, trained on image patches end to end
+  (`peft_methods`, `lora`, `adaptformer`, `arena`)::
+
+      @register_method("bitfit", BitFitConfig, "train the encoder's biases", kind="network")
+      def _prepare_bitfit(model, cfg, parts): ...
+
+      model = peft_methods.apply_method(base, "lora", ["liver"], decoder="fine-tuned", rank=4)
 """
 
 from __future__ import annotations
@@ -87,14 +99,27 @@ class FeatureAdapter(nn.Module):
                 self.head.bias[i].zero_()
 
 
+METHOD_KINDS = ("features", "network")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its name, options dataclass and adapter module class."""
+    """A registered method: its name, options dataclass, kind and how it is built.
+
+    kind: ``"features"`` (trained on cached frozen features; `module_cls` is its
+        `FeatureAdapter` class) or ``"network"`` (trained on image patches through the network;
+        `prepare` is its ``prepare(model, cfg, parts) -> model`` function, see
+        `fseft.methods.peft_methods.apply_method`).
+    uses_peft: a network method built with HF peft (saved in peft's own format).
+    """
 
     name: str
     config_cls: type[MethodConfig]
-    module_cls: type[FeatureAdapter]
     description: str
+    kind: str = "features"
+    module_cls: type[FeatureAdapter] | None = None
+    prepare: Callable[..., nn.Module] | None = None
+    uses_peft: bool = False
 
     def make_config(self, **options: Any) -> MethodConfig:
         """The method's config from keyword options; unknown options raise `ConfigError`."""
@@ -112,16 +137,25 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(
-    name: str, config_cls: type[MethodConfig], description: str = ""
-) -> Callable[[type[FeatureAdapter]], type[FeatureAdapter]]:
-    """Class decorator registering an adapter module class under `name`."""
+    name: str, config_cls: type[MethodConfig], description: str = "", *, kind: str = "features",
+    uses_peft: bool = False,
+) -> Callable[[Any], Any]:
+    """Decorator registering a method under `name`: a `FeatureAdapter` class (``kind="features"``)
+    or a ``prepare(model, cfg, parts)`` function (``kind="network"``)."""
+    if kind not in METHOD_KINDS:
+        raise ValueError(f"method kind must be one of {', '.join(METHOD_KINDS)}, got {kind!r}")
 
-    def decorate(module_cls: type[FeatureAdapter]) -> type[FeatureAdapter]:
-        if name in _REGISTRY and _REGISTRY[name].module_cls is not module_cls:
+    def decorate(built: Any) -> Any:
+        old = _REGISTRY.get(name)
+        if old is not None and built not in (old.module_cls, old.prepare):
             raise ValueError(f"method {name!r} is already registered")
-        doc = description or (module_cls.__doc__ or "").strip().splitlines()[0]
-        _REGISTRY[name] = MethodSpec(name, config_cls, module_cls, doc)
-        return module_cls
+        doc = description or (built.__doc__ or "").strip().splitlines()[0]
+        features = kind == "features"
+        _REGISTRY[name] = MethodSpec(
+            name, config_cls, doc, kind,
+            module_cls=built if features else None, prepare=None if features else built, uses_peft=uses_peft,
+        )
+        return built
 
     return decorate
 
@@ -129,23 +163,38 @@ def register_method(
 def _load_builtin_methods() -> None:
     # Imported for their registration side effect; late so that they can import this module.
     from fseft.methods import linear_probe, spatial_adapter  # noqa: F401
+    from fseft.methods import peft_methods  # noqa: F401  (ft, ft-last, scratch, bitfit, affine)
+    from fseft.methods import lora, adaptformer, arena  # noqa: F401, I001
 
 
-def available_methods() -> tuple[str, ...]:
-    """Names of the registered methods, in registration order."""
+def available_methods(kind: str | None = None) -> tuple[str, ...]:
+    """Names of the registered methods (of one `kind`, or all), in registration order."""
     _load_builtin_methods()
-    return tuple(_REGISTRY)
+    return tuple(name for name, spec in _REGISTRY.items() if kind is None or spec.kind == kind)
 
 
-def get_method(name: str) -> MethodSpec:
-    """The registered method called `name`; `ConfigError` listing the choices otherwise."""
+def get_method(name: str, kind: str | None = None) -> MethodSpec:
+    """The registered method called `name`; `ConfigError` listing the choices otherwise.
+
+    With `kind`, a method of the other kind is a `ConfigError` too (e.g. `build_adapter` of a
+    network method).
+    """
     _load_builtin_methods()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        raise ConfigError(f"unknown adaptation method {name!r}; choose one of: {', '.join(_REGISTRY)}")
+    if kind is not None and spec.kind != kind:
+        what = {"features": "trained on cached features", "network": "trained through the network"}
         raise ConfigError(
-            f"unknown adaptation method {name!r}; choose one of: {', '.join(_REGISTRY)}"
-        ) from None
+            f"method {name!r} is {what[spec.kind]}, not {what[kind]}; methods {what[kind]}: "
+            f"{', '.join(available_methods(kind))}"
+        )
+    return spec
+
+
+def describe_methods() -> str:
+    """One line per method (name, kind, description), for help texts."""
+    return "\n".join(f"{s.name:16s} {s.kind:9s} {s.description}" for s in (get_method(n) for n in available_methods()))
 
 
 def build_adapter(
@@ -156,10 +205,13 @@ def build_adapter(
     `method` is a registered name (then `options` are its config fields) or a config instance.
     """
     if isinstance(method, MethodConfig):
-        spec = next(s for s in (get_method(n) for n in available_methods()) if isinstance(method, s.config_cls))
+        spec = next((s for s in (get_method(n) for n in available_methods("features"))
+                     if type(method) is s.config_cls), None)
+        if spec is None:
+            raise ConfigError(f"{type(method).__name__} is not the config of a method trained on cached features")
         cfg = method
     else:
-        spec = get_method(method)
+        spec = get_method(method, kind="features")
         cfg = spec.make_config(**options)
     return spec.module_cls(feature_channels, num_outputs, cfg)
 
@@ -202,12 +254,14 @@ def iter_slab_logits(
 
 
 __all__ = [
+    "METHOD_KINDS",
     "FeatureAdapter",
     "MethodConfig",
     "MethodSpec",
     "available_methods",
     "build_adapter",
     "count_trainable_parameters",
+    "describe_methods",
     "get_method",
     "iter_slab_logits",
     "register_method",

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from fseft.errors import ConfigError, InputFileError
-from fseft.methods.peft_methods import NORM_TYPES, apply_method, get_encoder_method, replace_head, unwrap
+from fseft.methods import get_method
+from fseft.methods.peft_methods import NORM_TYPES, apply_method, replace_head, unwrap
 from fseft.utils import atomic_path
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -75,7 +76,7 @@ def save_adapter(model: nn.Module, run_dir: str | os.PathLike, extra: dict[str, 
     if extra:
         record["extra"] = extra
     record["format"] = FORMAT
-    spec = get_encoder_method(record["method"])
+    spec = get_method(record["method"], kind="network")
     run_dir = Path(run_dir)
     if spec.uses_peft:
         from peft import get_peft_model_state_dict
@@ -155,7 +156,7 @@ def load_adapted(base: nn.Module, run_dir: str | os.PathLike) -> nn.Module:
     run_dir = Path(run_dir)
     record = read_adapter_record(run_dir)
     _check_base(base, record, run_dir)
-    spec = get_encoder_method(record["method"])
+    spec = get_method(record["method"], kind="network")
     options = {k: v for k, v in record["options"].items()}
     model = apply_method(base, spec.make_config(**options), record["structures"], multiclass=record["multiclass"])
     tensors = load_file(str(run_dir / ADAPTER_WEIGHTS))
@@ -196,7 +197,7 @@ def merge(model: nn.Module) -> nn.Module:
     from fseft.methods.arena import merge_arena
 
     record = method_record(model)
-    if get_encoder_method(record["method"]).uses_peft:
+    if get_method(record["method"], kind="network").uses_peft:
         merged = model.merge_and_unload()
     else:
         merged = merge_arena(model)

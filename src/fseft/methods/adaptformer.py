@@ -26,7 +26,8 @@ from torch import nn
 from torch.utils import checkpoint
 
 from fseft.errors import ConfigError
-from fseft.methods.peft_methods import EncoderMethodConfig, ModelParts, register_encoder_method, unwrap
+from fseft.methods import register_method
+from fseft.methods.peft_methods import EncoderMethodConfig, ModelParts, unwrap
 
 
 @dataclass
@@ -97,7 +98,7 @@ class SwinBlockWithAdapter(nn.Module):
         return x + self._mlp_branch(x)
 
 
-@register_encoder_method("adaptformer", AdaptFormerConfig, "parallel bottleneck adapters beside the Swin MLPs")
+@register_method("adaptformer", AdaptFormerConfig, "parallel bottleneck adapters beside the Swin MLPs", kind="network")
 def _prepare_adaptformer(model: nn.Module, cfg: AdaptFormerConfig, parts: ModelParts) -> nn.Module:
     from monai.networks.nets.swin_unetr import SwinTransformerBlock
 

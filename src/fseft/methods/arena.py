@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from fseft.errors import ConfigError
-from fseft.methods.peft_methods import EncoderMethodConfig, ModelParts, register_encoder_method, unwrap
+from fseft.methods import register_method
+from fseft.methods.peft_methods import EncoderMethodConfig, ModelParts, unwrap
 
 DEFAULT_TARGETS: dict[str, list[str] | str] = {
     "swin_unetr": ["qkv"],
@@ -127,7 +128,7 @@ def _matches(name: str, targets: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-@register_encoder_method("arena", ArenaConfig, "LoRA with an adaptive (L1-gated) rank per layer")
+@register_method("arena", ArenaConfig, "LoRA with an adaptive (L1-gated) rank per layer", kind="network")
 def _prepare_arena(model: nn.Module, cfg: ArenaConfig, parts: ModelParts) -> nn.Module:
     targets = cfg.target_modules if cfg.target_modules is not None else DEFAULT_TARGETS[unwrap(model).arch]
     chosen = [(name, m) for name, m in model.named_modules()

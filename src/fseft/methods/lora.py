@@ -25,7 +25,8 @@ from typing import ClassVar
 from torch import nn
 
 from fseft.errors import ConfigError
-from fseft.methods.peft_methods import EncoderMethodConfig, ModelParts, register_encoder_method, unwrap
+from fseft.methods import register_method
+from fseft.methods.peft_methods import EncoderMethodConfig, ModelParts, unwrap
 
 DEFAULT_TARGETS: dict[str, list[str] | str] = {
     "swin_unetr": ["qkv"],
@@ -69,7 +70,7 @@ def lora_config(model: nn.Module, cfg: LoraMethodConfig, parts: ModelParts):
     )
 
 
-@register_encoder_method("lora", LoraMethodConfig, "LoRA on the encoder (HF peft)", uses_peft=True)
+@register_method("lora", LoraMethodConfig, "LoRA on the encoder (HF peft)", kind="network", uses_peft=True)
 def _prepare_lora(model: nn.Module, cfg: LoraMethodConfig, parts: ModelParts) -> nn.Module:
     from peft import get_peft_model
 

@@ -9,12 +9,10 @@ config dataclass (a `MethodConfig`) plus a `prepare` function registered by name
     ... after each optimizer.step(): post_step(model, optimizer)     # ARENA's proximal step
     save_adapter(model, run_dir); load_adapted(fresh_base, run_dir)   # fseft.methods.adapter_io
 
-Why a registry of its own (`ENCODER_METHODS`) rather than `fseft.methods.register_method`: that
-registry maps a name to a `FeatureAdapter` class built as ``cls(feature_channels, num_outputs,
-cfg)`` on cached features, and `fseft adapt` trains every registered name that way; a method
-that rewrites the network cannot be built from a channel count. The configs still subclass
-`MethodConfig` (``default_lr``, ``to_dict``), and `get_encoder_method` raises the same
-`ConfigError`.
+They are registered in the one method registry of `fseft.methods` with ``kind="network"``
+(``register_method(name, config_cls, description, kind="network")`` on the `prepare` function);
+their configs subclass `MethodConfig` (``default_lr``, ``to_dict``). `fseft adapt` trains them on
+image patches (`fseft.engine.adapt`), the ``"features"`` methods on cached features.
 
 The parts of each architecture (what "encoder", "decoder", "last block" mean):
 
@@ -37,8 +35,7 @@ The parts of each architecture (what "encoder", "decoder", "last block" mean):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -46,7 +43,7 @@ import torch
 from torch import nn
 
 from fseft.errors import ConfigError
-from fseft.methods import MethodConfig
+from fseft.methods import MethodConfig, available_methods, get_method, register_method
 
 DECODER_MODES = ("frozen", "fine-tuned", "new")
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -150,79 +147,6 @@ class EncoderMethodConfig(MethodConfig):
             raise ConfigError(f"decoder must be one of {', '.join(DECODER_MODES)}, got {self.decoder!r}")
 
 
-# ---------------------------------------------------------------------------- registry
-
-PrepareFn = Callable[[nn.Module, Any, ModelParts], nn.Module]
-
-
-@dataclass(frozen=True)
-class EncoderMethodSpec:
-    """A registered method: `prepare(model, cfg, parts)` sets ``requires_grad`` on (or adds
-    modules to) the encoder of `model` and returns the model to train (itself, or a peft
-    `PeftModel` around it). Decoder and head are handled by `apply_method`."""
-
-    name: str
-    config_cls: type[MethodConfig]
-    prepare: PrepareFn
-    description: str
-    uses_peft: bool = False
-
-    def make_config(self, **options: Any) -> MethodConfig:
-        names = {f.name for f in dataclasses.fields(self.config_cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise ConfigError(
-                f"method {self.name!r} has no option(s) {', '.join(unknown)}; "
-                f"its options are: {', '.join(sorted(names)) or 'none'}"
-            )
-        return self.config_cls(**options)
-
-
-ENCODER_METHODS: dict[str, EncoderMethodSpec] = {}
-
-
-def register_encoder_method(
-    name: str, config_cls: type[MethodConfig], description: str, uses_peft: bool = False
-) -> Callable[[PrepareFn], PrepareFn]:
-    """Function decorator registering a `prepare` function under `name`."""
-
-    def decorate(prepare: PrepareFn) -> PrepareFn:
-        if name in ENCODER_METHODS and ENCODER_METHODS[name].prepare is not prepare:
-            raise ValueError(f"encoder method {name!r} is already registered")
-        ENCODER_METHODS[name] = EncoderMethodSpec(name, config_cls, prepare, description, uses_peft)
-        return prepare
-
-    return decorate
-
-
-def _load_encoder_methods() -> None:
-    # Imported for their registration side effect; late so that they can import this module.
-    from fseft.methods import adaptformer, arena, lora  # noqa: F401
-
-
-def available_encoder_methods() -> tuple[str, ...]:
-    """Names of the registered fine-tuning / PEFT methods, in registration order."""
-    _load_encoder_methods()
-    return tuple(ENCODER_METHODS)
-
-
-def get_encoder_method(name: str) -> EncoderMethodSpec:
-    """The registered method `name`; `ConfigError` listing the choices otherwise."""
-    _load_encoder_methods()
-    try:
-        return ENCODER_METHODS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown fine-tuning method {name!r}; choose one of: {', '.join(ENCODER_METHODS)}"
-        ) from None
-
-
-def is_encoder_method(name: str) -> bool:
-    """Whether `name` is one of these whole-network methods (else a feature adapter)."""
-    _load_encoder_methods()
-    return name in ENCODER_METHODS
-
-
 # ---------------------------------------------------------------------------- head
 
 
@@ -290,7 +214,7 @@ def apply_method(
         record (name, options, structures) is kept as ``fseft_method`` for `save_adapter`.
     """
     if isinstance(method, MethodConfig):
-        spec = next((s for s in (get_encoder_method(n) for n in available_encoder_methods())
+        spec = next((s for s in (get_method(n) for n in available_methods("network"))
                      if type(method) is s.config_cls), None)
         if spec is None:
             raise ConfigError(f"{type(method).__name__} is not the config of a fine-tuning method")
@@ -298,7 +222,7 @@ def apply_method(
             raise ConfigError("pass options either in the config instance or as keywords, not both")
         cfg = method
     else:
-        spec = get_encoder_method(method)
+        spec = get_method(method, kind="network")
         cfg = spec.make_config(**options)
     if getattr(model, "fseft_method", None) is not None or unwrap(model) is not model:
         raise ConfigError("apply_method: this model was already prepared for a method; start from a fresh base")
@@ -378,7 +302,7 @@ def post_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 
 def default_lr(method: str) -> float:
     """The method's default AdamW learning rate."""
-    return float(get_encoder_method(method).config_cls.default_lr)
+    return float(get_method(method).config_cls.default_lr)
 
 
 # ---------------------------------------------------------------------------- counting
@@ -466,19 +390,19 @@ class ScratchConfig(FullModelConfig):
     init_from_head: bool = False
 
 
-@register_encoder_method("ft", FineTuneConfig, "fine-tune all weights")
+@register_method("ft", FineTuneConfig, "fine-tune all weights", kind="network")
 def _prepare_ft(model: nn.Module, cfg: FineTuneConfig, parts: ModelParts) -> nn.Module:
     return model.requires_grad_(True)
 
 
-@register_encoder_method("ft-last", FineTuneLastConfig, "fine-tune the last decoder block and the head")
+@register_method("ft-last", FineTuneLastConfig, "fine-tune the last decoder block and the head", kind="network")
 def _prepare_ft_last(model: nn.Module, cfg: FineTuneLastConfig, parts: ModelParts) -> nn.Module:
     for _, p in part_parameters(model, parts.last_block):
         p.requires_grad_(True)
     return model
 
 
-@register_encoder_method("scratch", ScratchConfig, "train all weights from a random initialisation")
+@register_method("scratch", ScratchConfig, "train all weights from a random initialisation", kind="network")
 def _prepare_scratch(model: nn.Module, cfg: ScratchConfig, parts: ModelParts) -> nn.Module:
     if not _is_meta(model):
         reinitialize(model)
@@ -510,7 +434,7 @@ def _encoder_modules(model: nn.Module, parts: ModelParts) -> Iterator[tuple[str,
             yield f"{top}.{name}" if name else top, module
 
 
-@register_encoder_method("bitfit", BitFitConfig, "train the encoder's biases")
+@register_method("bitfit", BitFitConfig, "train the encoder's biases", kind="network")
 def _prepare_bitfit(model: nn.Module, cfg: BitFitConfig, parts: ModelParts) -> nn.Module:
     for _, module in _encoder_modules(model, parts):
         if isinstance(module, NORM_TYPES):
@@ -521,7 +445,7 @@ def _prepare_bitfit(model: nn.Module, cfg: BitFitConfig, parts: ModelParts) -> n
     return model
 
 
-@register_encoder_method("affine", AffineConfig, "train the encoder's normalisation affine parameters")
+@register_method("affine", AffineConfig, "train the encoder's normalisation affine parameters", kind="network")
 def _prepare_affine(model: nn.Module, cfg: AffineConfig, parts: ModelParts) -> nn.Module:
     found = False
     for _, module in _encoder_modules(model, parts):
@@ -534,40 +458,24 @@ def _prepare_affine(model: nn.Module, cfg: AffineConfig, parts: ModelParts) -> n
     return model
 
 
-def describe_methods() -> str:
-    """One line per method, for help texts."""
-    lines = []
-    for name in available_encoder_methods():
-        spec = ENCODER_METHODS[name]
-        lines.append(f"{name:12s} {spec.description}")
-    return "\n".join(lines)
-
-
 __all__ = [
     "DECODER_MODES",
-    "ENCODER_METHODS",
     "AffineConfig",
     "BitFitConfig",
     "EncoderMethodConfig",
-    "EncoderMethodSpec",
     "FineTuneConfig",
     "FineTuneLastConfig",
     "FullModelConfig",
     "ModelParts",
     "ScratchConfig",
     "apply_method",
-    "available_encoder_methods",
     "count_method_parameters",
     "count_trainable",
     "default_lr",
-    "describe_methods",
-    "get_encoder_method",
-    "is_encoder_method",
     "method_train_mode",
     "model_parts",
     "parameter_breakdown",
     "post_step",
-    "register_encoder_method",
     "replace_head",
     "reinitialize",
     "trainable_parameters",
