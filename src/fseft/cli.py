@@ -128,7 +128,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", metavar="ID|PATH", help="model zoo id or fseft model file (.safetensors)")
     which.add_argument("--adapter", metavar="RUN",
-                       help="an `fseft adapt` run folder: its base model + adapter segment its structures")
+                       help="an `fseft adapt` run folder (any method): its base model + adaptation segment its structures")
+    p.add_argument("--merge", action="store_true",
+                   help="with --adapter: fold LoRA / ARENA updates into the base weights before inference")
     p.add_argument("--weights", metavar="PATH", help="weights file for a zoo model (default: the zoo's)")
     p.add_argument("--structures", type=_csv, metavar="A,B", help="structures to segment (default: all the model's classes)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
@@ -154,7 +156,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     )
     result = predict_path(args.input, args.output, args.model, weights=args.weights,
                           structures=args.structures, cfg=cfg, per_structure_files=args.per_structure_files,
-                          adapter=args.adapter)
+                          adapter=args.adapter, merge=args.merge)
     n_files = sum(len(v) for v in result.outputs.values())
     print(f"wrote {n_files} mask file(s) for {len(result.outputs)} case(s) to {args.output}")
     return 0
@@ -245,66 +247,103 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "adapt",
-        help="few-shot black-box adaptation on cached frozen features (generalization, lp, spatial-adapter)",
-        description="Adapt a frozen model to STRUCTURES with K labelled support cases of DATA "
-        "(FewShotTask.sample with SEED; the other eligible cases are the queries), training a "
-        "small adapter on the model's cached features; evaluate on the queries in native "
-        "geometry. RUN receives adapter_model.safetensors, adapter_config.json, metrics.json "
-        "(and predictions/ with --save-predictions).",
+        help="few-shot adaptation: black-box adapters on cached features, or (PEFT) fine-tuning of the network",
+        description="Adapt a model to STRUCTURES with K labelled support cases of DATA "
+        "(FewShotTask.sample with SEED; the other eligible cases are the queries) and evaluate "
+        "on the queries in native geometry. Feature methods (generalization, lp, "
+        "spatial-adapter) train a small adapter on the frozen model's cached features; network "
+        "methods (ft, ft-last, scratch, bitfit, affine, lora, adaptformer, arena) train on image "
+        "patches through the network. RUN receives adapter_model.safetensors, "
+        "adapter_config.json (peft's format for lora), metrics.json (and predictions/ with "
+        "--save-predictions). --dry-run prints the method's trainable parameters and stops.",
     )
     p.add_argument("--model", required=True, metavar="ID|PATH", help="model zoo id or fseft model file (.safetensors)")
-    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder (nnU-Net, TotalSegmentator, FLARE22)")
+    p.add_argument("--data", metavar="DIR", help="dataset folder (nnU-Net, TotalSegmentator, FLARE22); not with --dry-run")
     p.add_argument("--structures", required=True, type=_csv, metavar="A,B", help="structures to adapt to")
-    p.add_argument("--k", type=int, required=True, help="number of labelled support cases")
+    p.add_argument("--k", type=int, help="number of labelled support cases (not with --dry-run)")
     p.add_argument("--seed", type=int, default=0, help="task sampling and training seed (default: 0)")
     p.add_argument("--method", default="lp", metavar="NAME",
-                   help="generalization (the model's own head, no training), lp (linear probe) or "
-                   "spatial-adapter (default: lp)")
-    p.add_argument("--out", required=True, metavar="RUN", help="run folder")
+                   help="generalization, lp, spatial-adapter (on cached features), ft, ft-last, scratch, "
+                   "bitfit, affine, lora, adaptformer, arena (through the network) (default: lp)")
+    p.add_argument("--out", metavar="RUN", help="run folder (not with --dry-run)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the method's trainable parameters for MODEL and STRUCTURES; no data, no training")
     p.add_argument("--ti", action="store_true", help="transductive inference: organ-size constraint on the queries")
     p.add_argument("--ti-gamma", type=float, default=0.1, help="relative half-width of the size band (default: 0.1)")
     p.add_argument("--ti-weight", type=float, default=1.0, help="lambda of the size constraint (default: 1)")
     p.add_argument("--objective", choices=("sigmoid", "multiclass"), default="sigmoid",
                    help="independent sigmoids per structure, or softmax over background + structures")
-    p.add_argument("--kernel-size", type=int, help="spatial-adapter kernel size (1 = MLP adapter; default: 3)")
+    options = p.add_argument_group("method options (each only for the methods that have it)")
+    options.add_argument("--kernel-size", type=int, help="spatial-adapter kernel size (1 = MLP adapter; default: 3)")
+    options.add_argument("--decoder", metavar="frozen|fine-tuned|new",
+                         help="encoder PEFT methods: the decoder is frozen, fine-tuned, or re-initialised "
+                         "and trained (default: frozen)")
+    options.add_argument("--include-skip-blocks", action="store_true", default=None,
+                         help="--decoder also applies to Swin-UNETR's encoder1..4 / encoder10 skip blocks")
+    options.add_argument("--rank", type=int, help="lora / arena rank (default: 4 lora, 16 arena)")
+    options.add_argument("--alpha", type=float, help="lora / arena scaling numerator (default: 8 lora, 16 arena)")
+    options.add_argument("--bottleneck", type=int, help="adaptformer bottleneck width (default: 16)")
+    options.add_argument("--l1", type=float, help="arena L1 penalty on the rank gates, in (0, 1) (default: 0.5)")
     p.add_argument("--epochs", type=int, default=200, help="maximum epochs (default: 200)")
     p.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs, 0 = off (default: 20)")
-    p.add_argument("--lr", type=float, help="learning rate (default: 1e-2 lp, 1e-4 spatial-adapter)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the method's: 1e-2 lp, 1e-4 spatial-adapter and ft, 1e-3 others)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
     p.add_argument("--patch-size", type=int, nargs=3, default=(96, 96, 96), metavar=("X", "Y", "Z"),
                    help="training patch size in model-space voxels (default: 96 96 96)")
     p.add_argument("--patches-per-volume", type=int, default=6, help="patches per support volume per iteration (default: 6)")
     p.add_argument("--n-query", type=int, help="number of query cases (default: all other eligible cases)")
     p.add_argument("--roi-size", type=int, nargs=3, default=(96, 96, 96), metavar=("X", "Y", "Z"),
-                   help="sliding window of the feature computation (default: 96 96 96)")
+                   help="sliding window of the feature computation and of inference (default: 96 96 96)")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: 0.25)")
     p.add_argument("--save-predictions", action="store_true", help="write query predictions to RUN/predictions/")
     p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: $FSEFT_CACHE_DIR or ~/.cache/fseft)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="network methods: gradient checkpointing of the Swin blocks (less memory, slower)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_adapt)
 
 
+_METHOD_OPTIONS = ("kernel_size", "decoder", "include_skip_blocks", "rank", "alpha", "bottleneck", "l1")
+
+
 def _run_adapt(args: argparse.Namespace) -> int:
-    from fseft.engine.adapt import AdaptConfig, adapt
+    from fseft.engine.adapt import AdaptConfig, adapt, count_parameters
+    from fseft.errors import ConfigError
     from fseft.methods.transductive import TransductiveConfig
 
     cfg = AdaptConfig(
         method=args.method,
-        method_options={} if args.kernel_size is None else {"kernel_size": args.kernel_size},
+        method_options={k: getattr(args, k) for k in _METHOD_OPTIONS if getattr(args, k) is not None},
         objective=args.objective, epochs=args.epochs, patience=args.patience, lr=args.lr,
         weight_decay=args.weight_decay, patch_size=tuple(args.patch_size),
         patches_per_volume=args.patches_per_volume, transductive=args.ti,
         ti=TransductiveConfig(gamma=args.ti_gamma, weight=args.ti_weight), n_query=args.n_query,
         roi_size=tuple(args.roi_size), overlap=args.overlap, cache_dir=args.cache_dir,
-        device=args.device, bf16=args.bf16, save_predictions=args.save_predictions,
-        progress=not args.no_progress,
+        device=args.device, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing,
+        save_predictions=args.save_predictions, progress=not args.no_progress,
     )
+    if args.dry_run:
+        counts = count_parameters(args.model, args.structures, cfg)
+        given = "".join(f", {k}={v}" for k, v in cfg.method_options.items())
+        print(f"{counts['method']} ({counts['kind']}{given}) on {counts['arch']}, "
+              f"structures {', '.join(counts['structures'])}:")
+        for key, value in counts.items():
+            if isinstance(value, int):
+                print(f"  {key:<16} {value:>12,}")
+        return 0
+    missing = [f"--{name}" for name in ("data", "k", "out") if getattr(args, name) is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} required (only --dry-run goes without)")
     metrics = adapt(args.model, args.data, args.structures, args.k, args.seed, args.out, cfg)
     for name, row in metrics["mean"].items():
         cells = "  ".join(f"{m} {'n/a' if v is None else f'{v:.4f}'}" for m, v in row.items())
         print(f"{name:<32} {cells}")
+    if "effective_ranks" in metrics:
+        print("effective ranks after training:")
+        for layer, rank in metrics["effective_ranks"].items():
+            print(f"  {layer:<48} {rank}")
     print(f"{len(metrics['queries'])} query case(s), {metrics['trainable_params']} trainable parameters, "
           f"{metrics['train_seconds']:.1f} s training; run written to {args.out}")
     return 0

@@ -1,31 +1,43 @@
-"""Black-box few-shot adaptation on cached frozen features (`fseft adapt`).
+"""Few-shot adaptation (`fseft adapt`): every registered method, one task protocol.
 
-The base model is never changed: its features ``Z`` of every support and query volume are
-computed once (`FeatureCache`), and a small adapter (`fseft.methods`: ``lp``,
-``spatial-adapter``, or the model's own head for ``generalization``) is trained on patches of
-``Z`` from the `k` support volumes, optionally with the transductive size constraint on the
-unlabelled query volumes (``--ti``). The queries are then segmented (threshold + largest
-connected component, in their native geometry) and scored with `fseft.evaluation`.
+A method (`fseft.methods`) is of one of two kinds:
+
+- ``"features"`` (black-box: ``generalization``, ``lp``, ``spatial-adapter``): the base model
+  is never changed; its features ``Z`` of every support and query volume are computed once
+  (`FeatureCache`) and a small adapter is trained on patches of ``Z`` from the `k` support
+  volumes (`train_adapter`), optionally with the transductive size constraint on the
+  unlabelled query volumes (``--ti``).
+- ``"network"`` (``ft``, ``ft-last``, ``scratch``, ``bitfit``, ``affine``, ``lora``,
+  ``adaptformer``, ``arena``): `fseft.methods.peft_methods.apply_method` prepares a copy of the
+  base, trained end to end on patches of the preprocessed support images (`train_network`).
+
+Both then segment the queries (threshold + largest connected component, in their native
+geometry) and score them with `fseft.evaluation`, with the same task sampling, loss,
+optimiser, schedule and ``metrics.json``.
 
 Reference protocol (FSEFT paper), all in `AdaptConfig`: AdamW, one warm-up epoch then cosine
 decay, up to 200 epochs with early stopping, 6 patches of 96^3 per support volume per
-iteration, one volume per iteration, learning rate 1e-2 (lp) / 1e-4 (spatial adapter).
+iteration, one volume per iteration, learning rate the method's default (1e-2 lp, 1e-4
+spatial adapter, 1e-3 encoder PEFT, 1e-4 ft).
 
-Run folder: ``adapter_model.safetensors`` (the adapter's weights), ``adapter_config.json``
-(method, structures, base model and its hash, preprocessing, hyper-parameters, task),
+Run folder: ``adapter_model.safetensors`` and ``adapter_config.json`` (feature methods: the
+adapter's weights and fseft's record of method, structures, base model and its hash,
+preprocessing, hyper-parameters, task; network methods: `fseft.methods.adapter_io.save_adapter`'s
+files, in peft's format for ``lora``, with that run information in the record's ``extra``),
 ``metrics.json`` and, with `save_predictions`, ``predictions/<case>.nii.gz``.
-`load_adapted_model(run_dir)` rebuilds base model + adapter as one `SegmentationModel`.
+`load_adapted_model(run_dir)` rebuilds the adapted model of either kind for inference.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,15 +68,19 @@ class AdaptConfig:
     patience / min_delta: early stopping when the epoch's mean training loss has not improved
         by a relative `min_delta` for `patience` epochs (with `transductive`, only once the
         size constraint is active).
-    lr: AdamW learning rate; None takes the method's default (1e-2 lp, 1e-4 spatial adapter).
+    lr: AdamW learning rate; None takes the method's default (`MethodConfig.default_lr`).
     warmup_epochs: linear warm-up before the cosine decay (MONAI `WarmupCosineSchedule`).
-    patch_size / patches_per_volume / pos_ratio: training crops of the cached features, centred
-        on a foreground voxel of the support masks with probability `pos_ratio`.
+    patch_size / patches_per_volume / pos_ratio: training crops (of the cached features, or of
+        the preprocessed images for network methods: then a size the architecture accepts),
+        centred on a foreground voxel of the support masks with probability `pos_ratio`.
     transductive / ti: the organ-size constraint on the unlabelled queries (`TransductiveConfig`).
     n_query: number of query cases (None: every eligible case not in the support set).
     roi_size / overlap / sw_batch_size: sliding window that computes the cached features.
     threshold / largest_component: post-processing of the query predictions.
     slab: slices per slab when an adapter runs over a whole cached volume.
+    bf16: bfloat16 autocast (training and inference).
+    grad_checkpointing: network methods load a Swin-UNETR base with ``use_checkpoint=True``
+        (less memory, slower).
     """
 
     method: str = "lp"
@@ -92,6 +108,7 @@ class AdaptConfig:
     cache_dir: str | None = None
     device: str = "cpu"
     bf16: bool = False
+    grad_checkpointing: bool = False
     save_predictions: bool = False
     progress: bool = True
 
@@ -276,6 +293,38 @@ class TrainResult:
     stopped_early: bool
 
 
+def _optimizer(params: list[nn.Parameter], cfg: AdaptConfig, iters: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (the method's default learning rate unless `cfg.lr`) with one warm-up epoch then
+    cosine decay over `cfg.epochs` epochs of `iters` steps: the schedule of every method."""
+    from monai.optimizers import WarmupCosineSchedule
+
+    from fseft.methods import get_method
+
+    lr = cfg.lr if cfg.lr is not None else get_method(cfg.method).config_cls.default_lr
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = WarmupCosineSchedule(
+        optimizer, warmup_steps=cfg.warmup_epochs * iters, t_total=max(1, cfg.epochs * iters),
+        warmup_multiplier=0.1,  # the very first step already learns
+    )
+    return optimizer, scheduler
+
+
+class _EarlyStopping:
+    """Stop when the monitored epoch loss has not improved by a relative `min_delta` for
+    `patience` epochs (0: never)."""
+
+    def __init__(self, patience: int, min_delta: float) -> None:
+        self.patience, self.min_delta = int(patience), float(min_delta)
+        self.best, self.stale = math.inf, 0
+
+    def stop(self, value: float) -> bool:
+        if value < self.best - self.min_delta * abs(self.best) or not math.isfinite(self.best):
+            self.best, self.stale = value, 0
+            return False
+        self.stale += 1
+        return bool(self.patience) and self.stale >= self.patience
+
+
 def train_adapter(
     adapter: nn.Module,
     support: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -291,10 +340,8 @@ def train_adapter(
     `batch_size` support volumes; with the constraint active, it also accumulates the size
     penalty of one query volume (taken in turn). Returns the per-epoch mean losses.
     """
-    from monai.optimizers import WarmupCosineSchedule
     from tqdm.auto import tqdm
 
-    from fseft.methods import get_method
     from fseft.methods.transductive import size_constraint_step, target_sizes
 
     device = torch.device(cfg.device)
@@ -306,13 +353,8 @@ def train_adapter(
     if cfg.transductive and not queries:
         raise ConfigError("transductive inference needs query volumes")
     volumes = [_support_volume(f, lab) for f, lab in support]
-    lr = cfg.lr if cfg.lr is not None else get_method(cfg.method).config_cls.default_lr
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     iters = math.ceil(len(volumes) / cfg.batch_size)
-    scheduler = WarmupCosineSchedule(
-        optimizer, warmup_steps=cfg.warmup_epochs * iters, t_total=max(1, cfg.epochs * iters),
-        warmup_multiplier=0.1,  # the very first step already learns
-    )
+    optimizer, scheduler = _optimizer(params, cfg, iters)
     target = target_sizes([v.labels for v in volumes]) if cfg.transductive else None
     ti_start = math.floor(cfg.ti.start_fraction * cfg.epochs) if cfg.transductive else cfg.epochs
     rng = np.random.RandomState(seed)
@@ -321,7 +363,8 @@ def train_adapter(
 
     losses: list[float] = []
     ti_losses: list[float] = []
-    best, stale, step, stopped = math.inf, 0, 0, False
+    step, stopped = 0, False
+    stopping = _EarlyStopping(cfg.patience, cfg.min_delta)
     start = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc=f"adapt {cfg.method}", unit="epoch", disable=not cfg.progress)
     for epoch in bar:
@@ -356,16 +399,89 @@ def train_adapter(
         bar.set_postfix(loss=f"{losses[-1]:.4f}", **({"ti": f"{ti_losses[-1]:.4f}"} if epoch >= ti_start else {}))
         if epoch + 1 < ti_start:
             continue  # the constrained phase must run: no early stop before it
-        if monitored < best - cfg.min_delta * abs(best) or not math.isfinite(best):
-            best, stale = monitored, 0
-        else:
-            stale += 1
-            if cfg.patience and stale >= cfg.patience:
-                stopped = True
-                break
+        if stopping.stop(monitored):
+            stopped = True
+            break
     bar.close()
     adapter.eval()
     return TrainResult(len(losses), losses, ti_losses, time.perf_counter() - start, stopped)
+
+
+def _plain(t: Any) -> torch.Tensor:
+    """A MONAI `MetaTensor` (or array) as a plain tensor."""
+    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+
+
+def train_network(
+    model: nn.Module, support: Sequence[dict[str, Any]], cfg: AdaptConfig, seed: int = 0
+) -> TrainResult:
+    """Train a network method (`fseft.methods.peft_methods.apply_method`) end to end on image
+    patches of the support volumes.
+
+    support: ``{"image": (1, X, Y, Z) in [0, 1], "label": (S, X, Y, Z) uint8}`` per support
+    volume, preprocessed (model space). Each iteration draws `patches_per_volume` patches from
+    each of `batch_size` volumes with `fseft.engine.sampling` (centred on foreground with
+    probability `pos_ratio`, as the feature methods draw theirs, and without augmentation:
+    cached features cannot be augmented, so every method sees the same kind of data). Same
+    loss, optimiser, schedule and early stopping as `train_adapter`; ARENA's proximal step
+    (`post_step`) after each optimiser step; frozen normalisation layers stay in eval mode
+    (`method_train_mode`). bf16 autocast with `cfg.bf16`.
+    """
+    from tqdm.auto import tqdm
+
+    from fseft.engine.sampling import EpochPatchDataset, patch_transforms
+    from fseft.methods.peft_methods import method_train_mode, post_step
+
+    device = torch.device(cfg.device)
+    multiclass = cfg.objective == "multiclass"
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or cfg.epochs == 0 or not support:
+        return TrainResult(0, [], [], 0.0, False)
+    transform = patch_transforms(cfg.patch_size, cfg.patches_per_volume, pos=cfg.pos_ratio,
+                                 neg=1.0 - cfg.pos_ratio, augment=False)
+    patches = EpochPatchDataset(support, transform, seed)
+    iters = math.ceil(len(support) / cfg.batch_size)
+    optimizer, scheduler = _optimizer(params, cfg, iters)
+    stopping = _EarlyStopping(cfg.patience, cfg.min_delta)
+    rng = np.random.RandomState(seed)
+    arch = getattr(model, "arch", type(model).__name__)
+
+    losses: list[float] = []
+    stopped = False
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.epochs), desc=f"adapt {cfg.method}", unit="epoch", disable=not cfg.progress)
+    for epoch in bar:
+        patches.set_epoch(epoch)
+        method_train_mode(model)
+        order = rng.permutation(len(support))
+        epoch_loss = 0.0
+        for it in range(iters):
+            optimizer.zero_grad(set_to_none=True)
+            batch = order[it * cfg.batch_size : (it + 1) * cfg.batch_size]
+            for position in batch:
+                items = patches[int(position)]
+                images = torch.stack([_plain(d["image"]) for d in items]).float().to(device)
+                labels = torch.stack([_plain(d["label"]) for d in items]).to(device)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    try:
+                        logits = model(images)
+                    except ValueError as exc:  # the architecture's shape check
+                        raise ConfigError(f"patch_size {cfg.patch_size} does not fit the {arch} model: {exc}") from exc
+                loss = supervised_loss(logits, labels, multiclass) / len(batch)
+                loss.backward()
+                epoch_loss += float(loss.detach())
+            optimizer.step()
+            post_step(model, optimizer)
+            scheduler.step()
+        losses.append(epoch_loss / iters)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if stopping.stop(losses[-1]):
+            stopped = True
+            break
+    bar.close()
+    model.eval()
+    return TrainResult(len(losses), losses, [], time.perf_counter() - start, stopped)
 
 
 # ---------------------------------------------------------------------------- prediction
@@ -420,16 +536,44 @@ def _mean_metrics(per_case: dict[str, dict[str, dict[str, float]]], structures: 
     return mean
 
 
+def cached_probabilities(adapter: nn.Module, cache: Any, cfg: AdaptConfig) -> Callable[[Any, Any], torch.Tensor]:
+    """`evaluate_queries`' probability function of a feature adapter: the adapter over the
+    query's cached features, the whole volume slab by slab."""
+    from fseft.engine.feature_cache import CacheError
+
+    def probabilities(case: Any, pre: Any) -> torch.Tensor:
+        cached = cache.load(case)
+        if tuple(pre.image.shape[1:]) != cached.spatial_shape:
+            raise CacheError(
+                f"cached features {cached.path} have shape {cached.spatial_shape} but {case.image} "
+                f"preprocesses to {tuple(pre.image.shape[1:])}; delete that folder and run again"
+            )
+        return predict_cached(adapter, cached.features, cfg.objective == "multiclass", cfg.slab, cfg.device, cfg.bf16)
+
+    return probabilities
+
+
+def network_probabilities(model: nn.Module, cfg: AdaptConfig) -> Callable[[Any, Any], torch.Tensor]:
+    """`evaluate_queries`' probability function of an adapted network (`AdaptedNetwork`): the
+    project's sliding-window inference (`predict_probabilities`), as `fseft predict` runs it."""
+    from fseft.engine.inference import predict_probabilities
+
+    inference = cfg.inference_config()
+    return lambda case, pre: predict_probabilities(model, pre.image[None], inference)[0]
+
+
 def evaluate_queries(
-    adapter: nn.Module,
-    cache: Any,
+    probabilities: Callable[[Any, Any], torch.Tensor],
     query_cases: Sequence[Any],
     structures: Sequence[str],
     cfg: AdaptConfig,
+    preprocess_cfg: Any,
     predictions_dir: Path | None = None,
 ) -> dict[str, dict[str, dict[str, float | None]]]:
-    """Segment each query from its cached features and score it in native geometry.
+    """Segment each query and score it in native geometry.
 
+    probabilities: ``(case, PreprocessedCase) -> (S, X', Y', Z')`` per-structure probabilities
+    in model space (`cached_probabilities` or `network_probabilities`).
     Probabilities are resampled to the scan's grid (linear), then thresholded (or argmax for
     multiclass) and reduced to each structure's largest component; Dice / NSD / HD95 by
     `fseft.evaluation.metrics.evaluate_masks` (NaN written as null).
@@ -438,21 +582,14 @@ def evaluate_queries(
 
     from fseft.data.io import write_mask
     from fseft.data.preprocessing import preprocess, to_native
-    from fseft.engine.feature_cache import CacheError
     from fseft.evaluation.metrics import evaluate_masks
 
     multiclass = cfg.objective == "multiclass"
     results: dict[str, dict[str, dict[str, float | None]]] = {}
     for case in tqdm(query_cases, desc="evaluate queries", unit="case", disable=not cfg.progress):
-        cached = cache.load(case)
         image, gt = case.load(structures)
-        pre = preprocess(image, None, cache.preprocess_config)
-        if tuple(pre.image.shape[1:]) != cached.spatial_shape:
-            raise CacheError(
-                f"cached features {cached.path} have shape {cached.spatial_shape} but {case.image} "
-                f"preprocesses to {tuple(pre.image.shape[1:])}; delete that folder and run again"
-            )
-        probs = predict_cached(adapter, cached.features, multiclass, cfg.slab, cfg.device, cfg.bf16)
+        pre = preprocess(image, None, preprocess_cfg)
+        probs = probabilities(case, pre)
         masks = _masks(to_native(probs, pre, mode="linear"), cfg, multiclass)
         scores = evaluate_masks(masks, gt.array, gt.spacing, structures)
         results[case.case_id] = {
@@ -470,17 +607,59 @@ def evaluate_queries(
 # ---------------------------------------------------------------------------- the run
 
 
-def _load_base(model: str | os.PathLike | nn.Module, device: str) -> tuple[nn.Module, dict[str, Any]]:
-    """The frozen base model and how to find it again: zoo id and/or model file, with the
-    file's SHA-256 (`load_adapted_model` checks the weights fingerprint as well)."""
+def describe_base(model: str | os.PathLike | nn.Module) -> tuple[str, dict[str, Any], tuple[str, ...]]:
+    """``(arch, arch_kwargs, class_names)`` of a base model without reading its weights: from a
+    model object, an fseft model file's metadata, or the zoo (the metadata of the id's weights
+    file when that is an fseft model file, else the zoo's spec)."""
+    from fseft.models.checkpoint import read_model_file_config
+    from fseft.models.zoo import MODEL_SPECS, find_weights, get_spec
+
     if isinstance(model, nn.Module):
-        base = model.to(device)
+        return str(model.arch), dict(model.arch_kwargs), tuple(model.class_names)
+    text = str(model)
+    if text in MODEL_SPECS:
+        spec = MODEL_SPECS[text]
+        weights = find_weights(spec)
+        config = read_model_file_config(weights) if weights is not None and weights.suffix == ".safetensors" else None
+        if config is None:
+            if spec.class_names is None:
+                raise InputFileError(f"model {text!r}: its weights file (which gives its classes) is not there; see `fseft models`")
+            return spec.arch, dict(spec.arch_kwargs), tuple(spec.class_names)
+    else:
+        if not Path(text).exists():
+            get_spec(text)  # ConfigError: neither a zoo id nor a file
+        config = read_model_file_config(text)
+        if config is None:
+            raise InputFileError(f"{text}: a safetensors file without fseft metadata (not written by save_model_file)")
+    return str(config["arch"]), dict(config["arch_kwargs"]), tuple(config["class_names"])
+
+
+def _load_base(
+    model: str | os.PathLike | nn.Module, device: str, *, fresh: bool = False, grad_checkpointing: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The base model and how to find it again: zoo id and/or model file, with the file's
+    SHA-256 (`load_adapted_model` checks the weights fingerprint as well).
+
+    fresh: a model object is copied (a network method changes its base in place).
+    grad_checkpointing: load a Swin-UNETR with ``use_checkpoint=True``.
+    """
+    if isinstance(model, nn.Module):
+        if grad_checkpointing:
+            raise ConfigError("grad_checkpointing: build the model object with use_checkpoint=True, "
+                              "or adapt from a model file or zoo id")
+        base = (copy.deepcopy(model) if fresh else model).to(device)
         ref: dict[str, Any] = {"id": None, "path": None, "file_sha256": None}
     else:
         from fseft.models.zoo import MODEL_SPECS, load_model
 
         text = str(model)
-        base = load_model(text, device=device)
+        overrides = {}
+        if grad_checkpointing:
+            arch = describe_base(text)[0]
+            if arch != "swin_unetr":
+                raise ConfigError(f"--grad-checkpointing: only Swin-UNETR models have it, {text} is a {arch}")
+            overrides["use_checkpoint"] = True
+        base = load_model(text, device=device, **overrides)
         is_id = text in MODEL_SPECS
         weights = (getattr(base, "model_config", None) or {}).get("weights") if is_id else text
         path = Path(weights).expanduser().resolve() if weights else None
@@ -493,6 +672,28 @@ def _load_base(model: str | os.PathLike | nn.Module, device: str) -> tuple[nn.Mo
     return base, ref
 
 
+def _check_known_structures(spec: Any, structures: Sequence[str], class_names: Sequence[str]) -> None:
+    from fseft.data.structures import UnknownStructureError
+
+    if spec.config_cls.needs_known_structures:
+        unknown = [s for s in structures if s not in class_names]
+        if unknown:
+            raise UnknownStructureError(
+                f"method {spec.name!r} evaluates the model's own head, which has no output for "
+                f"{', '.join(unknown)}; its classes are: {', '.join(class_names)}. "
+                "Train an adapter for new structures (--method lp or spatial-adapter)."
+            )
+
+
+def _structures(structures: Sequence[str] | str) -> tuple[str, ...]:
+    from fseft.data.structures import canonical_names
+
+    names = canonical_names(structures)
+    if not names:
+        raise ConfigError("adapt: no structure given (--structures NAME[,NAME...])")
+    return names
+
+
 def adapt(
     model: str | os.PathLike | nn.Module,
     data: str | os.PathLike,
@@ -502,42 +703,72 @@ def adapt(
     out: str | os.PathLike,
     cfg: AdaptConfig | None = None,
 ) -> dict[str, Any]:
-    """Few-shot adaptation of a frozen model to `structures` with `k` support volumes of `data`.
+    """Few-shot adaptation of a model to `structures` with `k` support volumes of `data`.
 
-    model: zoo id, fseft model file, or a `SegmentationModel`. data: a dataset folder
-    (`open_dataset`). The task (support / query split) is `FewShotTask.sample(dataset,
-    structures, k, seed, cfg.n_query)`. Writes the run folder `out` (see module docstring) and
-    returns the metrics dict also written to ``metrics.json``.
+    model: zoo id, fseft model file, or a `SegmentationModel` (never changed: network methods
+    train a copy). data: a dataset folder (`open_dataset`). The task (support / query split) is
+    `FewShotTask.sample(dataset, structures, k, seed, cfg.n_query)`. The method's kind decides
+    the training: ``"features"`` methods on cached frozen features (`train_adapter`),
+    ``"network"`` methods on image patches through the network (`train_network`). Writes the
+    run folder `out` (see module docstring) and returns the metrics dict also written to
+    ``metrics.json``.
     """
-    from safetensors.torch import save_file
-
     from fseft.data.datasets import open_dataset
-    from fseft.data.structures import UnknownStructureError, canonical_names
     from fseft.data.tasks import FewShotTask
-    from fseft.engine.feature_cache import FeatureCache
-    from fseft.methods import count_trainable_parameters, get_method
-    from fseft.utils import atomic_path, seed_everything, write_json
+    from fseft.methods import get_method
+    from fseft.utils import seed_everything
 
     cfg = cfg or AdaptConfig()
     spec = get_method(cfg.method)
     spec.make_config(**cfg.method_options)  # option errors before any heavy work
-    names = canonical_names(structures)
-    if not names:
-        raise ConfigError("adapt: no structure given (--structures NAME[,NAME...])")
+    names = _structures(structures)
+    network = spec.kind == "network"
+    if network and cfg.transductive:
+        raise ConfigError(
+            f"the transductive size constraint (--ti) trains on cached query features; method "
+            f"{cfg.method!r} is trained through the network"
+        )
     out = Path(out)
-    base, base_ref = _load_base(model, cfg.device)
-    if spec.config_cls.needs_known_structures:
-        unknown = [s for s in names if s not in base.class_names]
-        if unknown:
-            raise UnknownStructureError(
-                f"method {cfg.method!r} evaluates the model's own head, which has no output for "
-                f"{', '.join(unknown)}; its classes are: {', '.join(base.class_names)}. "
-                "Train an adapter for new structures (--method lp or spatial-adapter)."
-            )
+    base, base_ref = _load_base(model, cfg.device, fresh=network, grad_checkpointing=network and cfg.grad_checkpointing)
+    _check_known_structures(spec, names, base.class_names)
     dataset = open_dataset(data)
     task = FewShotTask.sample(dataset, names, k, seed, cfg.n_query, cache_dir=cfg.cache_dir)
     seed_everything(seed)
+    run = _adapt_network if network else _adapt_features
+    return run(base, base_ref, dataset, task, names, cfg, out)
 
+
+def _metrics(cfg: AdaptConfig, names: Sequence[str], task: Any, trainable: int, result: TrainResult,
+             per_case: dict[str, Any]) -> dict[str, Any]:
+    """`metrics.json` (the same keys for every method)."""
+    return {
+        "method": cfg.method,
+        "structures": list(names),
+        "k": int(task.k),
+        "seed": int(task.seed),
+        "trainable_params": int(trainable),
+        "train_seconds": round(result.seconds, 3),
+        "queries": per_case,
+        "mean": _mean_metrics(per_case, names),
+    }
+
+
+def _training_record(result: TrainResult) -> dict[str, Any]:
+    return {"epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
+            "losses": [round(v, 6) for v in result.losses], "ti_losses": [round(v, 6) for v in result.ti_losses]}
+
+
+def _adapt_features(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task: Any, names: tuple[str, ...],
+                    cfg: AdaptConfig, out: Path) -> dict[str, Any]:
+    """`adapt` for a ``"features"`` method: the base stays frozen, the adapter trains on its
+    cached features."""
+    from safetensors.torch import save_file
+
+    from fseft.engine.feature_cache import FeatureCache
+    from fseft.methods import count_trainable_parameters, get_method
+    from fseft.utils import atomic_path, write_json
+
+    spec = get_method(cfg.method)
     preprocess_cfg = _stored_preprocess(base)
     cache = FeatureCache(base, preprocess_cfg, cfg.cache_dir, cfg.inference_config())
     adapter = build_method_adapter(cfg, base, names).to(cfg.device)
@@ -550,20 +781,13 @@ def adapt(
         ]
         if cfg.transductive:
             queries = [cache.load(case).features for case in task.query_cases(dataset)]
-    result = train_adapter(adapter, support, cfg, seed, queries) if trainable else TrainResult(0, [], [], 0.0, False)
+    result = train_adapter(adapter, support, cfg, task.seed, queries) if trainable else TrainResult(0, [], [], 0.0, False)
 
     predictions = out / "predictions" if cfg.save_predictions else None
-    per_case = evaluate_queries(adapter, cache, task.query_cases(dataset), names, cfg, predictions)
-    metrics = {
-        "method": cfg.method,
-        "structures": list(names),
-        "k": int(k),
-        "seed": int(seed),
-        "trainable_params": count_trainable_parameters(adapter) if spec.config_cls.trainable else 0,
-        "train_seconds": round(result.seconds, 3),
-        "queries": per_case,
-        "mean": _mean_metrics(per_case, names),
-    }
+    per_case = evaluate_queries(cached_probabilities(adapter, cache, cfg), task.query_cases(dataset), names, cfg,
+                                preprocess_cfg, predictions)
+    n_trainable = count_trainable_parameters(adapter) if spec.config_cls.trainable else 0
+    metrics = _metrics(cfg, names, task, n_trainable, result, per_case)
     adapter_config = {
         "format": "fseft-adapter-v1",
         "method": cfg.method,
@@ -576,9 +800,7 @@ def adapt(
         "preprocess": preprocess_cfg.to_dict(),
         "hyperparameters": cfg.to_dict(),
         "task": task.to_dict(),
-        "training": {"epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
-                     "losses": [round(v, 6) for v in result.losses],
-                     "ti_losses": [round(v, 6) for v in result.ti_losses]},
+        "training": _training_record(result),
     }
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in adapter.state_dict().items()}
     with atomic_path(out / ADAPTER_WEIGHTS, suffix=".safetensors") as tmp:
@@ -588,7 +810,101 @@ def adapt(
     return metrics
 
 
+def _adapt_network(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task: Any, names: tuple[str, ...],
+                   cfg: AdaptConfig, out: Path) -> dict[str, Any]:
+    """`adapt` for a ``"network"`` method: `apply_method` on the base, training on patches of
+    the preprocessed support volumes, evaluation by sliding-window inference. The run folder's
+    ``adapter_config.json`` / ``adapter_model.safetensors`` are `save_adapter`'s (peft's format
+    for ``lora``), the run's information in their record's ``extra``."""
+    from fseft.data.preprocessing import preprocess
+    from fseft.engine.feature_cache import model_fingerprint
+    from fseft.methods.adapter_io import save_adapter
+    from fseft.methods.arena import effective_ranks
+    from fseft.methods.peft_methods import apply_method, count_trainable
+    from fseft.utils import write_json
+
+    multiclass = cfg.objective == "multiclass"
+    preprocess_cfg = _stored_preprocess(base)
+    base_info = {**base_ref, "fingerprint": model_fingerprint(base), "class_names": list(base.class_names)}
+    model = apply_method(base, cfg.method, names, multiclass=multiclass, **cfg.method_options)
+    support = []
+    if cfg.epochs > 0:
+        for case in task.support_cases(dataset):
+            image, labels = case.load(names)
+            pre = preprocess(image, labels, preprocess_cfg)
+            support.append({"image": pre.image, "label": pre.label})
+    result = train_network(model, support, cfg, task.seed)
+
+    adapted = AdaptedNetwork(model, names, multiclass, preprocess_cfg).eval()
+    predictions = out / "predictions" if cfg.save_predictions else None
+    per_case = evaluate_queries(network_probabilities(adapted, cfg), task.query_cases(dataset), names, cfg,
+                                preprocess_cfg, predictions)
+    metrics = _metrics(cfg, names, task, count_trainable(model), result, per_case)
+    ranks = effective_ranks(model)
+    if ranks:
+        metrics["effective_ranks"] = ranks
+    save_adapter(model, out, extra={
+        "base_model": base_info,
+        "objective": cfg.objective,
+        "preprocess": preprocess_cfg.to_dict(),
+        "hyperparameters": cfg.to_dict(),
+        "task": task.to_dict(),
+        "training": _training_record(result),
+    })
+    write_json(out / METRICS_FILE, metrics)
+    return metrics
+
+
+def count_parameters(
+    model: str | os.PathLike | nn.Module, structures: Sequence[str] | str, cfg: AdaptConfig | None = None
+) -> dict[str, Any]:
+    """Trainable parameters of `cfg.method` on `model` for `structures`, without reading
+    weights or data and without training (`fseft adapt --dry-run`).
+
+    Returns ``{"method", "kind", "arch", "structures", "trainable", ...}`` with, for network
+    methods, `parameter_breakdown`'s ``head``, ``encoder_method``, ``decoder``,
+    ``total_model``; for feature methods ``head``, ``adapter`` (the trunk) and ``total_model``
+    (the base network without its head, plus the adapter).
+    """
+    from fseft.methods import build_adapter, count_trainable_parameters, get_method
+    from fseft.methods.peft_methods import count_method_parameters, empty_weights
+    from fseft.models.zoo import create_model
+
+    cfg = cfg or AdaptConfig()
+    spec = get_method(cfg.method)
+    mcfg = spec.make_config(**cfg.method_options)
+    names = _structures(structures)
+    arch, arch_kwargs, class_names = describe_base(model)
+    _check_known_structures(spec, names, class_names)
+    multiclass = cfg.objective == "multiclass"
+    if spec.kind == "network":
+        counts = count_method_parameters(arch, cfg.method, names, class_names, multiclass=multiclass,
+                                         arch_kwargs=arch_kwargs, **cfg.method_options)
+    else:
+        if isinstance(model, nn.Module):
+            base = model
+        else:
+            with empty_weights():
+                base = create_model(arch, class_names, **arch_kwargs)
+        adapter = build_adapter(mcfg, base.feature_channels, len(names) + int(multiclass))
+        trainable = count_trainable_parameters(adapter) if mcfg.trainable else 0
+        head = count_trainable_parameters(adapter.head) if mcfg.trainable else 0
+        network = sum(p.numel() for p in base.parameters()) - sum(p.numel() for p in base.head.parameters())
+        counts = {"trainable": trainable, "head": head, "adapter": trainable - head,
+                  "total_model": network + sum(p.numel() for p in adapter.parameters())}
+    return {"method": cfg.method, "kind": spec.kind, "arch": arch, "structures": list(names), **counts}
+
+
 # ---------------------------------------------------------------------------- loading
+
+
+def _structure_logits(logits: torch.Tensor, multiclass: bool) -> torch.Tensor:
+    """Per-structure logits whose sigmoid is the structure's probability: the logits
+    themselves (sigmoid objective), or ``logit(softmax)`` without the background (multiclass)."""
+    if not multiclass:
+        return logits
+    probs = torch.softmax(logits.float(), dim=1)[:, 1:].clamp(1e-7, 1 - 1e-7)
+    return torch.logit(probs)
 
 
 class AdaptedModel(nn.Module):
@@ -622,11 +938,7 @@ class AdaptedModel(nn.Module):
         return self.adapter.trunk(self.base.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.features(x))
-        if not self.multiclass:
-            return logits
-        probs = torch.softmax(logits.float(), dim=1)[:, 1:].clamp(1e-7, 1 - 1e-7)
-        return torch.logit(probs)
+        return _structure_logits(self.head(self.features(x)), self.multiclass)
 
     @torch.no_grad()
     def predict_volume(self, image: torch.Tensor, cfg: Any = None, slab: int = 32) -> torch.Tensor:
@@ -641,43 +953,126 @@ class AdaptedModel(nn.Module):
         return predict_cached(self.adapter, features, self.multiclass, slab, cfg.device, cfg.bf16)[None]
 
 
-def load_adapted_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> AdaptedModel:
-    """Rebuild base model + trained adapter from an `fseft adapt` run folder, in eval mode.
+class AdaptedNetwork(nn.Module):
+    """A network method's adapted model (trained, or `adapter_io.load_adapted`, or merged) for
+    inference: `class_names` (the run's structures), `preprocess`, and ``forward(x)`` =
+    per-structure logits ``(B, S, D, H, W)`` (multiclass: ``logit(softmax)``, as `AdaptedModel`).
+    `adapt` evaluates the queries with this very module, so `fseft predict --adapter`
+    reproduces the evaluated predictions."""
 
-    The base model is loaded from the recorded zoo id or file and checked against the recorded
-    weights fingerprint (`InputFileError` if the file changed since the run).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    arch = "adapted"
 
-    from fseft.data.preprocessing import PreprocessConfig
+    def __init__(self, network: nn.Module, structures: Sequence[str], multiclass: bool, preprocess: Any = None) -> None:
+        super().__init__()
+        self.network = network
+        self.class_names = tuple(structures)
+        self.multiclass = bool(multiclass)
+        self.preprocess = preprocess
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _structure_logits(self.network(x), self.multiclass)
+
+
+def _run_method(run_dir: Path) -> tuple[str, str]:
+    """``(method, kind)`` of a run folder, from its ``adapter_model.safetensors`` metadata
+    (``fseft``: `adapter_io`'s record of a network method; ``fseft_adapter``: a feature adapter)."""
+    from safetensors import SafetensorError, safe_open
+
+    from fseft.methods import get_method
+
+    path = run_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise InputFileError(f"{path}: not found; is {run_dir} an `fseft adapt` run folder?")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise InputFileError(f"{path}: not a readable safetensors file ({exc})") from exc
+    try:
+        method = json.loads(metadata["fseft"] if "fseft" in metadata else metadata["fseft_adapter"])["method"]
+        return method, get_method(method).kind
+    except (KeyError, json.JSONDecodeError, TypeError, ConfigError) as exc:
+        raise InputFileError(f"{path}: no fseft adapter record in its metadata ({exc}); "
+                             f"is {run_dir} an `fseft adapt` run folder?") from exc
+
+
+def _load_recorded_base(base_info: dict[str, Any], record_path: Path, run_dir: Path, device: str | torch.device) -> nn.Module:
+    """The base model a run recorded (zoo id or model file), checked against its weights
+    fingerprint, in eval mode."""
     from fseft.engine.feature_cache import model_fingerprint
     from fseft.models.zoo import load_model
 
-    run_dir = Path(run_dir)
-    cfg_path, weights_path = run_dir / ADAPTER_CONFIG, run_dir / ADAPTER_WEIGHTS
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise InputFileError(f"{p}: not found; is {run_dir} an `fseft adapt` run folder?")
     try:
-        config = json.loads(cfg_path.read_text())
-        base_info = config["base_model"]
-        structures = config["structures"]
-        model_id, model_path = base_info["id"], base_info["path"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputFileError(f"{cfg_path}: not a valid adapter config ({exc})") from exc
+        model_id, model_path, fingerprint = base_info["id"], base_info["path"], base_info["fingerprint"]
+    except (KeyError, TypeError) as exc:
+        raise InputFileError(f"{record_path}: incomplete base model record ({exc})") from exc
     if model_id is None and model_path is None:
         raise InputFileError(
-            f"{cfg_path}: the adapter was trained on an in-memory model (no zoo id or model file "
+            f"{record_path}: the adapter was trained on an in-memory model (no zoo id or model file "
             "recorded); save the base model with save_model_file and adapt from that file"
         )
     ref = model_id or model_path
     base = load_model(model_id, weights=model_path, device=str(device)) if model_id else load_model(model_path, device=str(device))
-    if model_fingerprint(base) != base_info["fingerprint"]:
-        raise InputFileError(
-            f"{ref}: its weights differ from those the adapter in {run_dir} was trained on"
-        )
-    base.eval().requires_grad_(False)
+    if model_fingerprint(base) != fingerprint:
+        raise InputFileError(f"{ref}: its weights differ from those the adapter in {run_dir} was trained on")
+    return base.eval().requires_grad_(False)
+
+
+def load_adapted_model(
+    run_dir: str | os.PathLike, device: str | torch.device = "cpu", merge: bool = False
+) -> AdaptedModel | AdaptedNetwork:
+    """Rebuild base model + trained adaptation from an `fseft adapt` run folder, in eval mode.
+
+    The base model is loaded from the recorded zoo id or file and checked against the recorded
+    weights fingerprint (`InputFileError` if the file changed since the run). Feature-adapter
+    runs give an `AdaptedModel`; network runs an `AdaptedNetwork` around
+    `fseft.methods.adapter_io.load_adapted`, with `merge` folding LoRA / ARENA updates into the
+    base weights (`adapter_io.merge`; a `ConfigError` for feature-adapter runs).
+    """
+    run_dir = Path(run_dir)
+    method, kind = _run_method(run_dir)
+    if kind == "network":
+        return _load_network_run(run_dir, device, merge)
+    if merge:
+        raise ConfigError(f"{run_dir}: merging folds LoRA / ARENA updates into the base weights; this run "
+                          f"trained a feature adapter ({method}), which has nothing to merge")
+    return _load_features_run(run_dir, device)
+
+
+def _load_network_run(run_dir: Path, device: str | torch.device, merge: bool) -> AdaptedNetwork:
+    from fseft.data.preprocessing import PreprocessConfig
+    from fseft.methods import adapter_io
+
+    record = adapter_io.read_adapter_record(run_dir)
+    extra = record.get("extra") or {}
+    weights_path = run_dir / ADAPTER_WEIGHTS
+    if "base_model" not in extra or "preprocess" not in extra:
+        raise InputFileError(f"{weights_path}: no base model recorded (not written by `fseft adapt`); "
+                             "load it onto its base with fseft.methods.adapter_io.load_adapted")
+    base = _load_recorded_base(extra["base_model"], weights_path, run_dir, device)
+    model = adapter_io.load_adapted(base, run_dir)
+    if merge:
+        model = adapter_io.merge(model)
+    preprocess = PreprocessConfig.from_dict(extra["preprocess"])
+    return AdaptedNetwork(model, record["structures"], record["multiclass"], preprocess).to(device).eval()
+
+
+def _load_features_run(run_dir: Path, device: str | torch.device) -> AdaptedModel:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from fseft.data.preprocessing import PreprocessConfig
+
+    cfg_path, weights_path = run_dir / ADAPTER_CONFIG, run_dir / ADAPTER_WEIGHTS
+    if not cfg_path.is_file():
+        raise InputFileError(f"{cfg_path}: not found; is {run_dir} an `fseft adapt` run folder?")
+    try:
+        config = json.loads(cfg_path.read_text())
+        base_info = config["base_model"]
+        structures = config["structures"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InputFileError(f"{cfg_path}: not a valid adapter config ({exc})") from exc
+    base = _load_recorded_base(base_info, cfg_path, run_dir, device)
     run_cfg = AdaptConfig(
         method=config["method"], method_options={k: v for k, v in config["method_options"].items()},
         objective=config["objective"],

@@ -309,6 +309,7 @@ def predict_path(
     preprocess_cfg: PreprocessConfig | None = None,
     per_structure_files: bool = False,
     adapter: str | os.PathLike | None = None,
+    merge: bool = False,
 ) -> PredictResult:
     """`fseft predict`: segment every scan found at `input_path` (see `find_scans`).
 
@@ -319,8 +320,9 @@ def predict_path(
         ``<case>.json`` beside it) or, with `per_structure_files`, ``<case>/<structure>.nii.gz``
         binary masks; for a single scan it may also be a ``.nii.gz`` file name. Every output is
         in its scan's native geometry (same shape and affine).
-    adapter: an `fseft adapt` run folder; replaces `model` with its base model + adapter
-        (`fseft.engine.adapt.load_adapted_model`) and its recorded preprocessing.
+    adapter: an `fseft adapt` run folder (any method); replaces `model` with its base model +
+        adaptation (`fseft.engine.adapt.load_adapted_model`) and its recorded preprocessing.
+    merge: with `adapter`, fold LoRA / ARENA updates into the base weights first.
     """
     from tqdm.auto import tqdm
 
@@ -334,10 +336,12 @@ def predict_path(
             f"{output}: a single NIfTI output needs a single scan and no per-structure files; "
             f"{input_path} holds {len(scans)} scans: give an output folder"
         )
+    if merge and adapter is None:
+        raise ConfigError("merge folds an adapter into its base model: give an adapter run folder (--adapter RUN)")
     if adapter is not None:
         from fseft.engine.adapt import load_adapted_model
 
-        model = load_adapted_model(adapter, cfg.device)
+        model = load_adapted_model(adapter, cfg.device, merge=merge)
         preprocess_cfg = preprocess_cfg or model.preprocess
     elif isinstance(model, str):
         model, stored_cfg = _load_for_inference(model, weights, cfg.device)

@@ -168,9 +168,11 @@ def _load_builtin_methods() -> None:
 
 
 def available_methods(kind: str | None = None) -> tuple[str, ...]:
-    """Names of the registered methods (of one `kind`, or all), in registration order."""
+    """Names of the registered methods (of one `kind`, or all): the ``"features"`` methods,
+    then the ``"network"`` ones, each in registration order."""
     _load_builtin_methods()
-    return tuple(name for name, spec in _REGISTRY.items() if kind is None or spec.kind == kind)
+    kinds = METHOD_KINDS if kind is None else (kind,)
+    return tuple(name for k in kinds for name, spec in _REGISTRY.items() if spec.kind == k)
 
 
 def get_method(name: str, kind: str | None = None) -> MethodSpec:
@@ -182,7 +184,7 @@ def get_method(name: str, kind: str | None = None) -> MethodSpec:
     _load_builtin_methods()
     spec = _REGISTRY.get(name)
     if spec is None:
-        raise ConfigError(f"unknown adaptation method {name!r}; choose one of: {', '.join(_REGISTRY)}")
+        raise ConfigError(f"unknown adaptation method {name!r}; choose one of: {', '.join(available_methods())}")
     if kind is not None and spec.kind != kind:
         what = {"features": "trained on cached features", "network": "trained through the network"}
         raise ConfigError(

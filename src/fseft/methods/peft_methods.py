@@ -309,7 +309,7 @@ def default_lr(method: str) -> float:
 
 
 @contextlib.contextmanager
-def _empty_weights() -> Iterator[None]:
+def empty_weights() -> Iterator[None]:
     """Build modules with parameters on the meta device (no memory, no initialisation).
     `accelerate` (a dependency of peft) does it by patching `register_parameter`; MONAI's
     SwinUNETR cannot be built under ``torch.device("meta")`` (it calls ``.item()``)."""
@@ -340,7 +340,7 @@ def count_method_parameters(
     from fseft.models.zoo import create_model
 
     class_names = tuple(class_names) if class_names is not None else tuple(structures)
-    with _empty_weights():
+    with empty_weights():
         base = create_model(arch, class_names, **(arch_kwargs or {}))
         model = apply_method(base, method, structures, multiclass=multiclass, **options)
     return parameter_breakdown(model)
@@ -471,6 +471,7 @@ __all__ = [
     "apply_method",
     "count_method_parameters",
     "count_trainable",
+    "empty_weights",
     "default_lr",
     "method_train_mode",
     "model_parts",
