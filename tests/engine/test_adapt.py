@@ -223,3 +223,172 @@ def test_cli_adapt_on_phantom_cases_writes_the_run_folder(tmp_path, capsys):
     assert written.shape == source.shape
     assert np.allclose(written.affine, source.affine, atol=1e-4)
     assert json.loads(out.with_name("predicted.json").read_text()) == {"1": "liver", "2": "gallbladder"}
+
+
+# ---------------------------------------------------------------------------- network methods
+
+METRICS_KEYS = {"method", "structures", "k", "seed", "trainable_params", "train_seconds", "queries", "mean"}
+
+
+@pytest.fixture(scope="module")
+def swin12_file(tmp_path_factory):
+    from fseft.models.checkpoint import save_model_file
+    from fseft.models.zoo import create_model
+
+    torch.manual_seed(0)
+    model = create_model("swin_unetr", ["liver", "spleen"], feature_size=12)
+    return save_model_file(model, tmp_path_factory.mktemp("swin") / "swin12.safetensors",
+                           preprocess={"spacing": [6.0, 6.0, 6.0]})
+
+
+def _dry_run_trainable(capsys, model_file, *args):
+    assert main(["adapt", "--model", str(model_file), "--structures", "liver,gallbladder", *args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    line = next(row for row in out.splitlines() if row.split()[:1] == ["trainable"])
+    return int(line.split()[1].replace(",", "")), out
+
+
+def test_dry_run_counts_every_kind_without_data(swin12_file, capsys):
+    from fseft.methods import build_adapter, count_trainable_parameters
+    from fseft.methods.peft_methods import count_method_parameters
+
+    names, classes = ["liver", "gallbladder"], ["liver", "spleen"]
+    arch_kwargs = {"feature_size": 12}
+    cases = [
+        (["--method", "lora", "--decoder", "fine-tuned", "--rank", "8"], "lora", {"decoder": "fine-tuned", "rank": 8}),
+        (["--method", "arena", "--rank", "4"], "arena", {"rank": 4}),
+        (["--method", "bitfit", "--decoder", "new", "--include-skip-blocks"], "bitfit",
+         {"decoder": "new", "include_skip_blocks": True}),
+        (["--method", "ft"], "ft", {}),
+    ]
+    for args, method, options in cases:
+        trainable, out = _dry_run_trainable(capsys, swin12_file, *args)
+        expected = count_method_parameters("swin_unetr", method, names, classes, arch_kwargs=arch_kwargs, **options)
+        assert trainable == expected["trainable"] > 0, method
+        assert f"{method} (network" in out and f"{expected['decoder']:,}" in out
+    trainable, _ = _dry_run_trainable(capsys, swin12_file, "--method", "spatial-adapter", "--kernel-size", "1")
+    assert trainable == count_trainable_parameters(build_adapter("spatial-adapter", 12, 2, kernel_size=1)) == 2 * 144 + 26
+    assert _dry_run_trainable(capsys, swin12_file, "--method", "lp")[0] == 2 * 13
+
+
+def test_unknown_method_and_misplaced_options_are_clear_errors(swin12_file, data_root, tmp_path, capsys):
+    from fseft.methods import available_methods
+
+    base = ["adapt", "--model", str(swin12_file), "--structures", "liver"]
+    assert main([*base, "--method", "lorra", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown adaptation method 'lorra'" in err
+    assert all(name in err for name in available_methods()) and len(available_methods()) == 11
+    assert main([*base, "--method", "lp", "--rank", "4", "--dry-run"]) == 2
+    assert "method 'lp' has no option(s) rank" in capsys.readouterr().err
+    assert main([*base, "--method", "lora"]) == 2
+    assert "--data, --k, --out required" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--ti.*'lora' is trained through the network"):
+        adapt(tiny_model(), data_root, "liver", 1, 0, tmp_path / "run", _cfg(tmp_path, method="lora", transductive=True))
+    assert not (tmp_path / "run").exists()
+
+
+def test_network_method_trains_a_copy_of_an_in_memory_model(data_root, tmp_path):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = _cfg(tmp_path, method="ft-last", epochs=1, lr=1e-2, n_query=1)
+    metrics = adapt(model, data_root, "liver,gallbladder", 2, 0, tmp_path / "run", cfg)
+    assert set(metrics) == METRICS_KEYS and list(metrics["queries"]) and metrics["train_seconds"] > 0
+    assert metrics["trainable_params"] == sum(p.numel() for p in model.up_tr64.parameters()) + 2 * (4 + 1)
+    assert model.class_names == ("liver", "spleen") and getattr(model, "fseft_method", None) is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a copy was trained
+    assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["method"] == "ft-last"
+
+
+@pytest.mark.slow
+def test_network_method_run_reloads_and_predict_reproduces_the_evaluation(data_root, tmp_path):
+    import nibabel as nib
+
+    from fseft.engine.adapt import AdaptedNetwork, count_parameters
+    from fseft.engine.inference import InferenceConfig, predict_path
+    from fseft.methods.adapter_io import read_adapter_record
+    from fseft.models.checkpoint import save_model_file
+
+    model = tiny_model()
+    model_file = save_model_file(model, tmp_path / "base.safetensors", preprocess=model.preprocess)
+    cfg = _cfg(tmp_path, method="lora", method_options={"decoder": "fine-tuned", "rank": 2}, epochs=2, lr=1e-2,
+               save_predictions=True)
+    metrics = adapt(str(model_file), data_root, "liver,gallbladder", 2, 0, tmp_path / "run", cfg)
+    assert set(metrics) == METRICS_KEYS and len(metrics["queries"]) == 2
+    assert metrics["trainable_params"] == count_parameters(str(model_file), "liver,gallbladder", cfg)["trainable"]
+    record = read_adapter_record(tmp_path / "run")
+    assert record["method"] == "lora" and record["options"]["decoder"] == "fine-tuned"
+    assert record["extra"]["base_model"]["file_sha256"] and record["extra"]["training"]["epochs_run"] == 2
+    assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+    adapted = load_adapted_model(tmp_path / "run")
+    assert isinstance(adapted, AdaptedNetwork) and adapted.class_names == ("liver", "gallbladder")
+    inf = InferenceConfig(roi_size=(16, 16, 16), progress=False)
+    for case_id in metrics["queries"]:
+        scan = data_root / "imagesTr" / f"{case_id}_0000.nii.gz"
+        out = tmp_path / "pred" / f"{case_id}.nii.gz"
+        predict_path(scan, out, None, cfg=inf, adapter=tmp_path / "run")
+        evaluated = nib.load(tmp_path / "run" / "predictions" / f"{case_id}.nii.gz").get_fdata()
+        assert np.array_equal(nib.load(out).get_fdata(), evaluated)
+
+
+@pytest.mark.slow
+def test_merge_folds_lora_and_refuses_feature_runs(data_root, tmp_path):
+    from fseft.data.preprocessing import PreprocessConfig, preprocess
+    from fseft.engine.inference import InferenceConfig, predict_probabilities
+    from fseft.models.checkpoint import save_model_file
+
+    model = tiny_model()
+    model_file = save_model_file(model, tmp_path / "base.safetensors", preprocess=model.preprocess)
+    cfg = _cfg(tmp_path, method="lora", method_options={"rank": 2}, epochs=2, lr=5e-2, patience=0)
+    adapt(str(model_file), data_root, "gallbladder", 1, 0, tmp_path / "run", cfg)
+    adapted, merged = load_adapted_model(tmp_path / "run"), load_adapted_model(tmp_path / "run", merge=True)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert any("lora" in name for name, _ in adapted.named_parameters())
+    image, _ = open_dataset(data_root).cases[0].load(["gallbladder"])
+    x = preprocess(image, None, PreprocessConfig.from_dict(model.preprocess)).image[None]
+    inf = InferenceConfig(roi_size=(16, 16, 16), progress=False)
+    assert torch.allclose(predict_probabilities(adapted, x, inf), predict_probabilities(merged, x, inf), atol=1e-5)
+
+    adapt(str(model_file), data_root, "liver", 1, 0, tmp_path / "lp", _cfg(tmp_path, epochs=1))
+    with pytest.raises(ConfigError, match="feature adapter \\(lp\\), which has nothing to merge"):
+        load_adapted_model(tmp_path / "lp", merge=True)
+
+
+@pytest.mark.slow
+def test_cli_adapt_lora_on_phantom_cases_then_predict_and_merge(swin12_file, tmp_path, capsys):
+    import nibabel as nib
+    from safetensors import safe_open
+
+    from fseft.data.phantom import write_phantom_dataset
+    from fseft.methods.peft_methods import count_method_parameters
+
+    root = write_phantom_dataset(tmp_path / "phantom", 3, domain="target", structures="liver,gallbladder",
+                                 progress=False)
+    run = tmp_path / "run"
+    assert main(["adapt", "--model", str(swin12_file), "--data", str(root), "--structures", "liver,gallbladder",
+                 "--k", "1", "--method", "lora", "--decoder", "fine-tuned", "--out", str(run), "--epochs", "2",
+                 "--patch-size", "64", "32", "32", "--roi-size", "64", "32", "32", "--patches-per-volume", "2",
+                 "--no-progress"]) == 0
+    assert "2 query case(s)" in capsys.readouterr().out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == METRICS_KEYS and len(metrics["queries"]) == 2
+    expected = count_method_parameters("swin_unetr", "lora", ["liver", "gallbladder"], ["liver", "spleen"],
+                                       arch_kwargs={"feature_size": 12}, decoder="fine-tuned")
+    assert metrics["trainable_params"] == expected["trainable"]
+    # peft's files, not fseft's black-box adapter config
+    assert json.loads((run / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    with safe_open(str(run / "adapter_model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert any(".swinViT." in k and "lora_A" in k for k in keys)
+    assert any(".decoder1." in k for k in keys) and any(".head." in k for k in keys)  # the trained copies
+    assert not any(".swinViT." in k and "lora" not in k for k in keys)  # the frozen encoder stays out
+
+    scan = sorted((root / "imagesTr").glob("*_0000.nii.gz"))[0]
+    common = ["-i", str(scan), "--adapter", str(run), "--roi-size", "64", "32", "32", "--no-progress"]
+    assert main(["predict", "-o", str(tmp_path / "plain.nii.gz"), *common]) == 0
+    assert main(["predict", "-o", str(tmp_path / "merged.nii.gz"), "--merge", *common]) == 0
+    plain, merged, source = (nib.load(tmp_path / "plain.nii.gz"), nib.load(tmp_path / "merged.nii.gz"), nib.load(scan))
+    assert plain.shape == source.shape and np.allclose(plain.affine, source.affine, atol=1e-4)
+    assert np.array_equal(plain.get_fdata(), merged.get_fdata())
+    assert json.loads((tmp_path / "plain.json").read_text()) == {"1": "liver", "2": "gallbladder"}
