@@ -194,6 +194,7 @@ class AssemblyConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: PretrainConfig = field(default_factory=PretrainConfig)
     source: str = "<assembly>"
+    save_dtype: str = "float32"  # storage dtype of the final model file (float16 halves it)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict, the shape of the YAML (paths absolute)."""
@@ -212,14 +213,16 @@ class AssemblyConfig:
             "datasets": [
                 {k: plain(v) for k, v in dataclasses.asdict(d).items() if v is not None} for d in self.datasets
             ],
-            "model": {"arch": self.arch, "arch_kwargs": plain(self.arch_kwargs), "classes": list(self.classes)},
+            "model": {"arch": self.arch, "arch_kwargs": plain(self.arch_kwargs), "classes": list(self.classes),
+                      "save_dtype": self.save_dtype},
             "preprocess": self.preprocess.to_dict(),
             "train": plain(dataclasses.asdict(self.train)),
         }
 
 
 _TOP_KEYS = ("datasets", "model", "preprocess", "train")
-_MODEL_KEYS = ("arch", "arch_kwargs", "classes")
+_MODEL_KEYS = ("arch", "arch_kwargs", "classes", "save_dtype")
+_SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def assembly_from_dict(data: Mapping[str, Any], source: str = "<assembly>", base_dir: str | os.PathLike | None = None,
@@ -258,6 +261,9 @@ def assembly_from_dict(data: Mapping[str, Any], source: str = "<assembly>", base
     if not isinstance(arch_kwargs, Mapping):
         raise ConfigError(f"{source}: model.arch_kwargs must be a mapping")
     classes = model.get("classes") or ()
+    save_dtype = str(model.get("save_dtype", "float32"))
+    if save_dtype not in _SAVE_DTYPES:
+        raise ConfigError(f"{source}: model.save_dtype must be one of {', '.join(_SAVE_DTYPES)}, got {save_dtype!r}")
     preprocess_raw = _check_keys(top.get("preprocess"), _field_names(PreprocessConfig), "preprocess", source)
     train_raw = _check_keys(top.get("train"), _field_names(PretrainConfig), "train", source)
     for key, value in (overrides or {}).items():
@@ -271,7 +277,7 @@ def assembly_from_dict(data: Mapping[str, Any], source: str = "<assembly>", base
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
     return AssemblyConfig(datasets=datasets, arch=str(model.get("arch", "swin_unetr")), arch_kwargs=dict(arch_kwargs),
-                          classes=classes, preprocess=preprocess, train=train, source=source)
+                          classes=classes, preprocess=preprocess, train=train, source=source, save_dtype=save_dtype)
 
 
 def load_assembly(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> AssemblyConfig:
@@ -734,4 +740,4 @@ def _save_final_model(model: torch.nn.Module, path: Path, assembly: AssemblyConf
     extra = {"pretrain": {"epochs": epochs,
                           "datasets": [{"name": s.entry.name, "structures": list(s.structures),
                                         "cases": len(s.dataset.cases)} for s in sources]}}
-    save_model_file(model, path, assembly.preprocess, extra)
+    save_model_file(model, path, assembly.preprocess, extra, dtype=getattr(torch, assembly.save_dtype))

@@ -307,6 +307,7 @@ def save_model_file(
     path: str | os.PathLike,
     preprocess: Any = None,
     extra: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``model`` as an fseft model file (``.safetensors`` + JSON config), atomically.
 
@@ -316,6 +317,8 @@ def save_model_file(
         path: destination; should end in ``.safetensors``.
         preprocess: `PreprocessConfig` (anything with ``to_dict()``) or a plain dict, or None.
         extra: JSON-serialisable information kept in the config (training run, metrics...).
+        dtype: storage dtype of the floating-point tensors (e.g. ``torch.float16`` halves the
+            file of a shipped model); loading casts them back to the model's parameter dtype.
     Returns:
         ``path``.
     """
@@ -335,6 +338,8 @@ def save_model_file(
     }
     # clone(): safetensors refuses tensors that share storage; contiguous copies never do.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(config)})
     return path
