@@ -136,8 +136,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (default: 0.25)")
-    p.add_argument("--roi-size", type=int, nargs=3, default=(96, 96, 96), metavar=("X", "Y", "Z"),
-                   help="sliding-window size in model-space voxels (default: 96 96 96)")
+    p.add_argument("--roi-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="sliding-window size in model-space voxels (default: the window the model was trained on, else 96 96 96)")
     p.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
     p.add_argument("--threshold", type=float, default=0.5, help="sigmoid probability threshold (default: 0.5)")
     p.add_argument("--no-lcc", action="store_true", help="keep every connected component (default: the largest only)")
@@ -150,7 +150,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from fseft.engine.inference import InferenceConfig, predict_path
 
     cfg = InferenceConfig(
-        roi_size=tuple(args.roi_size), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+        roi_size=args.roi_size and tuple(args.roi_size), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
         bf16=args.bf16, threshold=args.threshold, largest_component=not args.no_lcc,
         device=args.device, progress=not args.no_progress,
     )
@@ -292,8 +292,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
                    help="training patch size in model-space voxels (default: 96 96 96)")
     p.add_argument("--patches-per-volume", type=int, default=6, help="patches per support volume per iteration (default: 6)")
     p.add_argument("--n-query", type=int, help="number of query cases (default: all other eligible cases)")
-    p.add_argument("--roi-size", type=int, nargs=3, default=(96, 96, 96), metavar=("X", "Y", "Z"),
-                   help="sliding window of the feature computation and of inference (default: 96 96 96)")
+    p.add_argument("--roi-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="sliding window of the feature computation and of inference (default: the window the model was trained on, else 96 96 96)")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: 0.25)")
     p.add_argument("--save-predictions", action="store_true", help="write query predictions to RUN/predictions/")
     p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: $FSEFT_CACHE_DIR or ~/.cache/fseft)")
@@ -320,7 +320,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, patch_size=tuple(args.patch_size),
         patches_per_volume=args.patches_per_volume, transductive=args.ti,
         ti=TransductiveConfig(gamma=args.ti_gamma, weight=args.ti_weight), n_query=args.n_query,
-        roi_size=tuple(args.roi_size), overlap=args.overlap, cache_dir=args.cache_dir,
+        roi_size=args.roi_size and tuple(args.roi_size), overlap=args.overlap, cache_dir=args.cache_dir,
         device=args.device, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing,
         save_predictions=args.save_predictions, progress=not args.no_progress,
     )

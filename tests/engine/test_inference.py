@@ -265,3 +265,20 @@ def test_predict_dicom_series_gives_the_dicom_geometry(model_file, totalseg_exam
     assert seg.shape == reference.shape == (512, 512, 20)
     assert nib.aff2axcodes(seg.affine) == ("L", "A", "S")
     np.testing.assert_allclose(seg.affine, reference.affine, atol=1e-3)
+
+
+def test_window_defaults_to_the_one_the_model_file_records():
+    from fseft.engine.inference import DEFAULT_ROI_SIZE, InferenceConfig, recommended_roi_size
+
+    class Recorded(torch.nn.Module):
+        model_config = {"extra": {"inference": {"roi_size": [64, 32, 32]}}}
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = Recorded()
+
+    assert recommended_roi_size(Wrapper()) == (64, 32, 32)
+    assert InferenceConfig().for_model(Wrapper()).roi_size == (64, 32, 32)
+    assert InferenceConfig().for_model(torch.nn.Identity()).roi_size == DEFAULT_ROI_SIZE
+    assert InferenceConfig(roi_size=(32, 32, 32)).for_model(Wrapper()).roi_size == (32, 32, 32)

@@ -99,7 +99,7 @@ class AdaptConfig:
     transductive: bool = False
     ti: TransductiveConfig = field(default_factory=TransductiveConfig)
     n_query: int | None = None
-    roi_size: tuple[int, int, int] = (96, 96, 96)
+    roi_size: tuple[int, int, int] | None = None  # None: the model's recommended window
     overlap: float = 0.25
     sw_batch_size: int = 1
     threshold: float = 0.5
@@ -114,7 +114,7 @@ class AdaptConfig:
 
     def __post_init__(self) -> None:
         self.patch_size = _triple(self.patch_size, "patch_size")
-        self.roi_size = _triple(self.roi_size, "roi_size")
+        self.roi_size = None if self.roi_size is None else _triple(self.roi_size, "roi_size")
         if isinstance(self.ti, dict):
             self.ti = TransductiveConfig(**self.ti)
         if self.objective not in OBJECTIVES:
@@ -132,7 +132,8 @@ class AdaptConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["patch_size"], out["roi_size"] = list(self.patch_size), list(self.roi_size)
+        out["patch_size"] = list(self.patch_size)
+        out["roi_size"] = None if self.roi_size is None else list(self.roi_size)
         return out
 
     def inference_config(self) -> Any:

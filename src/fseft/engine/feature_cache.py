@@ -163,7 +163,7 @@ class FeatureCache:
         self.model = model
         self.preprocess_config = preprocess
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
-        self.inference = inference or InferenceConfig()
+        self.inference = (inference or InferenceConfig()).for_model(model)
         self.model_key = model_fingerprint(model)
         self.model_dir = self.root / CACHE_FORMAT / self.model_key[:24]
         self.hits = 0

@@ -8,6 +8,7 @@ post-processing; `predict_path` is `fseft predict`: files, DICOM folders or fold
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,11 +30,16 @@ if TYPE_CHECKING:
 BLEND_MODES = ("gaussian", "constant")
 
 
+DEFAULT_ROI_SIZE: tuple[int, int, int] = (96, 96, 96)  # the FSEFT protocol's window
+
+
 @dataclass
 class InferenceConfig:
     """How a model is run over a volume and its output turned into masks.
 
-    roi_size: sliding-window size in model-space voxels (divisible by 32 for Swin-UNETR / U-Net).
+    roi_size: sliding-window size in model-space voxels (divisible by 32 for Swin-UNETR / U-Net);
+        None = the window the model file recommends (the patch size it was trained on, see
+        `recommended_roi_size`), else `DEFAULT_ROI_SIZE`.
     overlap: fraction of overlap between neighbouring windows, in [0, 1).
     sw_batch_size: windows per forward pass.
     blend: "gaussian" (centre-weighted, fewer seams) or "constant" (plain average).
@@ -44,7 +50,7 @@ class InferenceConfig:
     progress: tqdm progress bars.
     """
 
-    roi_size: tuple[int, int, int] = (96, 96, 96)
+    roi_size: tuple[int, int, int] | None = None
     overlap: float = 0.25
     sw_batch_size: int = 1
     blend: str = "gaussian"
@@ -55,10 +61,11 @@ class InferenceConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        roi = tuple(int(v) for v in (self.roi_size if isinstance(self.roi_size, Sequence) else [self.roi_size] * 3))
-        if len(roi) != 3 or min(roi) < 1:
-            raise ConfigError(f"roi_size must be three positive integers, got {self.roi_size!r}")
-        self.roi_size = roi
+        if self.roi_size is not None:
+            roi = tuple(int(v) for v in (self.roi_size if isinstance(self.roi_size, Sequence) else [self.roi_size] * 3))
+            if len(roi) != 3 or min(roi) < 1:
+                raise ConfigError(f"roi_size must be three positive integers, got {self.roi_size!r}")
+            self.roi_size = roi
         if not 0.0 <= float(self.overlap) < 1.0:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap}")
         if int(self.sw_batch_size) < 1:
@@ -74,6 +81,24 @@ class InferenceConfig:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
 
+
+    def for_model(self, model: nn.Module) -> InferenceConfig:
+        """This config with `roi_size` resolved for `model` (None -> its recommended window)."""
+        if self.roi_size is not None:
+            return self
+        return dataclasses.replace(self, roi_size=recommended_roi_size(model) or DEFAULT_ROI_SIZE)
+
+
+def recommended_roi_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """The sliding window an fseft model file recommends (``extra.inference.roi_size``, written
+    by `fseft pretrain` as its training patch size), looking through adapter wrappers (``.base``,
+    ``.network``); None when the model records none."""
+    for candidate in (model, getattr(model, "base", None), getattr(model, "network", None)):
+        config = getattr(candidate, "model_config", None) or {}
+        roi = ((config.get("extra") or {}).get("inference") or {}).get("roi_size")
+        if roi:
+            return tuple(int(v) for v in roi)  # type: ignore[return-value]
+    return None
 
 def select_structures(class_names: Sequence[str], structures: Sequence[str] | str | None) -> tuple[list[int], tuple[str, ...]]:
     """Output channels of the requested structures (any spelling) among a model's classes.
@@ -120,7 +145,7 @@ def sliding_window_map(
     """
     from monai.inferers import sliding_window_inference
 
-    cfg = cfg or InferenceConfig()
+    cfg = (cfg or InferenceConfig()).for_model(model)
     if image.ndim != 5 or image.shape[:2] != (1, 1):
         raise ValueError(f"sliding-window inference expects a (1, 1, X, Y, Z) image, got shape {tuple(image.shape)}")
     device = torch.device(cfg.device)

@@ -737,7 +737,8 @@ def _save_final_model(model: torch.nn.Module, path: Path, assembly: AssemblyConf
         # checkpointing is a training-time memory trade; inference loads the plain model
         model.arch_kwargs = {**model.arch_kwargs, "use_checkpoint": False}
     model.eval()
-    extra = {"pretrain": {"epochs": epochs,
+    extra = {"inference": {"roi_size": list(assembly.train.patch_size)},  # the window it was trained on
+             "pretrain": {"epochs": epochs,
                           "datasets": [{"name": s.entry.name, "structures": list(s.structures),
                                         "cases": len(s.dataset.cases)} for s in sources]}}
     save_model_file(model, path, assembly.preprocess, extra, dtype=getattr(torch, assembly.save_dtype))
