@@ -29,16 +29,6 @@ SWIN_X = (1, 1, 32, 32, 64)
 UNET_X = (2, 1, 16, 16, 16)
 
 
-@pytest.fixture(scope="module")
-def swin_base() -> nn.Module:
-    torch.manual_seed(0)
-    return create_model("swin_unetr", ["liver", "spleen"], **SWIN).eval()
-
-
-@pytest.fixture(scope="module")
-def unet_base() -> nn.Module:
-    torch.manual_seed(0)
-    return create_model("unet3d", ["liver", "spleen"], base_channels=4).eval()
 
 
 def _train(model: nn.Module, shape: tuple[int, ...], steps: int = 2, lr: float = 1e-2) -> None:

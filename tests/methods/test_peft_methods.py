@@ -22,16 +22,6 @@ from fseft.models.zoo import create_model
 SWIN = dict(feature_size=12, depths=(1, 1, 1, 1))
 
 
-@pytest.fixture(scope="module")
-def swin_base() -> nn.Module:
-    torch.manual_seed(0)
-    return create_model("swin_unetr", ["liver", "spleen"], **SWIN).eval()
-
-
-@pytest.fixture(scope="module")
-def unet_base() -> nn.Module:
-    torch.manual_seed(0)
-    return create_model("unet3d", ["liver", "spleen"], base_channels=4).eval()
 
 
 def _top(name: str) -> str:
