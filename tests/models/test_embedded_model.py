@@ -22,6 +22,7 @@ def test_shipped_file_is_small_and_describes_its_training():
     assert config["arch"] == "swin_unetr"
     assert "gallbladder" not in config["class_names"]  # held out: the novel structure
     assert config["preprocess"]["spacing"] == [3.0, 3.0, 3.0]
+    assert config["extra"]["inference"]["roi_size"] == [64, 64, 64]  # its training patch: the default window
     assert {d["name"] for d in config["extra"]["pretrain"]["datasets"]} == {"partial_A", "partial_B", "partial_C"}
 
 
@@ -32,8 +33,7 @@ def test_embedded_model_segments_the_liver_of_an_unseen_source_phantom():
     preprocess = model.preprocess if isinstance(model.preprocess, PreprocessConfig) else PreprocessConfig.from_dict(model.preprocess)
     # stream 7: never drawn for the pre-training sources
     case = generate_case(domain="source", seed=7, case_index=0, stream=7)
-    masks = segment_volume(model, case.image, preprocess, InferenceConfig(roi_size=(64, 64, 64), progress=False),
-                           ["liver"])
+    masks = segment_volume(model, case.image, preprocess, InferenceConfig(progress=False), ["liver"])
     truth = case.labels.array == PHANTOM_LABELS["liver"]
     assert masks.shape[1:] == truth.shape
     assert dice(masks[0].astype(bool), truth) > 0.7
