@@ -79,6 +79,13 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def default_cache_dir() -> Path:
+    """Where fseft caches derived data (voxel counts, frozen features): ``$FSEFT_CACHE_DIR``,
+    else ``~/.cache/fseft``."""
+    env = os.environ.get("FSEFT_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fseft"
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
     import torch

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from fseft.data.structures import FLARE22_LABELS, canonical_name, canonical_names
 from fseft.errors import ConfigError, InputFileError
-from fseft.utils import write_json
+from fseft.utils import default_cache_dir, write_json
 
 if TYPE_CHECKING:
     from fseft.data.io import Volume
@@ -382,12 +382,6 @@ def open_dataset(path: str | os.PathLike, layout: str = "auto") -> Dataset:
 # ---------------------------------------------------------------------------- voxel counts
 
 
-def default_cache_dir() -> Path:
-    """``$FSEFT_CACHE_DIR``, else ``~/.cache/fseft``."""
-    env = os.environ.get("FSEFT_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fseft"
-
-
 def _value_counts(path: Path) -> dict[int, int]:
     """Voxel count of every value of a label file (read with `fseft.data.io.read_labels`)."""
     from fseft.data.io import read_labels
@@ -450,7 +444,7 @@ def voxel_counts(
     `structures` defaults to all of the dataset's. A case's dict holds only the requested
     structures it annotates (a missing key = not annotated; 0 = annotated but empty).
     Counts are cached per label file (path, size, mtime) under `cache_dir`
-    (default `default_cache_dir()`), so a second call reads no volume.
+    (default `fseft.utils.default_cache_dir()`), so a second call reads no volume.
     Raises `InputFileError` when a multilabel file holds a value absent from its label map.
     """
     names = dataset.structures if structures is None else canonical_names(structures)

@@ -145,7 +145,7 @@ class FeatureCache:
     Args:
         model: the frozen base model (`SegmentationModel`: `features`, `feature_channels`).
         preprocess: the `PreprocessConfig` that brings scans into the model's space.
-        root: cache folder; default `fseft.data.datasets.default_cache_dir()`.
+        root: cache folder; default `fseft.utils.default_cache_dir()`.
         inference: `InferenceConfig` of the sliding window: roi, overlap, blend are part of
             the key; device, bf16, sw_batch_size, progress only say how features are computed.
     """
@@ -157,7 +157,7 @@ class FeatureCache:
         root: str | os.PathLike | None = None,
         inference: Any = None,
     ) -> None:
-        from fseft.data.datasets import default_cache_dir
+        from fseft.utils import default_cache_dir
         from fseft.engine.inference import InferenceConfig
 
         self.model = model
