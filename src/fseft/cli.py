@@ -288,8 +288,9 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs, 0 = off (default: 20)")
     p.add_argument("--lr", type=float, help="learning rate (default: the method's: 1e-2 lp, 1e-4 spatial-adapter and ft, 1e-3 others)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
-    p.add_argument("--patch-size", type=int, nargs=3, default=(96, 96, 96), metavar=("X", "Y", "Z"),
-                   help="training patch size in model-space voxels (default: 96 96 96)")
+    p.add_argument("--max-steps", type=int, help="cap on optimiser steps (the epochs shrink to fit; default: none)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="training patch size in model-space voxels (default: the window the model was trained on, else 96 96 96)")
     p.add_argument("--patches-per-volume", type=int, default=6, help="patches per support volume per iteration (default: 6)")
     p.add_argument("--n-query", type=int, help="number of query cases (default: all other eligible cases)")
     p.add_argument("--roi-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
@@ -317,7 +318,8 @@ def _run_adapt(args: argparse.Namespace) -> int:
         method=args.method,
         method_options={k: getattr(args, k) for k in _METHOD_OPTIONS if getattr(args, k) is not None},
         objective=args.objective, epochs=args.epochs, patience=args.patience, lr=args.lr,
-        weight_decay=args.weight_decay, patch_size=tuple(args.patch_size),
+        weight_decay=args.weight_decay, max_steps=args.max_steps,
+        patch_size=None if args.patch_size is None else tuple(args.patch_size),
         patches_per_volume=args.patches_per_volume, transductive=args.ti,
         ti=TransductiveConfig(gamma=args.ti_gamma, weight=args.ti_weight), n_query=args.n_query,
         roi_size=args.roi_size and tuple(args.roi_size), overlap=args.overlap, cache_dir=args.cache_dir,

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes and seeding. One way to write a file in fseft."""
+"""Small shared helpers: atomic writes, seeding, strict config files. One way to write a file in fseft."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import random
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,45 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def unknown_key_error(key: str, valid: Sequence[str], where: str, source: str) -> Exception:
+    """`ConfigError` for a key no config section has, naming the closest valid one (typos)."""
+    from fseft.errors import ConfigError
+
+    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{source}: unknown key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}")
+
+
+def check_keys(mapping: Any, valid: Sequence[str], where: str, source: str) -> dict[str, Any]:
+    """`mapping` as a dict (None: empty) after checking it is a mapping with only `valid` keys."""
+    from fseft.errors import ConfigError
+
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"{source}: {where} must be a mapping of keys to values, got {type(mapping).__name__}")
+    for key in mapping:
+        if key not in valid:
+            raise unknown_key_error(key, valid, where, source)
+    return dict(mapping)
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str, top_keys: Sequence[str]) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file (`what`: "assembly file", "experiment file");
+    unreadable files, invalid YAML and non-mappings raise errors naming the file."""
+    import yaml
+
+    from fseft.errors import ConfigError, InputFileError
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: an {what} is a mapping with keys {', '.join(top_keys)}")
+    return dict(data)

@@ -122,6 +122,17 @@ def test_transductive_constraint_only_in_the_last_half(data_root, tmp_path):
     assert ti[:2] == [0.0, 0.0] and all(v > 0 for v in ti[2:])  # random head: sizes far off
 
 
+def test_max_steps_caps_the_epochs_for_larger_k(data_root, tmp_path):
+    # k = 2 support volumes, one volume per step: 5 steps fit in 3 epochs (ceil(5 / 2))
+    cfg = _cfg(tmp_path, method="spatial-adapter", epochs=10, max_steps=5, patience=0)
+    adapt(tiny_model(), data_root, "liver", 2, 0, tmp_path / "run", cfg)
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert saved["training"]["epochs_run"] == 3
+    assert saved["hyperparameters"]["max_steps"] == 5
+    with pytest.raises(ConfigError, match="max_steps"):
+        AdaptConfig(max_steps=0)
+
+
 @pytest.mark.parametrize("method,objective", [("lp", "sigmoid"), ("spatial-adapter", "multiclass")])
 def test_adapted_model_reproduces_the_cached_prediction(data_root, tmp_path, method, objective):
     from fseft.data.preprocessing import PreprocessConfig, preprocess

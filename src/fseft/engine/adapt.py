@@ -65,13 +65,17 @@ class AdaptConfig:
         background + structures).
     epochs: maximum epochs; an epoch is one pass over the k support volumes, one volume per
         iteration (`batch_size` volumes per optimiser step).
+    max_steps: optional cap on optimiser steps: the epochs become
+        ``min(epochs, ceil(max_steps / steps per epoch))`` (schedule and TI phase follow), so
+        that a larger k trains for the same budget as a smaller one (the demo's time bound).
     patience / min_delta: early stopping when the epoch's mean training loss has not improved
         by a relative `min_delta` for `patience` epochs (with `transductive`, only once the
         size constraint is active).
     lr: AdamW learning rate; None takes the method's default (`MethodConfig.default_lr`).
     warmup_epochs: linear warm-up before the cosine decay (MONAI `WarmupCosineSchedule`).
     patch_size / patches_per_volume / pos_ratio: training crops (of the cached features, or of
-        the preprocessed images for network methods: then a size the architecture accepts),
+        the preprocessed images for network methods: then a size the architecture accepts;
+        None: the model's recommended window, as for `roi_size`),
         centred on a foreground voxel of the support masks with probability `pos_ratio`.
     transductive / ti: the organ-size constraint on the unlabelled queries (`TransductiveConfig`).
     n_query: number of query cases (None: every eligible case not in the support set).
@@ -87,13 +91,14 @@ class AdaptConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     objective: str = "sigmoid"
     epochs: int = 200
+    max_steps: int | None = None
     patience: int = 20
     min_delta: float = 1e-3
     lr: float | None = None
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
     batch_size: int = 1
-    patch_size: tuple[int, int, int] = (96, 96, 96)
+    patch_size: tuple[int, int, int] | None = None  # None: the model's recommended window
     patches_per_volume: int = 6
     pos_ratio: float = 0.5
     transductive: bool = False
@@ -113,7 +118,7 @@ class AdaptConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.patch_size = _triple(self.patch_size, "patch_size")
+        self.patch_size = None if self.patch_size is None else _triple(self.patch_size, "patch_size")
         self.roi_size = None if self.roi_size is None else _triple(self.roi_size, "roi_size")
         if isinstance(self.ti, dict):
             self.ti = TransductiveConfig(**self.ti)
@@ -125,6 +130,8 @@ class AdaptConfig:
         for name in ("batch_size", "patches_per_volume", "slab"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and int(self.max_steps) < 1:
+            raise ConfigError(f"max_steps must be >= 1 (or None), got {self.max_steps}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.pos_ratio <= 1.0:
@@ -132,7 +139,7 @@ class AdaptConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["patch_size"] = list(self.patch_size)
+        out["patch_size"] = None if self.patch_size is None else list(self.patch_size)
         out["roi_size"] = None if self.roi_size is None else list(self.roi_size)
         return out
 
@@ -294,9 +301,16 @@ class TrainResult:
     stopped_early: bool
 
 
+def epoch_budget(cfg: AdaptConfig, iters: int) -> int:
+    """Epochs to run with `iters` optimiser steps per epoch: `cfg.epochs`, capped by `cfg.max_steps`."""
+    if cfg.max_steps is None:
+        return int(cfg.epochs)
+    return min(int(cfg.epochs), math.ceil(int(cfg.max_steps) / max(1, iters)))
+
+
 def _optimizer(params: list[nn.Parameter], cfg: AdaptConfig, iters: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW (the method's default learning rate unless `cfg.lr`) with one warm-up epoch then
-    cosine decay over `cfg.epochs` epochs of `iters` steps: the schedule of every method."""
+    cosine decay over `epoch_budget` epochs of `iters` steps: the schedule of every method."""
     from monai.optimizers import WarmupCosineSchedule
 
     from fseft.methods import get_method
@@ -304,7 +318,7 @@ def _optimizer(params: list[nn.Parameter], cfg: AdaptConfig, iters: int) -> tupl
     lr = cfg.lr if cfg.lr is not None else get_method(cfg.method).config_cls.default_lr
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = WarmupCosineSchedule(
-        optimizer, warmup_steps=cfg.warmup_epochs * iters, t_total=max(1, cfg.epochs * iters),
+        optimizer, warmup_steps=cfg.warmup_epochs * iters, t_total=max(1, epoch_budget(cfg, iters) * iters),
         warmup_multiplier=0.1,  # the very first step already learns
     )
     return optimizer, scheduler
@@ -356,8 +370,9 @@ def train_adapter(
     volumes = [_support_volume(f, lab) for f, lab in support]
     iters = math.ceil(len(volumes) / cfg.batch_size)
     optimizer, scheduler = _optimizer(params, cfg, iters)
+    epochs = epoch_budget(cfg, iters)
     target = target_sizes([v.labels for v in volumes]) if cfg.transductive else None
-    ti_start = math.floor(cfg.ti.start_fraction * cfg.epochs) if cfg.transductive else cfg.epochs
+    ti_start = math.floor(cfg.ti.start_fraction * epochs) if cfg.transductive else epochs
     rng = np.random.RandomState(seed)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     amp_dtype = torch.bfloat16 if cfg.bf16 else None
@@ -367,7 +382,7 @@ def train_adapter(
     step, stopped = 0, False
     stopping = _EarlyStopping(cfg.patience, cfg.min_delta)
     start = time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc=f"adapt {cfg.method}", unit="epoch", disable=not cfg.progress)
+    bar = tqdm(range(epochs), desc=f"adapt {cfg.method}", unit="epoch", disable=not cfg.progress)
     for epoch in bar:
         order = rng.permutation(len(volumes))
         epoch_loss, epoch_ti = 0.0, 0.0
@@ -444,6 +459,7 @@ def train_network(
     patches = EpochPatchDataset(support, transform, seed)
     iters = math.ceil(len(support) / cfg.batch_size)
     optimizer, scheduler = _optimizer(params, cfg, iters)
+    epochs = epoch_budget(cfg, iters)
     stopping = _EarlyStopping(cfg.patience, cfg.min_delta)
     rng = np.random.RandomState(seed)
     arch = getattr(model, "arch", type(model).__name__)
@@ -451,7 +467,7 @@ def train_network(
     losses: list[float] = []
     stopped = False
     start = time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc=f"adapt {cfg.method}", unit="epoch", disable=not cfg.progress)
+    bar = tqdm(range(epochs), desc=f"adapt {cfg.method}", unit="epoch", disable=not cfg.progress)
     for epoch in bar:
         patches.set_epoch(epoch)
         method_train_mode(model)
@@ -732,6 +748,10 @@ def adapt(
     out = Path(out)
     base, base_ref = _load_base(model, cfg.device, fresh=network, grad_checkpointing=network and cfg.grad_checkpointing)
     _check_known_structures(spec, names, base.class_names)
+    if cfg.patch_size is None:
+        from fseft.engine.inference import DEFAULT_ROI_SIZE, recommended_roi_size
+
+        cfg = dataclasses.replace(cfg, patch_size=recommended_roi_size(base) or DEFAULT_ROI_SIZE)
     dataset = open_dataset(data)
     task = FewShotTask.sample(dataset, names, k, seed, cfg.n_query, cache_dir=cfg.cache_dir)
     seed_everything(seed)

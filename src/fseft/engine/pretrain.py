@@ -14,7 +14,6 @@ file for `fseft.models.load_model` / ``fseft predict --model``).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -41,7 +40,7 @@ from fseft.engine.distributed import (
     wrap_model,
 )
 from fseft.errors import ConfigError, FseftError, InputFileError
-from fseft.utils import atomic_path, seed_everything, write_json, write_text
+from fseft.utils import atomic_path, check_keys, read_yaml_mapping, seed_everything, unknown_key_error, write_json, write_text
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.safetensors"
@@ -50,23 +49,6 @@ _CACHE_VERSION = 1
 
 
 # ---------------------------------------------------------------------------- configuration
-
-
-def _unknown_key_error(key: str, valid: Sequence[str], where: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(str(key), list(valid), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{source}: unknown key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}")
-
-
-def _check_keys(mapping: Any, valid: Sequence[str], where: str, source: str) -> dict[str, Any]:
-    if mapping is None:
-        return {}
-    if not isinstance(mapping, Mapping):
-        raise ConfigError(f"{source}: {where} must be a mapping of keys to values, got {type(mapping).__name__}")
-    for key in mapping:
-        if key not in valid:
-            raise _unknown_key_error(key, valid, where, source)
-    return dict(mapping)
 
 
 def _field_names(cls: type) -> list[str]:
@@ -230,7 +212,7 @@ def assembly_from_dict(data: Mapping[str, Any], source: str = "<assembly>", base
     """Parse an assembly mapping strictly (unknown keys raise `ConfigError` naming the closest
     valid one). Relative dataset paths are taken from `base_dir`; `overrides` replace fields of
     the ``train`` section (CLI options such as ``epochs``, ``device``, ``bf16``)."""
-    top = _check_keys(data, _TOP_KEYS, "the top level", source)
+    top = check_keys(data, _TOP_KEYS, "the top level", source)
     raw_datasets = top.get("datasets")
     if not isinstance(raw_datasets, list) or not raw_datasets:
         raise ConfigError(f"{source}: 'datasets' must be a non-empty list of datasets (each with a 'path')")
@@ -240,7 +222,7 @@ def assembly_from_dict(data: Mapping[str, Any], source: str = "<assembly>", base
         where = f"datasets[{i}]"
         if isinstance(raw, str):
             raw = {"path": raw}
-        entry = _check_keys(raw, _field_names(DatasetEntry), where, source)
+        entry = check_keys(raw, _field_names(DatasetEntry), where, source)
         if "path" not in entry:
             raise ConfigError(f"{source}: {where} has no 'path'")
         path = Path(str(entry["path"])).expanduser()
@@ -256,7 +238,7 @@ def assembly_from_dict(data: Mapping[str, Any], source: str = "<assembly>", base
     if duplicates:
         raise ConfigError(f"{source}: several datasets are named {', '.join(duplicates)}; give each a distinct 'name'")
 
-    model = _check_keys(top.get("model"), _MODEL_KEYS, "model", source)
+    model = check_keys(top.get("model"), _MODEL_KEYS, "model", source)
     arch_kwargs = model.get("arch_kwargs") or {}
     if not isinstance(arch_kwargs, Mapping):
         raise ConfigError(f"{source}: model.arch_kwargs must be a mapping")
@@ -264,11 +246,11 @@ def assembly_from_dict(data: Mapping[str, Any], source: str = "<assembly>", base
     save_dtype = str(model.get("save_dtype", "float32"))
     if save_dtype not in _SAVE_DTYPES:
         raise ConfigError(f"{source}: model.save_dtype must be one of {', '.join(_SAVE_DTYPES)}, got {save_dtype!r}")
-    preprocess_raw = _check_keys(top.get("preprocess"), _field_names(PreprocessConfig), "preprocess", source)
-    train_raw = _check_keys(top.get("train"), _field_names(PretrainConfig), "train", source)
+    preprocess_raw = check_keys(top.get("preprocess"), _field_names(PreprocessConfig), "preprocess", source)
+    train_raw = check_keys(top.get("train"), _field_names(PretrainConfig), "train", source)
     for key, value in (overrides or {}).items():
         if key not in _field_names(PretrainConfig):
-            raise _unknown_key_error(key, _field_names(PretrainConfig), "the overrides", "command line")
+            raise unknown_key_error(key, _field_names(PretrainConfig), "the overrides", "command line")
         train_raw[key] = value
     try:
         preprocess = PreprocessConfig(**preprocess_raw)
@@ -283,17 +265,8 @@ def assembly_from_dict(data: Mapping[str, Any], source: str = "<assembly>", base
 def load_assembly(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> AssemblyConfig:
     """Read an assembly YAML (see `examples/pretrain_phantom.yaml`); dataset paths are relative
     to the YAML's folder. `overrides`: ``train`` fields to replace (``None`` values ignored)."""
-    import yaml
-
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise InputFileError(f"{path}: cannot read the assembly file ({exc.strerror or exc})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: an assembly file is a mapping with keys {', '.join(_TOP_KEYS)}")
+    data = read_yaml_mapping(path, "assembly file", _TOP_KEYS)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     return assembly_from_dict(data, source=str(path), base_dir=path.parent, overrides=overrides)
 
