@@ -5,7 +5,8 @@ import re
 import pytest
 
 from fseft.errors import InputFileError
-from fseft.evaluation.html_report import format_cell, write_report_html
+from fseft.evaluation.html_report import write_report_html
+from fseft.evaluation.tables import format_cell
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -719,12 +719,15 @@ def adapt(
     seed: int,
     out: str | os.PathLike,
     cfg: AdaptConfig | None = None,
+    partition: tuple[Sequence[str], Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Few-shot adaptation of a model to `structures` with `k` support volumes of `data`.
 
     model: zoo id, fseft model file, or a `SegmentationModel` (never changed: network methods
     train a copy). data: a dataset folder (`open_dataset`). The task (support / query split) is
-    `FewShotTask.sample(dataset, structures, k, seed, cfg.n_query)`. The method's kind decides
+    `FewShotTask.sample(dataset, structures, k, seed, cfg.n_query, partition=partition)`
+    (`partition`: ``(train ids, test ids)``, support drawn from train, queries from test, so that
+    every k is scored on the same queries). The method's kind decides
     the training: ``"features"`` methods on cached frozen features (`train_adapter`),
     ``"network"`` methods on image patches through the network (`train_network`). Writes the
     run folder `out` (see module docstring) and returns the metrics dict also written to
@@ -753,7 +756,7 @@ def adapt(
 
         cfg = dataclasses.replace(cfg, patch_size=recommended_roi_size(base) or DEFAULT_ROI_SIZE)
     dataset = open_dataset(data)
-    task = FewShotTask.sample(dataset, names, k, seed, cfg.n_query, cache_dir=cfg.cache_dir)
+    task = FewShotTask.sample(dataset, names, k, seed, cfg.n_query, partition=partition, cache_dir=cfg.cache_dir)
     seed_everything(seed)
     run = _adapt_network if network else _adapt_features
     return run(base, base_ref, dataset, task, names, cfg, out)

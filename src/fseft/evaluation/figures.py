@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fseft.errors import ConfigError
+from fseft.evaluation.tables import cell_at
 from fseft.utils import atomic_path
 
 DPI = 120
@@ -57,12 +58,6 @@ def _check_summary(summary: Mapping[str, Any]) -> None:
             raise ConfigError(f"benchmark summary lacks the key {key!r}")
     if not summary["methods"] or not summary["ks"]:
         raise ConfigError("benchmark summary has no methods or no k values to plot")
-
-
-def _cell(summary: Mapping[str, Any], method: str, k: int, column: str) -> Mapping[str, Any] | None:
-    """cells[method][str(k)][column], None where any level is missing or None."""
-    row = (summary["cells"].get(method) or {}).get(str(k))
-    return (row or {}).get(column)
 
 
 def method_colours(methods: Sequence[str]) -> dict[str, Any]:
@@ -107,7 +102,7 @@ def plot_dice_vs_k(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
             means = np.full(len(ks), np.nan)
             stds = np.zeros(len(ks))
             for t, k in enumerate(ks):
-                cell = _cell(summary, method, k, column)
+                cell = cell_at(summary, method, k, column)
                 if cell is None or cell.get("mean") is None or not math.isfinite(float(cell["mean"])):
                     continue
                 means[t] = float(cell["mean"])

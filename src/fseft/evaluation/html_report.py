@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fseft.errors import ConfigError, InputFileError
+from fseft.evaluation.tables import cell_at, format_cell
 from fseft.utils import write_text
 
 DIGITS = 3
@@ -56,26 +57,6 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _cell(summary: Mapping[str, Any], method: str, k: Any, column: str) -> Mapping[str, Any] | None:
-    """cells[method][str(k)][column]: None where any level is missing or None, or the mean is
-    not a finite number."""
-    row = ((summary.get("cells") or {}).get(method) or {}).get(str(k))
-    cell = (row or {}).get(column)
-    if cell is None or cell.get("mean") is None or not math.isfinite(float(cell["mean"])):
-        return None
-    return cell
-
-
-def format_cell(cell: Mapping[str, Any] | None, digits: int = DIGITS) -> str:
-    """``"0.812 ± 0.034"`` (the std only when n > 1), ``"—"`` for no result."""
-    if cell is None:
-        return "—"
-    text = f"{float(cell['mean']):.{digits}f}"
-    if int(cell.get("n", 1)) > 1 and cell.get("std") is not None:
-        text += f" ± {float(cell['std']):.{digits}f}"
-    return text
-
-
 def _best(values: Sequence[float | None], lower_is_better: bool) -> float | None:
     """The best of `values` as displayed (rounded), None when there is none."""
     shown = [round(v, DIGITS) for v in values if v is not None]
@@ -97,7 +78,7 @@ def _results_html(summary: Mapping[str, Any]) -> list[str]:
         out.append(f"<h3>k = {_e(k)}</h3>")
         out.append("<table>")
         out.append("<thead><tr><th>method</th>" + "".join(f"<th>{_e(c)}</th>" for c in columns) + "</tr></thead>")
-        grid = {(m, c): _cell(summary, m, k, c) for m in methods for c in columns}
+        grid = {(m, c): cell_at(summary, m, k, c) for m in methods for c in columns}
         best = {c: _best([None if grid[m, c] is None else float(grid[m, c]["mean"]) for m in methods], lower)
                 for c in columns}
         out.append("<tbody>")

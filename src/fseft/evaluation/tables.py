@@ -122,15 +122,20 @@ def format_cell(cell: Mapping[str, Any] | None, digits: int = 3) -> str:
     """``"0.812 ± 0.034"`` (the spread only over several seeds), ``"—"`` for no result."""
     if cell is None:
         return "—"
-    text = f"{cell['mean']:.{digits}f}"
-    if cell.get("n", 1) > 1:
-        text += f" ± {cell['std']:.{digits}f}"
+    text = f"{float(cell['mean']):.{digits}f}"
+    if int(cell.get("n", 1)) > 1 and cell.get("std") is not None:
+        text += f" ± {float(cell['std']):.{digits}f}"
     return text
 
 
-def cell_at(summary: Mapping[str, Any], method: str, k: int, column: str) -> Mapping[str, Any] | None:
-    """The cell of `method` at `k` in `column` (a structure or "mean"), None if absent."""
-    return summary["cells"].get(method, {}).get(str(k), {}).get(column)
+def cell_at(summary: Mapping[str, Any], method: str, k: Any, column: str) -> Mapping[str, Any] | None:
+    """The cell of `method` at `k` in `column` (a structure or "mean"); None where any level
+    is missing or None, or the mean is not a finite number."""
+    row = ((summary.get("cells") or {}).get(method) or {}).get(str(k))
+    cell = (row or {}).get(column)
+    if cell is None or cell.get("mean") is None or not math.isfinite(float(cell["mean"])):
+        return None
+    return cell
 
 
 def table_block(summary: Mapping[str, Any], k: int) -> tuple[list[str], list[list[str]]]:
