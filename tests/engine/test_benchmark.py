@@ -115,3 +115,10 @@ def test_cli_benchmark_prints_the_table(setup, capsys):
     assert not (root / "cli" / "overlays.png").exists()
     assert main(["benchmark", "--config", str(root / "missing.yaml"), "--out", str(root / "cli")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "examples").glob("experiment_*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_experiment_files_parse(path):
+    exp = load_experiment(path)
+    assert exp.methods and exp.structures and exp.ks
