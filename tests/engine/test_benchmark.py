@@ -88,6 +88,8 @@ def test_benchmark_runs_tables_report_and_resumes(setup):
     # every run scored on the same fixed queries
     queries = {tuple(sorted(json.loads((out / r.run / "metrics.json").read_text())["queries"])) for r in result.records}
     assert len(queries) == 1 and len(next(iter(queries))) == 2
+    spec = json.loads((out / result.records[0].run / "run.json").read_text())
+    assert len(spec["model_sha256"]) == 64 and "cache_dir" not in spec["adapt"]  # new weights rerun every run
 
     for name in ("results.json", "results.csv", "results.md", "records.json", "dice_vs_k.png", "overlays.png",
                  "report.html", "experiment.json"):

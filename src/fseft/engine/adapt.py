@@ -173,7 +173,8 @@ def _stored_preprocess(model: nn.Module) -> Any:
     return PreprocessConfig.from_dict(stored) if stored else PreprocessConfig()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (model files identify a base model by it)."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -683,7 +684,7 @@ def _load_base(
         ref = {
             "id": text if is_id else None,
             "path": str(path) if path else None,
-            "file_sha256": _file_sha256(path) if path and path.is_file() else None,
+            "file_sha256": file_sha256(path) if path and path.is_file() else None,
         }
     base.eval().requires_grad_(False)
     return base, ref

@@ -210,10 +210,13 @@ class PlannedRun:
     structure: str
     folder: str  # relative to the benchmark folder
 
-    def spec(self, exp: ExperimentConfig, cfg: Any, partition: Any) -> dict[str, Any]:
-        """What `run.json` records: everything that decides the run's result."""
-        return {"method": self.entry.name, "model": exp.model, "data": exp.data, "structure": self.structure,
-                "k": self.k, "seed": self.seed, "partition": partition, "adapt": cfg.to_dict()}
+    def spec(self, exp: ExperimentConfig, cfg: Any, partition: Any, model_sha256: str | None) -> dict[str, Any]:
+        """What `run.json` records: everything that decides the run's result (the model file's
+        hash too, so that new weights rerun every run; not where the cache lives)."""
+        settings = {k: v for k, v in cfg.to_dict().items() if k not in ("cache_dir", "progress")}
+        return {"method": self.entry.name, "model": exp.model, "model_sha256": model_sha256, "data": exp.data,
+                "structure": self.structure, "k": self.k, "seed": self.seed, "partition": partition,
+                "adapt": settings}
 
 
 def _slug(text: str) -> str:
@@ -251,6 +254,15 @@ def plan_runs(exp: ExperimentConfig, class_names: Sequence[str]) -> tuple[list[P
                     folder = f"runs/{_slug(entry.name)}/k{k}/seed{seed}/{_slug(structure)}"
                     runs.append(PlannedRun(entry, k, seed, structure, folder))
     return runs, notes
+
+
+def _model_sha256(model: str) -> str | None:
+    """SHA-256 of the model's weights file (a zoo id's file, or the given path)."""
+    from fseft.engine.adapt import file_sha256
+    from fseft.models.zoo import MODEL_SPECS, find_weights
+
+    path = find_weights(MODEL_SPECS[model]) if model in MODEL_SPECS else Path(model)
+    return file_sha256(path) if path is not None and path.is_file() else None
 
 
 def _finished(folder: Path, spec: Mapping[str, Any]) -> bool:
@@ -313,6 +325,7 @@ def run_benchmark(
         exp = dataclasses.replace(exp, adapt={**exp.adapt, "cache_dir": str((out / "cache").resolve())})
     write_json(out / "experiment.json", exp.to_dict())
     _, _, class_names = describe_base(exp.model)
+    model_sha256 = _model_sha256(exp.model)
     dataset = open_dataset(exp.data)
     cache_dir = exp.adapt.get("cache_dir")
     partition = None
@@ -334,7 +347,7 @@ def run_benchmark(
         bar.set_postfix_str(f"{run.entry.name} k={run.k} seed={run.seed} {run.structure}")
         save = exp.overlays and run.k == overlay_k and run.seed == overlay_seed
         cfg = exp.adapt_config(run.entry, progress=False, save_predictions=save)
-        spec = run.spec(exp, cfg, partition)
+        spec = run.spec(exp, cfg, partition, model_sha256)
         folder = out / run.folder
         if not _finished(folder, spec):
             folder.mkdir(parents=True, exist_ok=True)
