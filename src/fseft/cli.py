@@ -351,7 +351,6 @@ def _run_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "benchmark",
@@ -401,6 +400,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     run_demo(DemoConfig(out=args.out, cases=args.cases, device=args.device), progress=not args.no_progress)
     return 0
+
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_phantom,

@@ -223,6 +223,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text)
 
 
+def run_folder(method: str, k: int, seed: int, structure: str) -> str:
+    """A run's folder, relative to the benchmark folder."""
+    return f"runs/{_slug(method)}/k{k}/seed{seed}/{_slug(structure)}"
+
+
 def holdout_partition(dataset: Any, structures: Sequence[str], n_test: int, cache_dir: Any = None,
                       ) -> tuple[list[str], list[str]]:
     """A fixed ``(train ids, test ids)`` split of the cases where every structure is labelled:
@@ -251,8 +256,7 @@ def plan_runs(exp: ExperimentConfig, class_names: Sequence[str]) -> tuple[list[P
                 continue
             for k in exp.ks:
                 for seed in exp.seeds:
-                    folder = f"runs/{_slug(entry.name)}/k{k}/seed{seed}/{_slug(structure)}"
-                    runs.append(PlannedRun(entry, k, seed, structure, folder))
+                    runs.append(PlannedRun(entry, k, seed, structure, run_folder(entry.name, k, seed, structure)))
     return runs, notes
 
 
@@ -330,14 +334,13 @@ def run_benchmark(
     cache_dir = exp.adapt.get("cache_dir")
     partition = None
     if exp.holdout is not None:
-        train, test = holdout_partition(dataset, exp.structures, exp.holdout, cache_dir)
-        partition = [train, test]
+        partition = holdout_partition(dataset, exp.structures, exp.holdout, cache_dir)
     runs, notes = plan_runs(exp, class_names)
-    for structure in exp.structures:  # every task is valid before anything trains
-        for k in exp.ks:
-            for seed in exp.seeds:
-                FewShotTask.sample(dataset, structure, k, seed, exp.adapt.get("n_query"), partition=partition,
-                                   cache_dir=cache_dir)
+    tasks = {  # every task is valid before anything trains
+        (structure, k, seed): FewShotTask.sample(dataset, structure, k, seed, exp.adapt.get("n_query"),
+                                                 partition=partition, cache_dir=cache_dir)
+        for structure in exp.structures for k in exp.ks for seed in exp.seeds
+    }
 
     overlay_k, overlay_seed = min(exp.ks), exp.seeds[0]
     records: list[RunRecord] = []
@@ -353,8 +356,7 @@ def run_benchmark(
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "metrics.json").unlink(missing_ok=True)
             write_json(folder / RUN_SPEC, spec)
-            adapt(exp.model, exp.data, run.structure, run.k, run.seed, folder, cfg,
-                  partition=None if partition is None else (partition[0], partition[1]))
+            adapt(exp.model, exp.data, run.structure, run.k, run.seed, folder, cfg, partition=partition)
             done += 1
         metrics = json.loads((folder / "metrics.json").read_text())
         records.append(_record(run, metrics))
@@ -362,7 +364,8 @@ def run_benchmark(
 
     methods = [m.name for m in exp.methods]
     summary = summarize(records, "dice", methods=methods, structures=exp.structures, ks=exp.ks)
-    files = write_results(exp, out, records, summary, notes, overlay=(overlay_k, overlay_seed, partition))
+    overlay_tasks = [tasks[(s, overlay_k, overlay_seed)] for s in exp.structures] if exp.overlays else None
+    files = write_results(exp, out, records, summary, notes, dataset, overlay_tasks)
     seconds = time.perf_counter() - start
     log(f"{len(runs)} runs ({done} computed now, {len(runs) - done} finished before) in {seconds:.0f} s; "
         f"report: {files['report']}")
@@ -373,19 +376,22 @@ def run_benchmark(
 
 
 def write_results(exp: ExperimentConfig, out: Path, records: Sequence[RunRecord], summary: Mapping[str, Any],
-                  notes: Sequence[str], overlay: tuple[int, int, Any] | None = None) -> dict[str, Path]:
-    """Tables (JSON, CSV, Markdown), records, figures and ``report.html`` of a benchmark."""
+                  notes: Sequence[str], dataset: Any = None, overlay_tasks: Sequence[Any] | None = None,
+                  ) -> dict[str, Path]:
+    """Tables (JSON, CSV, Markdown), records, figures and ``report.html`` of a benchmark.
+    `overlay_tasks`: one `FewShotTask` of `dataset` per structure for the overlay figure."""
     from fseft.evaluation.figures import plot_dice_vs_k
     from fseft.evaluation.html_report import write_report_html
     from fseft.evaluation.tables import summarize, to_csv, to_markdown
     from fseft.utils import write_json, write_text
 
     files = {name: out / name for name in ("results.json", "results.csv", "results.md", "records.json")}
+    order = {"methods": summary["methods"], "structures": summary["structures"], "ks": summary["ks"]}
     write_json(files["results.json"], {
-            "dice": summary,
-            "nsd": summarize(records, "nsd", methods=summary["methods"], structures=summary["structures"], ks=summary["ks"]),
-            "hd95": summarize(records, "hd95", methods=summary["methods"], structures=summary["structures"], ks=summary["ks"]),
-            "notes": list(notes),
+        "dice": summary,
+        "nsd": summarize(records, "nsd", **order),
+        "hd95": summarize(records, "hd95", **order),
+        "notes": list(notes),
     })
     write_text(files["results.csv"], to_csv(summary))
     write_text(files["results.md"], f"# {exp.title or exp.name}\n\n" + to_markdown(summary))
@@ -393,9 +399,9 @@ def write_results(exp: ExperimentConfig, out: Path, records: Sequence[RunRecord]
     figures: list[tuple[str, Path]] = []
     files["dice_vs_k"] = plot_dice_vs_k(summary, out / "dice_vs_k.png")
     figures.append(("Mean Dice against the number of support volumes k (mean over seeds; bars: std)", files["dice_vs_k"]))
-    if exp.overlays and overlay is not None:
-        k, seed, partition = overlay
-        path = write_overlays(exp, out, k, seed, partition)
+    if overlay_tasks:
+        k, seed = overlay_tasks[0].k, overlay_tasks[0].seed
+        path = write_overlays(exp, out, dataset, overlay_tasks)
         if path is not None:
             files["overlays"] = path
             figures.append((f"Axial slices, k = {k}, seed {seed}: a support volume and the first query "
@@ -424,22 +430,17 @@ def _to_ras(volume: Any, array: np.ndarray | None = None) -> tuple[np.ndarray, t
     return np.ascontiguousarray(nio.apply_orientation(data, transform)), tuple(spacing)
 
 
-def write_overlays(exp: ExperimentConfig, out: Path, k: int, seed: int, partition: Any) -> Path | None:
-    """The qualitative figure (the paper's Fig. 3): per structure, one support volume with its
-    mask, then the first query case with each method's prediction. None when no run saved
-    predictions."""
-    from fseft.data.datasets import open_dataset
+def write_overlays(exp: ExperimentConfig, out: Path, dataset: Any, tasks: Sequence[Any]) -> Path | None:
+    """The qualitative figure (the paper's Fig. 3): per task (one per structure), one support
+    volume with its mask, then the first query case with each method's prediction. None when no
+    run saved predictions."""
     from fseft.data.io import read_labels
-    from fseft.data.tasks import FewShotTask
     from fseft.evaluation.figures import OverlayPanel, plot_overlays
 
-    dataset = open_dataset(exp.data)
     panels: list[OverlayPanel] = []
     found = 0
-    for structure in exp.structures:
-        task = FewShotTask.sample(dataset, structure, k, seed, exp.adapt.get("n_query"),
-                                  partition=None if partition is None else (partition[0], partition[1]),
-                                  cache_dir=exp.adapt.get("cache_dir"))
+    for task in tasks:
+        structure = task.structures[0]
         support = task.support_cases(dataset)[0]
         query = task.query_cases(dataset)[0]
         image, label = support.load([structure])
@@ -449,7 +450,7 @@ def write_overlays(exp: ExperimentConfig, out: Path, k: int, seed: int, partitio
         image, label = query.load([structure])
         (ras_image, spacing), ras_label = _to_ras(image), _to_ras(label, label.array[0] > 0)[0]
         for entry in exp.methods:
-            pred_path = out / f"runs/{_slug(entry.name)}/k{k}/seed{seed}/{_slug(structure)}/predictions/{query.case_id}.nii.gz"
+            pred_path = out / run_folder(entry.name, task.k, task.seed, structure) / "predictions" / f"{query.case_id}.nii.gz"
             pred = _to_ras(read_labels(pred_path))[0] > 0 if pred_path.is_file() else None
             found += pred is not None
             # a method without a prediction (not run for this structure) keeps its column: GT only
