@@ -5,6 +5,9 @@ repeats, best time of each kept):
 
 - plain   : ``monai.inferers.sliding_window_inference(image, roi, sw, model, overlap,
             mode="gaussian")`` then the sigmoid, what a MONAI user writes;
+- plain, explicit attention : the same with the Swin window attention on MONAI's default
+            explicit path (``use_flash_attention=False``, as the reference code runs it): shows
+            what the fused attention that fseft's Swin-UNETR uses without gradients gains;
 - fp32    : ``fseft.engine.inference.predict_probabilities`` (expected ratio plain/fp32 >= 1.0:
             no overhead);
 - bf16    : the same with ``bf16=True`` (goal: fp32/bf16 >= 1.5) and Dice >= 0.99 between
@@ -88,7 +91,15 @@ def main() -> None:
                                               overlap=args.overlap, mode="gaussian")
             return logits.sigmoid().cpu()
 
+    def plain_explicit() -> torch.Tensor:
+        model.fused_attention = False
+        try:
+            return plain()
+        finally:
+            model.fused_attention = True
+
     runs = {
+        "plain MONAI fp32, explicit attention": plain_explicit,
         "plain MONAI fp32": plain,
         "fseft fp32": lambda: predict_probabilities(model, image, cfg32),
         "fseft bf16": lambda: predict_probabilities(model, image, cfg16),
@@ -117,11 +128,13 @@ def main() -> None:
             sync()
             best[name] = min(best[name], time.perf_counter() - start)
     for name, seconds in best.items():
-        print(f"  {name:<18} {seconds:8.2f} s")
+        print(f"  {name:<36} {seconds:8.2f} s")
     masks = {name: out > 0.5 for name, out in outputs.items()}
     fg = float(masks["fseft fp32"].float().mean())
     print(f"plain / fseft fp32 time ratio : {best['plain MONAI fp32'] / best['fseft fp32']:.3f}  (>= 1.0: no overhead)")
     print(f"fseft fp32 / bf16 speed-up    : {best['fseft fp32'] / best['fseft bf16']:.3f}  (goal >= 1.5)")
+    print(f"explicit-attention fp32 / fseft fp32 : {best['plain MONAI fp32, explicit attention'] / best['fseft fp32']:.3f}")
+    print(f"explicit-attention fp32 / fseft bf16 : {best['plain MONAI fp32, explicit attention'] / best['fseft bf16']:.3f}")
     print(f"max |p| fseft fp32 - plain    : {float((outputs['fseft fp32'] - outputs['plain MONAI fp32']).abs().max()):.2e}")
     print(f"Dice fp32 vs bf16 masks       : {dice(masks['fseft fp32'], masks['fseft bf16']):.4f}  (goal >= 0.99; "
           f"foreground fraction {fg:.3f})")

@@ -37,3 +37,21 @@ def test_binarize_thresholds_and_lcc_is_switchable():
     assert with_lcc[1].sum() == 0
     with pytest.raises(ValueError):
         binarize(probs[0])
+
+
+def test_multi_part_structures_keep_every_component():
+    """The vertebral column (any spelling) and lesions keep all their pieces; organs do not."""
+    from fseft.data.structures import is_multi_part
+    from fseft.evaluation.postprocess import keep_largest_components
+
+    probs = np.zeros((3, 12, 12, 12), np.float32)
+    for s in range(3):
+        probs[s, 1:4, 1:4, 1:4] = 0.9
+        probs[s, 7:9, 7:9, 7:9] = 0.9  # a second piece
+    masks = binarize(probs, 0.5, True, ["liver", "spine", "liver_tumor"])
+    assert masks[0].sum() == 27
+    assert masks[1].sum() == masks[2].sum() == 27 + 8
+    assert binarize(probs, 0.5, True)[1].sum() == 27  # without names every channel is reduced
+    assert is_multi_part("Vertebral column") and not is_multi_part("gallbladder")
+    with pytest.raises(ValueError, match="structure names"):
+        keep_largest_components(probs > 0.5, ["liver"])

@@ -112,3 +112,22 @@ def test_create_model_errors():
         create_model("unet3d", ["a"], feature_size=12)
     with pytest.raises(ConfigError, match="duplicate"):
         create_model("unet3d", ["a", "a"], base_channels=4)
+
+
+def test_swin_fused_attention_matches_monai_explicit_attention():
+    """The fused (scaled-dot-product) window attention used without gradients gives the
+    explicit path's output, shifted windows included; training keeps the explicit path."""
+    torch.manual_seed(0)
+    model = SwinUNETRSegmenter(["a", "b"], feature_size=12).eval()
+    assert model.fused_attention
+    x = torch.rand(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        fused = model(x)
+        model.fused_attention = False
+        assert not model.fused_attention
+        explicit = model(x)
+    assert torch.allclose(fused, explicit, atol=1e-4, rtol=1e-4)
+    assert "fused_attention" not in model.arch_kwargs  # a runtime switch, not saved with the weights
+    model.fused_attention = True
+    model(x).sum().backward()  # grad enabled: MONAI's explicit path, gradients reach the attention
+    assert model.swinViT.layers1[0].blocks[0].attn.qkv.weight.grad is not None

