@@ -66,6 +66,25 @@ def test_lp_learns_a_new_structure_from_two_shots(data_root, tmp_path):
     assert training["losses"][-1] < 0.7 * training["losses"][0]
 
 
+def test_bf16_adapters_train_on_bf16_patches_and_still_learn(data_root, tmp_path):
+    """With bf16 the cached patches are read as bf16 (no mixed-precision sums); lp still learns
+    and the spatial adapter's size constraint runs on bf16 query slabs."""
+    from fseft.engine.adapt import _patch_batch, _support_volume
+
+    features = np.random.rand(4, 10, 10, 10).astype(np.float16)
+    volume = _support_volume(features, np.ones((1, 10, 10, 10), np.uint8))
+    feats, _ = _patch_batch(volume, [(slice(0, 4), slice(0, 4), slice(0, 4))], torch.device("cpu"), torch.bfloat16)
+    assert feats.dtype == torch.bfloat16 and feats.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(feats[0].float(), torch.from_numpy(features[:, :4, :4, :4]).bfloat16().float())
+    cfg = _cfg(tmp_path, method="lp", epochs=20, lr=1e-1, patience=0, bf16=True)
+    metrics = adapt(IntensityFeatures(), data_root, "liver", 2, 0, tmp_path / "run", cfg)
+    assert metrics["mean"]["liver"]["dice"] > 0.9
+    cfg = _cfg(tmp_path, method="spatial-adapter", epochs=2, transductive=True, patience=0, bf16=True)
+    adapt(tiny_model(), data_root, "liver", 2, 0, tmp_path / "run_ti", cfg)
+    ti = json.loads((tmp_path / "run_ti" / "adapter_config.json").read_text())["training"]["ti_losses"]
+    assert ti[0] == 0.0 and ti[1] > 0
+
+
 def test_generalization_uses_the_model_head_without_training(data_root, tmp_path):
     model = tiny_model(classes=("spleen", "liver"))
     metrics = adapt(model, data_root, "liver", 1, 0, tmp_path / "run", _cfg(tmp_path, method="generalization"))

@@ -259,12 +259,21 @@ def sample_patch_slices(
 
 
 def _patch_batch(
-    volume: _SupportVolume, windows: Sequence[tuple[slice, slice, slice]], device: torch.device
+    volume: _SupportVolume,
+    windows: Sequence[tuple[slice, slice, slice]],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features ``(N, C, *patch)`` float32 in ``channels_last_3d`` layout (the cache's own, and
-    the fast one for CPU 3D convolutions) and labels ``(N, S, *patch)`` of the windows."""
+    """Features ``(N, C, *patch)`` of `dtype` in ``channels_last_3d`` layout (the cache's own,
+    and the fast one for CPU 3D convolutions) and labels ``(N, S, *patch)`` of the windows.
+
+    Under bf16 autocast, pass ``dtype=torch.bfloat16``: the adapter's residual sum and head then
+    stay in bf16 instead of mixing precisions (measured on 2 CPU cores, a 48-channel
+    spatial-adapter step on six 96^3 patches: 6.2 s instead of 10.2 s)."""
     size = tuple(s.stop - s.start for s in windows[0])
-    feats = torch.empty((len(windows), volume.features.shape[0], *size), memory_format=torch.channels_last_3d)
+    feats = torch.empty(
+        (len(windows), volume.features.shape[0], *size), dtype=dtype, memory_format=torch.channels_last_3d
+    )
     for n, w in enumerate(windows):
         # (C, x, y, z) view of channels-last storage: copying keeps the layout, then one cast
         feats[n].copy_(torch.from_numpy(np.array(volume.features[(slice(None), *w)])))
@@ -395,7 +404,7 @@ def train_adapter(
                 windows = sample_patch_slices(
                     vol.labels.shape[1:], vol.fg, vol.bg, cfg.patch_size, cfg.patches_per_volume, cfg.pos_ratio, rng
                 )
-                feats, labels = _patch_batch(vol, windows, device)
+                feats, labels = _patch_batch(vol, windows, device, amp_dtype or torch.float32)
                 with torch.autocast(**autocast):
                     logits = adapter(feats)
                 loss = supervised_loss(logits, labels, multiclass) / len(batch)

@@ -237,7 +237,8 @@ def iter_slab_logits(
     ``(z_slice, logits (1, O, X, Y, z_slice))``; each slab is read with `adapter.halo` extra
     slices on both sides and cropped back, so the concatenated logits equal one whole-volume
     forward. Gradients flow when called with grad enabled (the caller backpropagates each slab).
-    `autocast_dtype` (e.g. ``torch.bfloat16``) runs the adapter under autocast.
+    `autocast_dtype` (e.g. ``torch.bfloat16``) runs the adapter under autocast, on slabs read in
+    that dtype (no mixed-precision residual sums); otherwise slabs are read as `dtype`.
     """
     device = torch.device(device)
     depth = features.shape[-1]
@@ -248,7 +249,7 @@ def iter_slab_logits(
         chunk = features[..., a:b]
         if isinstance(chunk, np.ndarray):
             chunk = torch.from_numpy(np.array(chunk))  # a writable copy of the slab only
-        chunk = chunk.to(device=device, dtype=dtype).unsqueeze(0)
+        chunk = chunk.to(device=device, dtype=autocast_dtype or dtype).unsqueeze(0)
         amp = autocast_dtype is not None
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=amp):
             logits = adapter(chunk)
