@@ -140,7 +140,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="sliding-window size in model-space voxels (default: the window the model was trained on, else 96 96 96)")
     p.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
     p.add_argument("--threshold", type=float, default=0.5, help="sigmoid probability threshold (default: 0.5)")
-    p.add_argument("--no-lcc", action="store_true", help="keep every connected component (default: the largest only)")
+    p.add_argument("--no-lcc", action="store_true", help="keep every connected component (default: the largest only, except for multi-part structures such as vertebrae, tumours and vessel trees)")
     p.add_argument("--per-structure-files", action="store_true", help="one binary mask file per structure")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_predict)
