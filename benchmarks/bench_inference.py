@@ -139,6 +139,9 @@ def main() -> None:
     masks = {name: out > 0.5 for name, out in outputs.items()}
     fg = float(masks["fseft fp32"].float().mean())
     print(f"plain / fseft fp32 time ratio : {best['plain MONAI fp32'] / best['fseft fp32']:.3f}  (>= 1.0: no overhead)")
+    if args.repeats > 1:  # the two runs of one repeat are neighbours in time: their ratio drifts less
+        paired = [p / f for p, f in zip(times["plain MONAI fp32"], times["fseft fp32"])]
+        print(f"  per repeat: {', '.join(f'{r:.3f}' for r in paired)}; median {float(np.median(paired)):.3f}")
     print(f"fseft fp32 / bf16 speed-up    : {best['fseft fp32'] / best['fseft bf16']:.3f}  (goal >= 1.5)")
     explicit = best.get("plain MONAI fp32, explicit attention")
     if explicit is not None:
