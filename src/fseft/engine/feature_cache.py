@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from fseft.errors import FseftError
+from fseft.utils import apply_default_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +254,7 @@ class FeatureCache:
                 np.save(tmp / self._label_file(case, name), pre.label[s].as_tensor().numpy().astype(np.uint8))
             meta = {"key": material, "shape": list(shape), "case_id": case.case_id}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            apply_default_permissions(tmp)
             if entry.exists():  # stale or unreadable: replace it
                 _remove_tree(entry)
             try:
