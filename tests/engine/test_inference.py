@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -282,3 +283,16 @@ def test_window_defaults_to_the_one_the_model_file_records():
     assert InferenceConfig().for_model(Wrapper()).roi_size == (64, 32, 32)
     assert InferenceConfig().for_model(torch.nn.Identity()).roi_size == DEFAULT_ROI_SIZE
     assert InferenceConfig(roi_size=(32, 32, 32)).for_model(Wrapper()).roi_size == (32, 32, 32)
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch):
+    from fseft.engine import inference
+
+    assert inference.cpu_has_native_bf16() in (True, False, None)  # reads /proc/cpuinfo where there is one
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="no bfloat16 instructions"):
+        inference.warn_if_bf16_is_emulated(torch.device("cpu"))
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: None)  # unknown: silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inference.warn_if_bf16_is_emulated(torch.device("cpu"))

@@ -751,6 +751,10 @@ def adapt(
     cfg = cfg or AdaptConfig()
     spec = get_method(cfg.method)
     spec.make_config(**cfg.method_options)  # option errors before any heavy work
+    if cfg.bf16:
+        from fseft.engine.inference import warn_if_bf16_is_emulated
+
+        warn_if_bf16_is_emulated(torch.device(cfg.device))
     names = _structures(structures)
     network = spec.kind == "network"
     if network and cfg.transductive:

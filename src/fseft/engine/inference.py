@@ -9,7 +9,9 @@ post-processing; `predict_path` is `fseft predict`: files, DICOM folders or fold
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +130,33 @@ def select_structures(class_names: Sequence[str], structures: Sequence[str] | st
     return channels, tuple(names)
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX-512 BF16 or AMX), read from
+    ``/proc/cpuinfo``; None where that file is absent (not Linux): unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def warn_if_bf16_is_emulated(device: torch.device) -> None:
+    """bf16 autocast on a CPU without bf16 instructions is emulated and slower than fp32: say so."""
+    if device.type == "cpu" and cpu_has_native_bf16() is False:
+        warnings.warn(
+            "bf16 was requested but this CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16): "
+            "it will be emulated and likely slower than fp32; drop --bf16 on this machine",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 @torch.inference_mode()
 def sliding_window_map(
     model: nn.Module,
@@ -153,6 +182,8 @@ def sliding_window_map(
     # a MetaTensor would drag its metadata through every window; the plain tensor suffices
     image = image.as_tensor() if hasattr(image, "as_tensor") else image
     window_fn = window_fn or model
+    if cfg.bf16:
+        warn_if_bf16_is_emulated(device)
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
