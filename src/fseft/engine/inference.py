@@ -147,13 +147,15 @@ def cpu_has_native_bf16() -> bool | None:
 
 
 def warn_if_bf16_is_emulated(device: torch.device) -> None:
-    """bf16 autocast on a CPU without bf16 instructions is emulated and slower than fp32: say so."""
+    """bf16 autocast on a CPU without bf16 instructions is emulated and slower than fp32: say so,
+    once per process (the warning is attributed to this function, not to its several callers, so
+    Python's default filter shows it once however many steps ask for bf16)."""
     if device.type == "cpu" and cpu_has_native_bf16() is False:
         warnings.warn(
             "bf16 was requested but this CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16): "
             "it will be emulated and likely slower than fp32; drop --bf16 on this machine",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=1,
         )
 
 
