@@ -14,3 +14,8 @@ class InputFileError(FseftError):
 
 class ConfigError(FseftError):
     """A configuration (CLI options, YAML file, dataclass fields) that is invalid."""
+
+
+class TrainingDivergedError(FseftError):
+    """Training produced a non-finite loss or non-finite weights (e.g. too large a learning
+    rate): the run stops and saves nothing."""

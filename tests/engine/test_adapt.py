@@ -422,3 +422,49 @@ def test_cli_adapt_lora_on_phantom_cases_then_predict_and_merge(swin12_file, tmp
     assert plain.shape == source.shape and np.allclose(plain.affine, source.affine, atol=1e-4)
     assert np.array_equal(plain.get_fdata(), merged.get_fdata())
     assert json.loads((tmp_path / "plain.json").read_text()) == {"1": "liver", "2": "gallbladder"}
+
+
+@pytest.mark.parametrize("method", ["lp", "lora"])
+def test_diverged_training_stops_with_an_error_and_saves_nothing(data_root, tmp_path, method, capsys):
+    """A learning rate that overflows the weights: exit 2 naming the step, no run folder."""
+    from fseft.models.checkpoint import save_model_file
+
+    model_file = save_model_file(tiny_model(), tmp_path / "tiny.safetensors", tiny_model().preprocess)
+    out = tmp_path / "run"
+    args = ["adapt", "--model", str(model_file), "--data", str(data_root), "--structures", "liver", "--k", "1",
+            "--method", method, "--lr", "1e25", "--epochs", "30", "--patience", "0", "--patch-size", "16", "16", "16",
+            "--roi-size", "16", "16", "16", "--patches-per-volume", "1", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "diverged" in err and "nothing was saved" in err and "Traceback" not in err, err
+    assert "at step" in err or "non-finite weights" in err
+    assert not out.exists()
+
+
+def test_non_finite_adapter_or_model_file_is_refused_when_loaded(data_root, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from fseft.errors import InputFileError
+    from fseft.models.checkpoint import save_model_file
+    from fseft.models.zoo import load_model
+
+    base = save_model_file(tiny_model(), tmp_path / "base.safetensors", preprocess=tiny_model().preprocess)
+    cfg = _cfg(tmp_path, method="lp", epochs=2, lr=1e-2, patience=0)
+    adapt(str(base), data_root, "liver", 1, 0, tmp_path / "run", cfg)
+    weights = tmp_path / "run" / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+    save_file(state, str(weights), metadata=metadata)  # a diverged run's file, record intact
+    with pytest.raises(InputFileError, match="adapter_model.safetensors: non-finite values"):
+        load_adapted_model(tmp_path / "run")
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.head.bias[0] = float("inf")
+    path = save_model_file(model, tmp_path / "bad.safetensors", model.preprocess)
+    with pytest.raises(InputFileError, match=r"bad.safetensors: non-finite values .*head"):
+        load_model(str(path))

@@ -39,11 +39,13 @@ def _register_tiny():
     zoo.ARCHITECTURES["tiny_test"] = TinySegmenter
 
 
-def _assembly(root: Path, **train):
+def _assembly(root: Path, validation: bool = False, **train):
     from fseft.engine.pretrain import assembly_from_dict
 
     data = tiny_assembly(root, **train)
     data["model"] = {"arch": "tiny_test"}
+    if validation:
+        data["validation"] = {"path": "A", "every": 1}
     return assembly_from_dict(data, base_dir=root)
 
 
@@ -53,14 +55,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, root: str) -> None:
+# the v3 recipe's sampling: class-balanced datasets and patches, prior-initialised head, and a
+# validation set that rank 0 scores while the other ranks wait
+RECIPE = {"sampling": "classes", "balance_classes": True, "head_prior": 0.05}
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, root: str, options: dict) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     _register_tiny()
     from fseft.engine.pretrain import pretrain
 
-    result = pretrain(_assembly(Path(root), epochs=1, batch_size=1, device="cpu"), Path(root) / "ddp")
+    result = pretrain(_assembly(Path(root), epochs=1, batch_size=1, device="cpu", **options), Path(root) / "ddp")
     torch.save({"weights": result.model.state_dict(), "history": result.history},
                Path(root) / f"rank{rank}.pt")
 
@@ -81,18 +88,19 @@ def test_single_process_context_has_no_process_group(monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_a_single_process_with_the_same_global_batch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("options", [{}, {**RECIPE, "validation": True}], ids=["defaults", "v3-recipe"])
+def test_two_gloo_ranks_match_a_single_process_with_the_same_global_batch(tmp_path, monkeypatch, options):
     from fseft.engine.pretrain import pretrain
     from fseft.models import zoo
     from fseft.utils import seed_everything
 
     # two volumes (one per dataset): each rank takes one volume per step, the single process two
     _assembly(tmp_path)  # writes the datasets once, before the ranks start
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), options), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     monkeypatch.setitem(zoo.ARCHITECTURES, "tiny_test", TinySegmenter)
-    single = pretrain(_assembly(tmp_path, epochs=1, batch_size=2, device="cpu"), tmp_path / "single")
+    single = pretrain(_assembly(tmp_path, epochs=1, batch_size=2, device="cpu", **options), tmp_path / "single")
 
     # DDP all-reduces the gradients: both ranks apply the same update
     for key, value in ranks[0]["weights"].items():
@@ -110,3 +118,6 @@ def test_two_gloo_ranks_match_a_single_process_with_the_same_global_batch(tmp_pa
     # only rank 0 wrote the log, the checkpoint and the model file
     log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and (tmp_path / "ddp" / "model.safetensors").exists()
+    if options.get("validation"):  # rank 0 scored the same model as the single process
+        assert log[0]["val_dice"] == pytest.approx(single.history[0]["val_dice"], abs=1e-6)
+        assert set(log[0]["val_dice"]) == {"liver", "spleen"}

@@ -16,7 +16,7 @@ from fseft.engine.pretrain import (
     pretrain,
     resolve_sources,
 )
-from fseft.engine.sampling import EpochPatchDataset, patch_transforms
+from fseft.engine.sampling import EpochPatchDataset, class_balanced_group_weights, patch_transforms
 from fseft.errors import ConfigError, InputFileError
 from fseft.utils import write_json
 
@@ -184,6 +184,65 @@ def test_dataset_balanced_sampling_equalises_groups():
     assert list(plain.order) == list(range(10)) * 2
 
 
+def test_class_sampling_centres_patches_on_small_structures_as_often_as_large():
+    label = torch.zeros(3, 40, 40, 40, dtype=torch.uint8)
+    label[0, 2:30, 2:30, 2:30] = 1  # large
+    label[1, 35:37, 35:37, 35:37] = 1  # 8 voxels
+    volume = {"image": torch.rand(1, 40, 40, 40), "label": label}  # channel 2: absent
+    hits = {}
+    for mode in ("foreground", "classes"):
+        dataset = EpochPatchDataset([volume], patch_transforms((8, 8, 8), 4, pos=1, neg=0, augment=False,
+                                                                sampling=mode), length=40)
+        counts = np.zeros(3)
+        for i in range(len(dataset)):
+            for p in dataset[i]:
+                assert set(p) == {"image", "label"} and tuple(p["label"].shape) == (3, 8, 8, 8)
+                counts += (p["label"].reshape(3, -1).amax(1) > 0).numpy()
+        hits[mode] = counts
+    assert hits["foreground"][1] < 10  # 8 of 21,960 foreground voxels: almost never
+    assert hits["classes"][1] > 50 and hits["classes"][0] > 50 and hits["classes"][2] == 0
+
+
+def test_sampling_and_augmentation_options_are_checked(tmp_path):
+    data = tiny_assembly(tmp_path)
+    with pytest.raises(ConfigError, match="sampling must be one of foreground, classes"):
+        assembly_from_dict(data, base_dir=tmp_path, overrides={"sampling": "organs"})
+    with pytest.raises(ConfigError, match="flip_axes"):
+        assembly_from_dict(data, base_dir=tmp_path, overrides={"flip_axes": [0, 3]})
+    with pytest.raises(ConfigError, match="head_prior must be in"):
+        assembly_from_dict(data, base_dir=tmp_path, overrides={"head_prior": 1.5})
+    train = assembly_from_dict(data, base_dir=tmp_path, overrides={"flip_axes": [2, 1], "rotate90": False}).train
+    assert train.flip_axes == (2, 1) and train.rotate90 is False
+    # without flips along axis 0 a left-right asymmetric patch never comes out mirrored
+    image = torch.zeros(1, 16, 8, 8)
+    image[:, :4] = 1.0
+    transform = patch_transforms((16, 8, 8), 1, augment=True, flip_axes=(1, 2), rotate90=False)
+    dataset = EpochPatchDataset([{"image": image, "label": torch.ones(1, 16, 8, 8, dtype=torch.uint8)}], transform,
+                                length=60)
+    assert all(float(dataset[i][0]["image"][0, :4].mean()) > float(dataset[i][0]["image"][0, 12:].mean())
+               for i in range(60))
+
+
+def test_class_balanced_dataset_weights_raise_the_least_annotated_class():
+    # the phantom assembly: A liver spleen kidneys stomach; B pancreas aorta IVC liver vertebrae;
+    # C kidneys spleen aorta vertebrae stomach
+    annotates = np.array([[1, 1, 1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 1, 0, 1]], bool)
+    p = class_balanced_group_weights(annotates)
+    assert p.sum() == pytest.approx(1) and (p >= 0).all()
+    share = annotates.T.astype(float) @ p
+    assert share.min() == pytest.approx(0.5, abs=1e-6)  # uniform datasets: pancreas and IVC get 1/3
+    assert (annotates.T.astype(float) @ np.full(3, 1 / 3)).min() == pytest.approx(1 / 3)
+    # symmetric assemblies stay uniform
+    assert class_balanced_group_weights(np.eye(3, dtype=bool)) == pytest.approx(np.full(3, 1 / 3))
+    with pytest.raises(ConfigError, match="at least one dataset"):
+        class_balanced_group_weights(np.array([[1, 0], [1, 0]], bool))
+    # the weights drive the draws: group 1 (one volume of ten) gets 80 % of them
+    identity = type("T", (), {"set_random_state": lambda self, seed: None, "__call__": lambda self, v: v})()
+    dataset = EpochPatchDataset(list(range(10)), identity, groups=[0] * 9 + [1], length=4000,
+                                group_weights=[0.2, 0.8])
+    assert 0.77 < (dataset.order == 9).mean() < 0.83
+
+
 # ---------------------------------------------------------------------------- training
 
 
@@ -219,6 +278,38 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert set(log[0]["loss_per_class"]) == {"liver", "spleen", "kidney_left"}
 
 
+def test_validation_dice_is_logged_and_head_prior_sets_the_biases(tmp_path):
+    data = tiny_assembly(tmp_path, lr=0.0, head_prior=0.02, sampling="classes", balance_classes=True)
+    data["validation"] = {"path": "A", "every": 1, "max_cases": 1}
+    result = pretrain(assembly_from_dict(data, base_dir=tmp_path), tmp_path / "run")
+    bias = result.model.head.bias.detach()
+    assert torch.allclose(bias, torch.full_like(bias, float(np.log(0.02 / 0.98))))  # lr 0: untouched
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    # A annotates liver and spleen only: those are scored, each a Dice in [0, 1]
+    assert [sorted(r["val_dice"]) for r in log] == [["liver", "spleen"]] * 2
+    assert all(0.0 <= v <= 1.0 for r in log for v in r["val_dice"].values())
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert header[:4] == ["epoch", "loss", "lr", "seconds"] and "val_dice_liver" in header
+    assert "val_dice_mean" in header and len(rows) == 3
+    missing = tiny_assembly(tmp_path)
+    missing["validation"] = {"path": "nowhere"}
+    with pytest.raises(ConfigError, match="validation: dataset folder .*nowhere does not exist"):
+        assembly_from_dict(missing, base_dir=tmp_path)
+    missing["validation"] = {"path": "A", "evry": 2}
+    with pytest.raises(ConfigError, match="did you mean 'every'"):
+        assembly_from_dict(missing, base_dir=tmp_path)
+
+
+def test_diverged_pretraining_stops_before_writing_a_checkpoint(tmp_path, capsys):
+    data = tiny_assembly(tmp_path, lr=1e25, epochs=3)
+    path = write_yaml(tmp_path / "a.yaml", data)
+    assert main(["pretrain", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "pre-training diverged" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "model.safetensors").exists()
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     data = tiny_assembly(tmp_path)
     with pytest.raises(ConfigError, match="no checkpoint to resume from"):
@@ -235,8 +326,9 @@ def test_phantom_pretrain_cli_end_to_end(tmp_path):
 
     write_partial_label_sources(tmp_path / "sources", n_sources=3, cases_per_source=1, progress=False)
     example = yaml.safe_load((Path(__file__).parents[2] / "examples" / "pretrain_phantom.yaml").read_text())
-    # the example's datasets and catalogue, with a tiny model and coarse voxels to keep it fast
+    # the example's datasets, validation and catalogue, with a tiny model and coarse voxels
     example["datasets"] = [{**d, "path": str(tmp_path / "sources" / Path(d["path"]).name)} for d in example["datasets"]]
+    example["validation"] = {**example["validation"], "path": str(tmp_path / "sources" / "partial_B"), "every": 1}
     example["model"] = {"arch": "unet3d", "arch_kwargs": {"base_channels": 2}, "classes": example["model"].get("classes")}
     example["preprocess"] = {**example.get("preprocess", {}), "spacing": [6, 6, 6]}
     config = write_yaml(tmp_path / "assembly.yaml", example)
@@ -249,6 +341,7 @@ def test_phantom_pretrain_cli_end_to_end(tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and np.isfinite(log[0]["loss"])
     assert all(v is not None for v in log[0]["loss_per_class"].values())  # every class seen in one epoch
+    assert set(log[0]["val_dice"]) == {"pancreas", "aorta", "inferior_vena_cava", "liver", "vertebrae"}
 
     # the model file carries the preprocessing it was trained with
     cfg = PreprocessConfig.from_dict(read_model_file_config(out / "model.safetensors")["preprocess"])

@@ -109,6 +109,24 @@ def test_swin_model_file_round_trip_keeps_every_tensor(tmp_path):
     assert all(torch.equal(original[k], restored[k]) for k in original)
 
 
+def test_float16_model_file_stores_swin_indices_narrow_and_restores_them_exactly(tmp_path):
+    from safetensors import safe_open
+
+    torch.manual_seed(3)
+    net = create_model("swin_unetr", ["liver", "spleen"], feature_size=12)
+    path = save_model_file(net, tmp_path / "swin16.safetensors", dtype=torch.float16)
+    with safe_open(str(path), framework="pt") as f:
+        key = next(k for k in f.keys() if k.endswith("relative_position_index"))
+        assert f.get_tensor(key).dtype == torch.int16  # int64 in the model: 4x the bytes
+    full = save_model_file(net, tmp_path / "swin32.safetensors")  # no dtype: stored as is
+    assert path.stat().st_size < 0.6 * full.stat().st_size
+    original, restored = net.state_dict(), load_model_file(path).state_dict()
+    for k, v in original.items():
+        assert restored[k].dtype == v.dtype, k
+        if not v.is_floating_point():
+            assert torch.equal(restored[k], v), k
+
+
 def test_model_file_problems_are_input_file_errors(tmp_path):
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(1)}, str(plain))

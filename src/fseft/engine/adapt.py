@@ -367,6 +367,7 @@ def train_adapter(
     """
     from tqdm.auto import tqdm
 
+    from fseft.engine.losses import check_finite_loss, check_finite_parameters
     from fseft.methods.transductive import size_constraint_step, target_sizes
 
     device = torch.device(cfg.device)
@@ -408,6 +409,7 @@ def train_adapter(
                 with torch.autocast(**autocast):
                     logits = adapter(feats)
                 loss = supervised_loss(logits, labels, multiclass) / len(batch)
+                check_finite_loss(loss, step + 1, optimizer.param_groups[0]["lr"], f"adapt {cfg.method}")
                 loss.backward()
                 loss_value += float(loss.detach())
             if epoch >= ti_start:
@@ -430,6 +432,7 @@ def train_adapter(
             break
     bar.close()
     adapter.eval()
+    check_finite_parameters(adapter, f"adapt {cfg.method}")
     return TrainResult(len(losses), losses, ti_losses, time.perf_counter() - start, stopped)
 
 
@@ -455,6 +458,7 @@ def train_network(
     """
     from tqdm.auto import tqdm
 
+    from fseft.engine.losses import check_finite_loss, check_finite_parameters
     from fseft.engine.sampling import EpochPatchDataset, patch_transforms
     from fseft.methods.peft_methods import method_train_mode, post_step
 
@@ -496,6 +500,7 @@ def train_network(
                     except ValueError as exc:  # the architecture's shape check
                         raise ConfigError(f"patch_size {cfg.patch_size} does not fit the {arch} model: {exc}") from exc
                 loss = supervised_loss(logits, labels, multiclass) / len(batch)
+                check_finite_loss(loss, epoch * iters + it + 1, optimizer.param_groups[0]["lr"], f"adapt {cfg.method}")
                 loss.backward()
                 epoch_loss += float(loss.detach())
             optimizer.step()
@@ -508,6 +513,7 @@ def train_network(
             break
     bar.close()
     model.eval()
+    check_finite_parameters(model, f"adapt {cfg.method}")
     return TrainResult(len(losses), losses, [], time.perf_counter() - start, stopped)
 
 
@@ -1100,6 +1106,7 @@ def _load_features_run(run_dir: Path, device: str | torch.device) -> AdaptedMode
     from safetensors.torch import load_file
 
     from fseft.data.preprocessing import PreprocessConfig
+    from fseft.models.checkpoint import require_finite_tensors
 
     cfg_path, weights_path = run_dir / ADAPTER_CONFIG, run_dir / ADAPTER_WEIGHTS
     if not cfg_path.is_file():
@@ -1121,6 +1128,7 @@ def _load_features_run(run_dir: Path, device: str | torch.device) -> AdaptedMode
         adapter.load_state_dict(state)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise InputFileError(f"{weights_path}: cannot load the adapter weights ({exc})") from exc
+    require_finite_tensors(state, weights_path)
     preprocess = PreprocessConfig.from_dict(config["preprocess"])
     model = AdaptedModel(base, adapter, structures, config["objective"] == "multiclass", preprocess)
     return model.to(device).eval()

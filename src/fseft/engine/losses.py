@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from fseft.errors import ConfigError
+from fseft.errors import ConfigError, TrainingDivergedError
 
 # Per-sample, per-class soft Dice (batch=False): a volume's Dice never mixes with another's.
 # Smoothing in numerator and denominator keeps the Dice of an empty target finite (its
@@ -71,3 +71,29 @@ def partial_label_loss(logits: torch.Tensor, target: torch.Tensor, annotated: to
         scalar: mean over samples of (sum over annotated classes of BCE + Dice) / (number annotated).
     """
     return masked_class_losses(per_class_bce_dice(logits, target, bce_weight, dice_weight), annotated)
+
+
+def check_finite_loss(loss: torch.Tensor, step: int, lr: float, what: str = "training") -> None:
+    """Raise `TrainingDivergedError` when `loss` (a scalar) is NaN or infinite: an optimiser
+    step on it would make every weight non-finite, and the run would save a model or adapter
+    that segments nothing. `step` counts optimiser steps from 1; `lr` is the current one."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise TrainingDivergedError(
+            f"{what} diverged: the loss is {float(loss.detach().float().mean())} at step {step} "
+            f"(learning rate {lr:.3g}); nothing was saved. Lower the learning rate (--lr) or check the data.")
+
+
+def non_finite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of `module` holding NaN or Inf."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite_parameters(module: torch.nn.Module, what: str = "training") -> None:
+    """Raise `TrainingDivergedError` when a trained module holds non-finite weights (checked
+    before anything is saved)."""
+    bad = non_finite_parameters(module)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainingDivergedError(f"{what} diverged: non-finite weights in {shown}; nothing was saved. "
+                                    "Lower the learning rate (--lr) or check the data.")

@@ -7,7 +7,8 @@ BCE + Dice of `fseft.engine.losses.partial_label_loss`. Runs on one process or o
 
 Run folder (``--out DIR``): ``assembly.json`` (the resolved configuration), ``cache/`` (each
 volume preprocessed once), ``checkpoint.pt`` (resumable, after every epoch), ``log.jsonl``
-(one line per epoch, loss per class) and, at the end, ``model.safetensors`` (an fseft model
+(one line per epoch: loss per class and, with a ``validation:`` dataset, its Dice per class
+every few epochs), ``log.csv`` (the same as a table) and, at the end, ``model.safetensors`` (an fseft model
 file for `fseft.models.load_model` / ``fseft predict --model``).
 """
 
@@ -45,6 +46,7 @@ from fseft.utils import atomic_path, check_keys, read_yaml_mapping, seed_everyth
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.safetensors"
 LOG_NAME = "log.jsonl"
+CSV_LOG_NAME = "log.csv"
 _CACHE_VERSION = 1
 
 
@@ -91,13 +93,51 @@ class DatasetEntry:
 
 
 @dataclass
+class ValidationConfig:
+    """A held-out labelled dataset scored during pre-training (the ``validation:`` section).
+
+    Every `every` epochs (and after the last), rank 0 segments its first `max_cases` cases
+    (all when None) whole, in model space, and logs the Dice of each catalogue class the
+    dataset annotates (sigmoid > 0.5, no post-processing) to ``log.jsonl`` / ``log.csv``, so a
+    run shows which structure lags. It is only watched: it neither trains nor picks the model.
+    """
+
+    path: Path
+    every: int = 5
+    max_cases: int | None = None
+    layout: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path).expanduser()
+        for name, optional in (("every", False), ("max_cases", True)):
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"validation.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
 class PretrainConfig:
     """Training hyper-parameters (the ``train:`` section of an assembly YAML).
 
     epochs: passes over `volumes_per_epoch` volumes (default: every volume once).
     batch_size: volumes per step per process; each gives `patches_per_volume` patches of
     `patch_size` voxels, centred on a structure with probability pos / (pos + neg).
+    sampling: ``foreground`` (centred on any structure: large organs own most patches) or
+    ``classes`` (on a structure drawn uniformly among those present; see
+    `fseft.engine.sampling.patch_transforms`).
+    augment: flips along `flip_axes`, axial 90-degree rotations (`rotate90`), intensity
+    scaling and shifts. In RAS space axis 0 is left-right: flipping it swaps left and right
+    organs without swapping their labels.
+    head_prior: initialise every output's bias to logit(head_prior), the expected foreground
+    fraction of a class, instead of 0 (p = 0.5 everywhere), so that the first steps do not
+    spend themselves pushing the background down (RetinaNet's prior initialisation).
     balance_datasets: draw volumes so that each dataset is equally likely.
+    balance_classes: draw datasets with the probabilities that give the least-annotated class
+    the largest share of steps (`fseft.engine.sampling.class_balanced_group_weights`): a class
+    only one dataset of three annotates gets half the steps instead of a third. Implies
+    dataset-level sampling (overrides `balance_datasets`).
     lr / weight_decay: AdamW; warmup_epochs of linear warm-up, then cosine decay to 0.
     bf16: bfloat16 autocast. grad_checkpointing: the model's `use_checkpoint`.
     device: ``auto``, ``cpu``, ``cuda`` (each torchrun process takes its LOCAL_RANK GPU).
@@ -109,9 +149,14 @@ class PretrainConfig:
     patch_size: tuple[int, int, int] = (96, 96, 96)
     pos: float = 1.0
     neg: float = 1.0
+    sampling: str = "foreground"
     balance_datasets: bool = False
+    balance_classes: bool = False
     volumes_per_epoch: int | None = None
     augment: bool = True
+    flip_axes: tuple[int, ...] = (0, 1, 2)
+    rotate90: bool = True
+    head_prior: float | None = None
     lr: float = 1e-4
     weight_decay: float = 1e-5
     warmup_epochs: float = 1.0
@@ -145,7 +190,19 @@ class PretrainConfig:
         number("lr", float, 0)
         if self.pos + self.neg == 0:
             raise ConfigError("PretrainConfig.pos and .neg cannot both be 0")
-        for name in ("balance_datasets", "augment", "bf16", "grad_checkpointing", "tensorboard", "progress"):
+        number("head_prior", float, 0, optional=True)
+        if self.head_prior is not None and not 0 < self.head_prior < 1:
+            raise ConfigError(f"PretrainConfig.head_prior must be in (0, 1), got {self.head_prior}")
+        from fseft.engine.sampling import SAMPLING_MODES
+
+        if self.sampling not in SAMPLING_MODES:
+            raise ConfigError(f"PretrainConfig.sampling must be one of {', '.join(SAMPLING_MODES)}, got {self.sampling!r}")
+        axes = self.flip_axes if isinstance(self.flip_axes, (list, tuple)) else [self.flip_axes]
+        if any(isinstance(a, bool) or a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise ConfigError(f"PretrainConfig.flip_axes must list distinct axes among 0, 1, 2, got {self.flip_axes!r}")
+        self.flip_axes = tuple(int(a) for a in axes)  # type: ignore[assignment]
+        for name in ("balance_datasets", "balance_classes", "augment", "rotate90", "bf16", "grad_checkpointing", "tensorboard",
+                     "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"PretrainConfig.{name} must be true or false, got {getattr(self, name)!r}")
         patch = self.patch_size
@@ -177,6 +234,7 @@ class AssemblyConfig:
     train: PretrainConfig = field(default_factory=PretrainConfig)
     source: str = "<assembly>"
     save_dtype: str = "float32"  # storage dtype of the final model file (float16 halves it)
+    validation: ValidationConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict, the shape of the YAML (paths absolute)."""
@@ -199,10 +257,11 @@ class AssemblyConfig:
                       "save_dtype": self.save_dtype},
             "preprocess": self.preprocess.to_dict(),
             "train": plain(dataclasses.asdict(self.train)),
+            **({"validation": plain(dataclasses.asdict(self.validation))} if self.validation else {}),
         }
 
 
-_TOP_KEYS = ("datasets", "model", "preprocess", "train")
+_TOP_KEYS = ("datasets", "model", "preprocess", "train", "validation")
 _MODEL_KEYS = ("arch", "arch_kwargs", "classes", "save_dtype")
 _SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -258,8 +317,22 @@ def assembly_from_dict(data: Mapping[str, Any], source: str = "<assembly>", base
         classes = canonical_names(classes if isinstance(classes, str) else list(classes))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
+    validation = None
+    if top.get("validation") is not None:
+        raw = check_keys(top.get("validation"), _field_names(ValidationConfig), "validation", source)
+        if "path" not in raw:
+            raise ConfigError(f"{source}: validation has no 'path'")
+        path = Path(str(raw["path"])).expanduser()
+        raw["path"] = path if path.is_absolute() else base / path
+        if not raw["path"].exists():
+            raise ConfigError(f"{source}: validation: dataset folder {raw['path']} does not exist")
+        try:
+            validation = ValidationConfig(**raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
     return AssemblyConfig(datasets=datasets, arch=str(model.get("arch", "swin_unetr")), arch_kwargs=dict(arch_kwargs),
-                          classes=classes, preprocess=preprocess, train=train, source=source, save_dtype=save_dtype)
+                          classes=classes, preprocess=preprocess, train=train, source=source, save_dtype=save_dtype,
+                          validation=validation)
 
 
 def load_assembly(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> AssemblyConfig:
@@ -326,6 +399,30 @@ def resolve_sources(assembly: AssemblyConfig) -> tuple[tuple[str, ...], list[_So
                               f"({', '.join(catalogue)}); it annotates {', '.join(listed)}")
         resolved.append(_Source(entry, dataset, annotated))
     return catalogue, resolved
+
+
+def resolve_validation(assembly: AssemblyConfig, catalogue: Sequence[str]) -> _Source | None:
+    """Open the validation dataset (None without one): its labelled cases (the first
+    `max_cases`) and the catalogue classes it annotates. Raises `ConfigError` when it
+    annotates none of them."""
+    from fseft.data.datasets import open_dataset
+
+    val = assembly.validation
+    if val is None:
+        return None
+    where = f"{assembly.source}: validation dataset {val.path}"
+    try:
+        dataset = open_dataset(val.path, val.layout)
+    except FseftError as exc:
+        raise type(exc)(f"{where}: {exc}") from exc
+    cases = dataset.labelled_cases[: val.max_cases]
+    if not cases:
+        raise ConfigError(f"{where} has no labelled case")
+    annotated = tuple(c for c in catalogue if all(c in case.structures for case in cases))
+    if not annotated:
+        raise ConfigError(f"{where} annotates none of the catalogue classes ({', '.join(catalogue)})")
+    dataset.cases = cases
+    return _Source(DatasetEntry(val.path, annotated, val.layout, "validation"), dataset, annotated)
 
 
 @dataclass(frozen=True)
@@ -470,8 +567,10 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedul
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
     try:
-        # Python's random state is a tuple of ints, within what weights_only allows.
-        return torch.load(path, map_location=device, weights_only=True)
+        # Python's random state is a tuple of ints, within what weights_only allows. Loaded on
+        # the CPU: the RNG states must stay there (load_state_dict moves weights and optimizer
+        # state to the model's device).
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
         raise InputFileError(f"{path}: not a readable fseft pre-training checkpoint ({exc})") from exc
 
@@ -500,7 +599,7 @@ def _train_epoch(model: torch.nn.Module, loader: Any, optimizer: Any, scheduler:
     """One pass over `loader`; returns this rank's sums: loss, steps, per-class loss and counts."""
     from tqdm import tqdm
 
-    from fseft.engine.losses import masked_class_losses, per_class_bce_dice
+    from fseft.engine.losses import check_finite_loss, masked_class_losses, per_class_bce_dice
 
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -516,6 +615,7 @@ def _train_epoch(model: torch.nn.Module, loader: Any, optimizer: Any, scheduler:
             logits = model(image)
         per_class = per_class_bce_dice(logits, label)  # (B, C) float32
         loss = masked_class_losses(per_class, annotated)
+        check_finite_loss(loss, scheduler.last_epoch + 1, optimizer.param_groups[0]["lr"], "pre-training")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -529,6 +629,47 @@ def _train_epoch(model: torch.nn.Module, loader: Any, optimizer: Any, scheduler:
         bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
     return {"loss_sum": loss_sum, "steps": steps, "class_sum": class_sum, "class_count": class_count}
+
+
+def validation_dice(model: torch.nn.Module, volumes: CachedVolumes, catalogue: Sequence[str],
+                    roi_size: Sequence[int], device: torch.device, bf16: bool = False) -> dict[str, float]:
+    """Mean Dice over `volumes` of each class they annotate: sigmoid > 0.5 of whole-volume
+    sliding-window logits in model space (no largest-component step, no resampling)."""
+    from fseft.engine.inference import InferenceConfig, predict_probabilities
+
+    cfg = InferenceConfig(roi_size=tuple(roi_size), device=str(device), bf16=bf16, progress=False)
+    scores: dict[str, list[float]] = {}
+    for item in volumes:
+        annotated = item["annotated"].nonzero().flatten().tolist()
+        probs = predict_probabilities(model, item["image"][None], cfg, channels=annotated)[0]
+        for j, c in enumerate(annotated):
+            pred, gt = probs[j] > 0.5, item["label"][c] > 0
+            total = int(pred.sum()) + int(gt.sum())
+            scores.setdefault(catalogue[c], []).append(1.0 if total == 0 else 2.0 * int((pred & gt).sum()) / total)
+    return {c: float(np.mean(scores[c])) for c in catalogue if c in scores}
+
+
+def _csv_log(history: Sequence[Mapping[str, Any]], catalogue: Sequence[str]) -> str:
+    """``log.csv``: one row per epoch, training loss per class and validation Dice per class."""
+    import csv
+    import io
+
+    has_val = any("val_dice" in r for r in history)
+    header = ["epoch", "loss", "lr", "seconds"] + [f"loss_{c}" for c in catalogue]
+    if has_val:
+        header += [f"val_dice_{c}" for c in catalogue] + ["val_dice_mean"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for r in history:
+        row = [r["epoch"], f"{r['loss']:.5f}", f"{r['lr']:.3e}", r["seconds"]]
+        row += ["" if r["loss_per_class"].get(c) is None else f"{r['loss_per_class'][c]:.5f}" for c in catalogue]
+        if has_val:
+            val = r.get("val_dice") or {}
+            row += ["" if c not in val else f"{val[c]:.4f}" for c in catalogue]
+            row += ["" if not val else f"{np.mean(list(val.values())):.4f}"]
+        writer.writerow(row)
+    return buffer.getvalue()
 
 
 def _open_tensorboard(out: Path, enabled: bool) -> Any:
@@ -597,6 +738,7 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
     with distributed_context(train.device) as ctx:
         seed_everything(train.seed)  # identical initial weights on every rank
         catalogue, sources = resolve_sources(assembly)
+        val_source = resolve_validation(assembly, catalogue)
         identity = {"arch": assembly.arch, "arch_kwargs": assembly.arch_kwargs, "classes": list(catalogue),
                     "preprocess": assembly.preprocess.to_dict()}
         if ctx.is_main:
@@ -610,18 +752,36 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
         from monai.data import list_data_collate
         from monai.optimizers import WarmupCosineSchedule
 
-        from fseft.engine.sampling import EpochPatchDataset, patch_transforms
+        from fseft.engine.losses import check_finite_parameters
+        from fseft.engine.sampling import EpochPatchDataset, class_balanced_group_weights, patch_transforms
 
         volumes = prepare_cache(sources, catalogue, assembly.preprocess, cache_dir, ctx, train.progress)
+        val_volumes = None if val_source is None else prepare_cache(
+            [val_source], catalogue, assembly.preprocess, cache_dir, ctx, train.progress)
 
         model = _build_model(assembly, catalogue)
+        if train.head_prior is not None:
+            with torch.no_grad():
+                model.head.bias.fill_(math.log(train.head_prior / (1 - train.head_prior)))
         if ctx.is_distributed and ctx.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm over the global batch
         model = wrap_model(model, ctx)
-        transform = patch_transforms(train.patch_size, train.patches_per_volume, train.pos, train.neg, train.augment)
-        dataset = EpochPatchDataset(volumes, transform, seed=train.seed,
-                                    groups=[v.group for v in volumes.volumes] if train.balance_datasets else None,
-                                    length=train.volumes_per_epoch)
+        transform = patch_transforms(train.patch_size, train.patches_per_volume, train.pos, train.neg, train.augment,
+                                     sampling=train.sampling, flip_axes=train.flip_axes, rotate90=train.rotate90)
+        groups, group_weights = None, None
+        if train.balance_datasets or train.balance_classes:
+            groups = [v.group for v in volumes.volumes]
+        if train.balance_classes:
+            annotates = np.array([[c in s.structures for c in catalogue] for s in sources])
+            group_weights = class_balanced_group_weights(annotates)
+            if ctx.is_main:
+                share = annotates.T.astype(float) @ group_weights
+                print("class-balanced dataset weights: "
+                      + ", ".join(f"{s.entry.name} {w:.3f}" for s, w in zip(sources, group_weights))
+                      + "; share of steps per class: "
+                      + ", ".join(f"{c} {v:.2f}" for c, v in zip(catalogue, share)), flush=True)
+        dataset = EpochPatchDataset(volumes, transform, seed=train.seed, groups=groups,
+                                    length=train.volumes_per_epoch, group_weights=group_weights)
         sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                      seed=train.seed)
         loader = DataLoader(dataset, batch_size=train.batch_size, sampler=sampler, collate_fn=list_data_collate,
@@ -672,20 +832,33 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
             record = {"epoch": epoch + 1, "loss": loss, "loss_per_class": per_class,
                       "lr": optimizer.param_groups[0]["lr"], "steps": steps_per_epoch,
                       "seconds": round(seconds, 2), "world_size": ctx.world_size}
+            validate = val_volumes is not None and ((epoch + 1) % assembly.validation.every == 0
+                                                    or epoch + 1 == train.epochs)
+            if validate and ctx.is_main:
+                record["val_dice"] = validation_dice(unwrap_model(model), val_volumes, catalogue, train.patch_size,
+                                                     ctx.device, train.bf16)
             history.append(record)
+            check_finite_parameters(unwrap_model(model), "pre-training")  # before the checkpoint is replaced
             if ctx.is_main:
                 _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch + 1, identity)
                 log_lines.append(json.dumps(record))
                 write_text(out / LOG_NAME, "\n".join(log_lines) + "\n")
+                write_text(out / CSV_LOG_NAME, _csv_log(history, catalogue))
                 classes = "  ".join(f"{c} {v:.3f}" for c, v in per_class.items() if v is not None)
                 print(f"epoch {epoch + 1}/{train.epochs}  loss {loss:.4f}  lr {record['lr']:.2e}  "
                       f"{seconds:.1f}s  |  {classes}", flush=True)
+                if "val_dice" in record:
+                    dice = record["val_dice"]
+                    print(f"  validation Dice (mean {np.mean(list(dice.values())):.3f}): "
+                          + "  ".join(f"{c} {v:.3f}" for c, v in dice.items()), flush=True)
                 if writer is not None:
                     writer.add_scalar("loss/total", loss, epoch + 1)
                     for c, v in per_class.items():
                         if v is not None:
                             writer.add_scalar(f"loss/{c}", v, epoch + 1)
                     writer.add_scalar("lr", record["lr"], epoch + 1)
+                    for c, v in record.get("val_dice", {}).items():
+                        writer.add_scalar(f"val_dice/{c}", v, epoch + 1)
                     writer.flush()
             barrier(ctx)
         if writer is not None:

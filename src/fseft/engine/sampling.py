@@ -27,14 +27,27 @@ def patch_transforms(
     keys: Sequence[str] = ("image", "label"),
     label_key: str = "label",
     image_key: str = "image",
+    sampling: str = "foreground",
+    flip_axes: Sequence[int] = (0, 1, 2),
+    rotate90: bool = True,
 ) -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
     """A MONAI `Compose` turning one volume dict into `patches_per_volume` patch dicts.
 
-    Pads volumes smaller than `patch_size`, then `RandCropByPosNegLabeld` (a patch is centred
-    on a voxel of any annotated structure with probability pos / (pos + neg)), then, with
-    `augment`, the Swin-UNETR BTCV recipe: flips along each axis (p=0.1), 90-degree rotations in
-    the axial plane (p=0.1; only when the patch is square in that plane), intensity scaling
-    (+-10 %, p=0.1) and shifts (+-0.1, p=0.5).
+    Pads volumes smaller than `patch_size`, then crops. `sampling`:
+
+    - ``foreground``: `RandCropByPosNegLabeld`; a patch is centred on a voxel of any annotated
+      structure with probability pos / (pos + neg), else on background. Large organs (the
+      liver) own most foreground voxels, so they own most patches.
+    - ``classes``: `RandCropByLabelClassesd`, nnU-Net-style class-balanced sampling; with
+      probability pos / (pos + neg) a patch is centred on a structure chosen uniformly among
+      those present in the volume (a small organ as often as the liver), else on background.
+
+    With `augment`, the Swin-UNETR BTCV recipe: flips along each of `flip_axes` (p=0.1),
+    90-degree rotations in the first two axes' plane (p=0.1, with `rotate90`; only when the
+    patch is square in that plane), intensity scaling (+-10 %, p=0.1) and shifts (+-0.1,
+    p=0.5). In RAS model space axis 0 is left-right: a flip along it (or a rotation) puts the
+    left kidney where the right one was without swapping their labels, so a catalogue with
+    lateral pairs learns faster without them (see `examples/pretrain_phantom.yaml`).
     Output patches: image ``(1, *patch_size)``, label ``(C, *patch_size)``.
     """
     from monai.transforms import (
@@ -58,23 +71,41 @@ def patch_transforms(
         raise ConfigError(f"patches_per_volume must be >= 1, got {patches_per_volume}")
     if pos < 0 or neg < 0 or pos + neg == 0:
         raise ConfigError(f"pos and neg sampling ratios must be >= 0 and not both 0, got {pos}, {neg}")
+    if sampling not in SAMPLING_MODES:
+        raise ConfigError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}")
+    flip_axes = tuple(int(a) for a in flip_axes)
+    if any(a not in (0, 1, 2) for a in flip_axes):
+        raise ConfigError(f"flip_axes must be spatial axes among 0, 1, 2, got {list(flip_axes)}")
     keys = list(keys)
-    union = f"{label_key}_union"
-    steps: list[Any] = [
-        SpatialPadd(keys=keys, spatial_size=patch),
-        # MONAI reads a multi-channel label as one-hot with a background channel 0 and would
-        # ignore our first class: locate foreground on the union of the channels instead.
-        CopyItemsd(keys=label_key, names=union),
-        Lambdad(keys=union, func=_union_of_channels),
-        FgBgToIndicesd(keys=union),
-        DeleteItemsd(keys=union),
-        RandCropByPosNegLabeld(keys=keys, label_key=label_key, spatial_size=patch, pos=pos, neg=neg,
-                               num_samples=patches_per_volume, fg_indices_key=f"{union}_fg_indices",
-                               bg_indices_key=f"{union}_bg_indices"),
-    ]
+    steps: list[Any] = [SpatialPadd(keys=keys, spatial_size=patch)]
+    if sampling == "foreground":
+        union = f"{label_key}_union"
+        steps += [
+            # MONAI reads a multi-channel label as one-hot with a background channel 0 and would
+            # ignore our first class: locate foreground on the union of the channels instead.
+            CopyItemsd(keys=label_key, names=union),
+            Lambdad(keys=union, func=_union_of_channels),
+            FgBgToIndicesd(keys=union),
+            DeleteItemsd(keys=union),
+            RandCropByPosNegLabeld(keys=keys, label_key=label_key, spatial_size=patch, pos=pos, neg=neg,
+                                   num_samples=patches_per_volume, fg_indices_key=f"{union}_fg_indices",
+                                   bg_indices_key=f"{union}_bg_indices"),
+        ]
+    else:
+        from fseft.engine.class_crop import ClassBalancedCropd
+
+        classes = f"{label_key}_classes"
+        steps += [
+            # channel 0 = background, then one channel per structure: MONAI drops the ratio of a
+            # class absent from the volume (an unannotated one), so each present one is as likely
+            CopyItemsd(keys=label_key, names=classes),
+            Lambdad(keys=classes, func=_with_background_channel),
+            ClassBalancedCropd(keys, classes, patch, pos, neg, patches_per_volume),
+            DeleteItemsd(keys=classes),
+        ]
     if augment:
-        steps += [RandFlipd(keys=keys, prob=0.1, spatial_axis=axis) for axis in range(3)]
-        if patch[0] == patch[1]:
+        steps += [RandFlipd(keys=keys, prob=0.1, spatial_axis=axis) for axis in flip_axes]
+        if rotate90 and patch[0] == patch[1]:
             steps.append(RandRotate90d(keys=keys, prob=0.1, max_k=3, spatial_axes=(0, 1)))
         steps += [
             RandScaleIntensityd(keys=image_key, factors=0.1, prob=0.1),
@@ -83,9 +114,50 @@ def patch_transforms(
     return Compose(steps)
 
 
+SAMPLING_MODES = ("foreground", "classes")
+
+
+def _with_background_channel(label: torch.Tensor) -> torch.Tensor:
+    """``(C, X, Y, Z)`` masks -> ``(1 + C, X, Y, Z)``, channel 0 the voxels outside every structure."""
+    return torch.cat([1 - label.amax(dim=0, keepdim=True), label], dim=0)
+
+
 def _union_of_channels(label: torch.Tensor) -> torch.Tensor:
     """``(C, X, Y, Z)`` masks -> ``(1, X, Y, Z)``: voxels inside any structure."""
     return label.amax(dim=0, keepdim=True)
+
+
+def class_balanced_group_weights(annotates: np.ndarray) -> np.ndarray:
+    """Dataset-drawing probabilities that maximise the share of steps of the least-covered class.
+
+    annotates: ``(G, C)`` bool, True where dataset g annotates class c (every class by at least
+    one dataset). In a partial-label assembly a class annotated by one dataset of three gets a
+    third of the steps under dataset-balanced sampling; this linear programme (max t subject to
+    ``annotates.T @ p >= t``, p a distribution) raises it as far as the other classes allow.
+    Returns ``(G,)`` probabilities; ties are broken towards uniform.
+    """
+    from scipy.optimize import linprog
+
+    a = np.asarray(annotates, dtype=np.float64)
+    groups, classes = a.shape
+    if groups == 0 or not a.any(axis=0).all():
+        raise ConfigError("every class must be annotated by at least one dataset to balance classes")
+    # variables (p_1..p_G, t): minimise -t; t - sum_g p_g a[g, c] <= 0; sum p = 1
+    a_ub = np.hstack([-a.T, np.ones((classes, 1))])
+    best = linprog(np.r_[np.zeros(groups), -1.0], A_ub=a_ub, b_ub=np.zeros(classes),
+                   A_eq=np.r_[np.ones(groups), 0.0][None], b_eq=[1.0], bounds=[(0, 1)] * groups + [(0, 1)])
+    t = float(best.x[-1])
+    # among the optimal distributions, the one closest to uniform (second programme on |p - 1/G|)
+    u = np.full(groups, 1.0 / groups)
+    c = np.r_[np.zeros(groups), np.ones(groups)]  # variables (p, d), d >= |p - u|
+    a_ub = np.vstack([np.hstack([-a.T, np.zeros((classes, groups))]),
+                      np.hstack([np.eye(groups), -np.eye(groups)]),
+                      np.hstack([-np.eye(groups), -np.eye(groups)])])
+    b_ub = np.r_[np.full(classes, -t + 1e-9), u, -u]
+    near = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=np.r_[np.ones(groups), np.zeros(groups)][None], b_eq=[1.0],
+                   bounds=[(0, 1)] * (2 * groups))
+    p = np.clip(near.x[:groups] if near.success else best.x[:groups], 0, None)
+    return p / p.sum()
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -99,22 +171,28 @@ class EpochPatchDataset(torch.utils.data.Dataset):
     `volumes[j]` returns a volume dict (it may read a cache file: nothing is kept here).
     An epoch has `length` positions (default: one per volume); `__getitem__(i)` returns the
     list of patch dicts of the volume at position i (collate with
-    `monai.data.list_data_collate`). With `groups` (the source dataset of each volume), each
-    epoch draws its volumes with replacement such that every group is equally likely
-    (dataset-balanced sampling); otherwise position i is volume ``i % len(volumes)``. Call
-    `set_epoch` before each epoch, as for `DistributedSampler`, which shuffles the positions.
+    `monai.data.list_data_collate`). With `groups` (the source dataset of each volume, 0..G-1),
+    each epoch draws its volumes with replacement such that group g is drawn with probability
+    ``group_weights[g]`` (default: every group equally likely, dataset-balanced sampling);
+    otherwise position i is volume ``i % len(volumes)``. Call `set_epoch` before each epoch, as
+    for `DistributedSampler`, which shuffles the positions.
     """
 
     def __init__(self, volumes: Sequence[Any], transform: Callable, seed: int = 0,
-                 groups: Sequence[int] | None = None, length: int | None = None) -> None:
+                 groups: Sequence[int] | None = None, length: int | None = None,
+                 group_weights: Sequence[float] | None = None) -> None:
         if groups is not None and len(groups) != len(volumes):
             raise ConfigError(f"{len(groups)} group ids for {len(volumes)} volumes")
+        if group_weights is not None and (groups is None or len(group_weights) <= max(groups)
+                                          or min(group_weights) < 0 or sum(group_weights) <= 0):
+            raise ConfigError(f"group_weights {list(group_weights)} must give every group a weight >= 0, not all 0")
         if len(volumes) == 0:
             raise ConfigError("no volumes to sample patches from")
         self.volumes = volumes
         self.transform = transform
         self.seed = int(seed)
         self.groups = None if groups is None else np.asarray(groups)
+        self.group_weights = None if group_weights is None else np.asarray(group_weights, dtype=np.float64)
         self.length = len(volumes) if length is None else int(length)
         self.set_epoch(0)
 
@@ -124,9 +202,10 @@ class EpochPatchDataset(torch.utils.data.Dataset):
         if self.groups is None:
             self.order = np.arange(self.length) % n
             return
-        # weight 1 / (size of its group): each group draws the same expected number of volumes
-        _, inverse, counts = np.unique(self.groups, return_inverse=True, return_counts=True)
-        weights = 1.0 / counts[inverse]
+        # weight (group's weight) / (size of its group): each group draws its share of volumes
+        labels, inverse, counts = np.unique(self.groups, return_inverse=True, return_counts=True)
+        share = np.ones(len(labels)) if self.group_weights is None else self.group_weights[labels]
+        weights = share[inverse] / counts[inverse]
         rng = np.random.default_rng(item_seed(self.seed, self.epoch, 0xFFFFFFFF))
         self.order = rng.choice(n, size=self.length, replace=True, p=weights / weights.sum())
 

@@ -153,6 +153,8 @@ def load_adapted(base: nn.Module, run_dir: str | os.PathLike) -> nn.Module:
     """
     from safetensors.torch import load_file
 
+    from fseft.models.checkpoint import require_finite_tensors
+
     run_dir = Path(run_dir)
     record = read_adapter_record(run_dir)
     _check_base(base, record, run_dir)
@@ -161,6 +163,7 @@ def load_adapted(base: nn.Module, run_dir: str | os.PathLike) -> nn.Module:
     model = apply_method(base, spec.make_config(**options), record["structures"], multiclass=record["multiclass"])
     tensors = load_file(str(run_dir / ADAPTER_WEIGHTS))
     weights_path = run_dir / ADAPTER_WEIGHTS
+    require_finite_tensors(tensors, weights_path)
     if spec.uses_peft:
         from peft import set_peft_model_state_dict
 

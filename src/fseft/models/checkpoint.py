@@ -213,6 +213,15 @@ def _summarise(keys: list[str], limit: int = 12, depth: int = 2) -> str:
     return ", ".join(items[:limit]) + more
 
 
+def require_finite_tensors(tensors: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Raise `InputFileError` naming `source` when a floating-point tensor holds NaN or Inf:
+    such a model or adapter (a diverged run, a corrupted file) would segment nothing, silently."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InputFileError(f"{source}: non-finite values (NaN or Inf) in {_summarise(bad)}: a diverged or "
+                             "corrupted model; it cannot be used")
+
+
 def load_state_dict_checked(
     model: SegmentationModel,
     state: Mapping[str, torch.Tensor],
@@ -271,6 +280,7 @@ def load_state_dict_checked(
             + "; ".join(mismatched[:5])
         )
 
+    require_finite_tensors(mapped, source)
     to_load = {k: v.to(dtype=expected[k].dtype) if v.is_floating_point() else v for k, v in mapped.items()}
     result = model.load_state_dict(to_load, strict=False)
     leftover = [k for k in result.missing_keys if k not in new and k not in benign]
@@ -339,10 +349,24 @@ def save_model_file(
     # clone(): safetensors refuses tensors that share storage; contiguous copies never do.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        tensors = {k: v.to(dtype) if v.is_floating_point() else _narrowest_int(v) for k, v in tensors.items()}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(config)})
     return path
+
+
+def _narrowest_int(tensor: torch.Tensor) -> torch.Tensor:
+    """An integer tensor in the narrowest signed type that holds its values (Swin's int64
+    relative-position indices fit int16: 7.5 of a feature-size-12 model's 15.7 MB were those
+    indices); loading copies them back into the model's own buffers and their dtype."""
+    if tensor.dtype not in (torch.int16, torch.int32, torch.int64) or tensor.numel() == 0:
+        return tensor
+    low, high = int(tensor.min()), int(tensor.max())
+    for kind in (torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(kind)
+        if info.min <= low and high <= info.max:
+            return tensor.to(kind)
+    return tensor
 
 
 def read_model_file_config(path: str | os.PathLike) -> dict[str, Any] | None:
