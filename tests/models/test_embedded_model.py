@@ -26,14 +26,33 @@ def test_shipped_file_is_small_and_describes_its_training():
     assert {d["name"] for d in config["extra"]["pretrain"]["datasets"]} == {"partial_A", "partial_B", "partial_C"}
 
 
+# v3 on held-out phantoms (6 cases each, README): source Dice 0.57 (pancreas) to 0.95 (liver),
+# target 0.22 (IVC) to 0.94. Floors leave room for one case's variation.
+SOURCE_FLOOR = {"pancreas": 0.1}
+SOURCE_FLOOR_DEFAULT = 0.7
+
+
+def _dice_per_structure(model, preprocess, domain: str) -> dict[str, float]:
+    # stream 7: never drawn for the pre-training sources (or the validation set)
+    case = generate_case(domain=domain, seed=7, case_index=0, stream=7)
+    names = list(model.class_names)
+    masks = segment_volume(model, case.image, preprocess, InferenceConfig(progress=False), names)
+    assert masks.shape[1:] == case.labels.array.shape
+    return {n: dice(masks[i].astype(bool), case.labels.array == PHANTOM_LABELS[n]) for i, n in enumerate(names)}
+
+
 @pytest.mark.slow
-def test_embedded_model_segments_the_liver_of_an_unseen_source_phantom():
+def test_embedded_model_segments_every_structure_of_unseen_phantoms():
     model = load_model("phantom")
     assert isinstance(model.preprocess, (dict, PreprocessConfig))
     preprocess = model.preprocess if isinstance(model.preprocess, PreprocessConfig) else PreprocessConfig.from_dict(model.preprocess)
-    # stream 7: never drawn for the pre-training sources
-    case = generate_case(domain="source", seed=7, case_index=0, stream=7)
-    masks = segment_volume(model, case.image, preprocess, InferenceConfig(progress=False), ["liver"])
-    truth = case.labels.array == PHANTOM_LABELS["liver"]
-    assert masks.shape[1:] == truth.shape
-    assert dice(masks[0].astype(bool), truth) > 0.7
+    assert set(model.class_names) == {"liver", "spleen", "kidney_right", "kidney_left", "stomach", "pancreas", "aorta",
+                                      "inferior_vena_cava", "vertebrae"}
+    source = _dice_per_structure(model, preprocess, "source")
+    low = {n: d for n, d in source.items() if d < SOURCE_FLOOR.get(n, SOURCE_FLOOR_DEFAULT)}
+    assert not low, f"source-domain Dice below the floor: {low}"
+    assert np.mean(list(source.values())) > 0.75
+    # the target domain (another contrast phase): hurt, but no structure lost
+    target = _dice_per_structure(model, preprocess, "target")
+    assert min(target.values()) > 0.05, target
+    assert np.mean(list(target.values())) > 0.6

@@ -266,6 +266,22 @@ _MODEL_KEYS = ("arch", "arch_kwargs", "classes", "save_dtype")
 _SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 
+def _folder_entry(cls: type, raw: Any, where: str, source: str, base: Path) -> Any:
+    """A `DatasetEntry` / `ValidationConfig` from its YAML mapping: keys checked, ``path``
+    required, relative to `base`, and existing."""
+    entry = check_keys(raw, _field_names(cls), where, source)
+    if "path" not in entry:
+        raise ConfigError(f"{source}: {where} has no 'path'")
+    path = Path(str(entry["path"])).expanduser()
+    entry["path"] = path if path.is_absolute() else base / path
+    if not entry["path"].exists():
+        raise ConfigError(f"{source}: {where}: dataset folder {entry['path']} does not exist")
+    try:
+        return cls(**entry)
+    except FseftError as exc:
+        raise ConfigError(f"{source}: {where}: {exc}") from exc
+
+
 def assembly_from_dict(data: Mapping[str, Any], source: str = "<assembly>", base_dir: str | os.PathLike | None = None,
                        overrides: Mapping[str, Any] | None = None) -> AssemblyConfig:
     """Parse an assembly mapping strictly (unknown keys raise `ConfigError` naming the closest
@@ -281,17 +297,7 @@ def assembly_from_dict(data: Mapping[str, Any], source: str = "<assembly>", base
         where = f"datasets[{i}]"
         if isinstance(raw, str):
             raw = {"path": raw}
-        entry = check_keys(raw, _field_names(DatasetEntry), where, source)
-        if "path" not in entry:
-            raise ConfigError(f"{source}: {where} has no 'path'")
-        path = Path(str(entry["path"])).expanduser()
-        entry["path"] = path if path.is_absolute() else base / path
-        if not entry["path"].exists():
-            raise ConfigError(f"{source}: {where}: dataset folder {entry['path']} does not exist")
-        try:
-            datasets.append(DatasetEntry(**entry))
-        except FseftError as exc:
-            raise ConfigError(f"{source}: {where}: {exc}") from exc
+        datasets.append(_folder_entry(DatasetEntry, raw, where, source, base))
     names = [d.name for d in datasets]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -319,17 +325,7 @@ def assembly_from_dict(data: Mapping[str, Any], source: str = "<assembly>", base
         raise ConfigError(f"{source}: {exc}") from exc
     validation = None
     if top.get("validation") is not None:
-        raw = check_keys(top.get("validation"), _field_names(ValidationConfig), "validation", source)
-        if "path" not in raw:
-            raise ConfigError(f"{source}: validation has no 'path'")
-        path = Path(str(raw["path"])).expanduser()
-        raw["path"] = path if path.is_absolute() else base / path
-        if not raw["path"].exists():
-            raise ConfigError(f"{source}: validation: dataset folder {raw['path']} does not exist")
-        try:
-            validation = ValidationConfig(**raw)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from exc
+        validation = _folder_entry(ValidationConfig, top["validation"], "validation", source, base)
     return AssemblyConfig(datasets=datasets, arch=str(model.get("arch", "swin_unetr")), arch_kwargs=dict(arch_kwargs),
                           classes=classes, preprocess=preprocess, train=train, source=source, save_dtype=save_dtype,
                           validation=validation)
