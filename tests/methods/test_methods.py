@@ -96,3 +96,32 @@ def test_slab_logits_equal_one_whole_volume_forward(method, options):
     parts = torch.cat([logits for _, logits in iter_slab_logits(adapter, feats.numpy(), slab=3)], dim=-1)
     assert parts.shape == whole.shape
     assert torch.allclose(parts, whole, atol=1e-5)
+
+
+def test_new_structure_outputs_start_at_the_support_foreground_prior():
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from fseft.methods import foreground_fractions, init_head_prior
+
+    labels = [np.zeros((2, 10, 10, 10), np.uint8), np.zeros((2, 10, 10, 10), np.uint8)]
+    labels[0][0, :5] = 1  # structure 0: half of volume 0, none of volume 1
+    labels[1][1, 0, 0, :2] = 1  # structure 1: 2 voxels of 1,000 in volume 1
+    fractions = foreground_fractions(labels)
+    assert fractions == pytest.approx([0.25, 0.001])
+
+    head = nn.Conv3d(4, 2, 1)
+    before = head.bias.detach().clone()
+    assert init_head_prior(head, [0, None], fractions) == [1]  # output 0 keeps its pre-trained row
+    assert head.bias[0] == before[0]
+    assert float(torch.sigmoid(head.bias[1])) == pytest.approx(0.001, rel=1e-4)
+
+    multi = nn.Conv3d(4, 3, 1)
+    with torch.no_grad():
+        multi.bias.zero_()
+    assert init_head_prior(multi, [None, None, 5], fractions, multiclass=True) == [1]  # background untouched
+    assert float(multi.bias[0]) == 0.0 and float(multi.bias[2]) == 0.0
+    assert float(multi.bias[1]) == pytest.approx(np.log(0.25 / (1 - 0.251)))
+    with pytest.raises(ValueError, match="2 rows and 2 fractions for 3 outputs"):
+        init_head_prior(multi, [None, None], fractions, multiclass=True)

@@ -78,6 +78,8 @@ class AdaptConfig:
         None: the model's recommended window, as for `roi_size`),
         centred on a foreground voxel of the support masks with probability `pos_ratio`.
     transductive / ti: the organ-size constraint on the unlabelled queries (`TransductiveConfig`).
+    head_prior: outputs of structures new to the base model start at the support's foreground
+        fraction (`fseft.methods.init_head_prior`) instead of p = 0.5.
     n_query: number of query cases (None: every eligible case not in the support set).
     roi_size / overlap / sw_batch_size: sliding window that computes the cached features.
     threshold / largest_component: post-processing of the query predictions.
@@ -103,6 +105,7 @@ class AdaptConfig:
     pos_ratio: float = 0.5
     transductive: bool = False
     ti: TransductiveConfig = field(default_factory=TransductiveConfig)
+    head_prior: bool = True
     n_query: int | None = None
     roi_size: tuple[int, int, int] | None = None  # None: the model's recommended window
     overlap: float = 0.25
@@ -809,7 +812,7 @@ def _adapt_features(base: nn.Module, base_ref: dict[str, Any], dataset: Any, tas
     from safetensors.torch import save_file
 
     from fseft.engine.feature_cache import FeatureCache
-    from fseft.methods import count_trainable_parameters, get_method
+    from fseft.methods import count_trainable_parameters, foreground_fractions, get_method, init_head_prior
     from fseft.utils import atomic_path, write_json
 
     spec = get_method(cfg.method)
@@ -825,6 +828,12 @@ def _adapt_features(base: nn.Module, base_ref: dict[str, Any], dataset: Any, tas
         ]
         if cfg.transductive:
             queries = [cache.load(case).features for case in task.query_cases(dataset)]
+    if trainable and cfg.head_prior:
+        copied = head_rows(base.class_names, names, cfg.objective == "multiclass")
+        if not spec.make_config(**cfg.method_options).init_from_head:
+            copied = [None] * len(copied)
+        init_head_prior(adapter.head, copied, foreground_fractions([lab for _, lab in support]),
+                        cfg.objective == "multiclass")
     result = train_adapter(adapter, support, cfg, task.seed, queries) if trainable else TrainResult(0, [], [], 0.0, False)
 
     predictions = out / "predictions" if cfg.save_predictions else None
@@ -863,8 +872,9 @@ def _adapt_network(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task
     from fseft.data.preprocessing import preprocess
     from fseft.engine.feature_cache import model_fingerprint
     from fseft.methods.adapter_io import save_adapter
+    from fseft.methods import foreground_fractions, init_head_prior
     from fseft.methods.arena import effective_ranks
-    from fseft.methods.peft_methods import apply_method, count_trainable
+    from fseft.methods.peft_methods import apply_method, count_trainable, unwrap
     from fseft.utils import write_json
 
     multiclass = cfg.objective == "multiclass"
@@ -877,6 +887,9 @@ def _adapt_network(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task
             image, labels = case.load(names)
             pre = preprocess(image, labels, preprocess_cfg)
             support.append({"image": pre.image, "label": pre.label})
+    if support and cfg.head_prior:
+        init_head_prior(unwrap(model).head, model.fseft_method["head_rows"],
+                        foreground_fractions([_plain(v["label"]).numpy() for v in support]), multiclass)
     result = train_network(model, support, cfg, task.seed)
 
     adapted = AdaptedNetwork(model, names, multiclass, preprocess_cfg).eval()
