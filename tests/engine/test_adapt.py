@@ -470,3 +470,14 @@ def test_non_finite_adapter_or_model_file_is_refused_when_loaded(data_root, tmp_
     path = save_model_file(model, tmp_path / "bad.safetensors", model.preprocess)
     with pytest.raises(InputFileError, match=r"bad.safetensors: non-finite values .*head"):
         load_model(str(path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_refused_before_any_work(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["adapt", "--model", "phantom", "--data", str(data_root), "--structures", "liver", "--k", "1",
+            "--method", "lp", "--device", "cuda", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "cache").exists()

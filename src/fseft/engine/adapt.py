@@ -760,6 +760,7 @@ def adapt(
     cfg = cfg or AdaptConfig()
     spec = get_method(cfg.method)
     spec.make_config(**cfg.method_options)  # option errors before any heavy work
+    cfg.inference_config()  # the device (is CUDA there?) and window settings, likewise
     if cfg.bf16:
         from fseft.engine.inference import warn_if_bf16_is_emulated
 
