@@ -193,14 +193,16 @@ def head_rows(class_names: Sequence[str], structures: Sequence[str], multiclass:
 
 
 def build_method_adapter(
-    cfg: AdaptConfig, base: nn.Module, structures: Sequence[str]
+    cfg: AdaptConfig, base: nn.Module, structures: Sequence[str], foreground: Sequence[float] | None = None
 ) -> nn.Module:
     """The run's adapter, its head initialised from the base head where the method says so.
 
     Sigmoid objective: one output per structure. Multiclass: output 0 is the background, with
     zero weights (so that at step 0 the softmax ranks structures as the base head does).
+    foreground: the support's foreground fraction per structure; with it (and `cfg.head_prior`)
+    outputs not copied from the base head start at that prior (`init_head_prior`).
     """
-    from fseft.methods import build_adapter, get_method
+    from fseft.methods import build_adapter, get_method, init_head_prior
 
     spec = get_method(cfg.method)
     mcfg = spec.make_config(**cfg.method_options)
@@ -210,8 +212,10 @@ def build_method_adapter(
         with torch.no_grad():
             adapter.head.weight[0].zero_()
             adapter.head.bias[0].zero_()
-    if mcfg.init_from_head:
-        adapter.init_head(base.head, head_rows(base.class_names, structures, multiclass))
+    rows = head_rows(base.class_names, structures, multiclass) if mcfg.init_from_head else [None] * adapter.num_outputs
+    adapter.init_head(base.head, rows)
+    if foreground is not None and cfg.head_prior:
+        init_head_prior(adapter.head, rows, foreground, multiclass)
     return adapter
 
 
@@ -813,13 +817,12 @@ def _adapt_features(base: nn.Module, base_ref: dict[str, Any], dataset: Any, tas
     from safetensors.torch import save_file
 
     from fseft.engine.feature_cache import FeatureCache
-    from fseft.methods import count_trainable_parameters, foreground_fractions, get_method, init_head_prior
+    from fseft.methods import count_trainable_parameters, foreground_fractions, get_method
     from fseft.utils import atomic_path, write_json
 
     spec = get_method(cfg.method)
     preprocess_cfg = _stored_preprocess(base)
     cache = FeatureCache(base, preprocess_cfg, cfg.cache_dir, cfg.inference_config())
-    adapter = build_method_adapter(cfg, base, names).to(cfg.device)
     trainable = spec.config_cls.trainable and cfg.epochs > 0
     support, queries = [], []
     if trainable:
@@ -829,12 +832,8 @@ def _adapt_features(base: nn.Module, base_ref: dict[str, Any], dataset: Any, tas
         ]
         if cfg.transductive:
             queries = [cache.load(case).features for case in task.query_cases(dataset)]
-    if trainable and cfg.head_prior:
-        copied = head_rows(base.class_names, names, cfg.objective == "multiclass")
-        if not spec.make_config(**cfg.method_options).init_from_head:
-            copied = [None] * len(copied)
-        init_head_prior(adapter.head, copied, foreground_fractions([lab for _, lab in support]),
-                        cfg.objective == "multiclass")
+    foreground = foreground_fractions([lab for _, lab in support]) if support else None
+    adapter = build_method_adapter(cfg, base, names, foreground).to(cfg.device)
     result = train_adapter(adapter, support, cfg, task.seed, queries) if trainable else TrainResult(0, [], [], 0.0, False)
 
     predictions = out / "predictions" if cfg.save_predictions else None

@@ -83,16 +83,12 @@ def check_finite_loss(loss: torch.Tensor, step: int, lr: float, what: str = "tra
             f"(learning rate {lr:.3g}); nothing was saved. Lower the learning rate (--lr) or check the data.")
 
 
-def non_finite_parameters(module: torch.nn.Module) -> list[str]:
-    """Names of the floating-point parameters and buffers of `module` holding NaN or Inf."""
-    named = list(module.named_parameters()) + list(module.named_buffers())
-    return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
 def check_finite_parameters(module: torch.nn.Module, what: str = "training") -> None:
     """Raise `TrainingDivergedError` when a trained module holds non-finite weights (checked
     before anything is saved)."""
-    bad = non_finite_parameters(module)
+    from fseft.models.checkpoint import non_finite_tensors
+
+    bad = non_finite_tensors(module.state_dict())
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise TrainingDivergedError(f"{what} diverged: non-finite weights in {shown}; nothing was saved. "

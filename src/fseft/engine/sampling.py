@@ -46,8 +46,7 @@ def patch_transforms(
     90-degree rotations in the first two axes' plane (p=0.1, with `rotate90`; only when the
     patch is square in that plane), intensity scaling (+-10 %, p=0.1) and shifts (+-0.1,
     p=0.5). In RAS model space axis 0 is left-right: a flip along it (or a rotation) puts the
-    left kidney where the right one was without swapping their labels, so a catalogue with
-    lateral pairs learns faster without them (see `examples/pretrain_phantom.yaml`).
+    left kidney where the right one was without swapping their labels.
     Output patches: image ``(1, *patch_size)``, label ``(C, *patch_size)``.
     """
     from monai.transforms import (
@@ -71,11 +70,7 @@ def patch_transforms(
         raise ConfigError(f"patches_per_volume must be >= 1, got {patches_per_volume}")
     if pos < 0 or neg < 0 or pos + neg == 0:
         raise ConfigError(f"pos and neg sampling ratios must be >= 0 and not both 0, got {pos}, {neg}")
-    if sampling not in SAMPLING_MODES:
-        raise ConfigError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}")
-    flip_axes = tuple(int(a) for a in flip_axes)
-    if any(a not in (0, 1, 2) for a in flip_axes):
-        raise ConfigError(f"flip_axes must be spatial axes among 0, 1, 2, got {list(flip_axes)}")
+    flip_axes = check_sampling_options(sampling, flip_axes)
     keys = list(keys)
     steps: list[Any] = [SpatialPadd(keys=keys, spatial_size=patch)]
     if sampling == "foreground":
@@ -115,6 +110,17 @@ def patch_transforms(
 
 
 SAMPLING_MODES = ("foreground", "classes")
+
+
+def check_sampling_options(sampling: str, flip_axes: Any) -> tuple[int, ...]:
+    """Check `patch_transforms`' ``sampling`` and ``flip_axes`` (importable without MONAI, so
+    configs are checked before it loads); returns the axes as a tuple."""
+    if sampling not in SAMPLING_MODES:
+        raise ConfigError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}")
+    axes = list(flip_axes) if isinstance(flip_axes, (list, tuple)) else [flip_axes]
+    if any(isinstance(a, bool) or a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+        raise ConfigError(f"flip_axes must list distinct axes among 0, 1, 2, got {flip_axes!r}")
+    return tuple(int(a) for a in axes)
 
 
 def _with_background_channel(label: torch.Tensor) -> torch.Tensor:

@@ -213,10 +213,15 @@ def _summarise(keys: list[str], limit: int = 12, depth: int = 2) -> str:
     return ", ".join(items[:limit]) + more
 
 
+def non_finite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or Inf (a state dict, a file's tensors)."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def require_finite_tensors(tensors: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
     """Raise `InputFileError` naming `source` when a floating-point tensor holds NaN or Inf:
     such a model or adapter (a diverged run, a corrupted file) would segment nothing, silently."""
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = non_finite_tensors(tensors)
     if bad:
         raise InputFileError(f"{source}: non-finite values (NaN or Inf) in {_summarise(bad)}: a diverged or "
                              "corrupted model; it cannot be used")
