@@ -271,6 +271,9 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ti", action="store_true", help="transductive inference: organ-size constraint on the queries")
     p.add_argument("--ti-gamma", type=float, default=0.1, help="relative half-width of the size band (default: 0.1)")
     p.add_argument("--ti-weight", type=float, default=1.0, help="lambda of the size constraint (default: 1)")
+    p.add_argument("--no-head-prior", dest="head_prior", action="store_false",
+                   help="start the outputs of structures new to the model at p = 0.5 instead of the support's "
+                   "foreground fraction (for comparison)")
     p.add_argument("--objective", choices=("sigmoid", "multiclass"), default="sigmoid",
                    help="independent sigmoids per structure, or softmax over background + structures")
     options = p.add_argument_group("method options (each only for the methods that have it)")
@@ -324,7 +327,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
         ti=TransductiveConfig(gamma=args.ti_gamma, weight=args.ti_weight), n_query=args.n_query,
         roi_size=args.roi_size and tuple(args.roi_size), overlap=args.overlap, cache_dir=args.cache_dir,
         device=args.device, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing,
-        save_predictions=args.save_predictions, progress=not args.no_progress,
+        save_predictions=args.save_predictions, progress=not args.no_progress, head_prior=args.head_prior,
     )
     if args.dry_run:
         counts = count_parameters(args.model, args.structures, cfg)

@@ -481,3 +481,21 @@ def test_cuda_without_cuda_is_refused_before_any_work(data_root, tmp_path, capsy
     err = capsys.readouterr().err
     assert "CUDA is not available" in err and "Traceback" not in err
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_new_structure_head_starts_at_the_support_prior_unless_no_head_prior(data_root, tmp_path):
+    from fseft.models.checkpoint import save_model_file
+
+    model_file = save_model_file(tiny_model(), tmp_path / "tiny.safetensors", tiny_model().preprocess)
+    biases = {}
+    for flag in ([], ["--no-head-prior"]):
+        out = tmp_path / f"run{len(flag)}"
+        assert main(["adapt", "--model", str(model_file), "--data", str(data_root), "--structures", "gallbladder",
+                     "--k", "1", "--method", "lp", "--lr", "1e-9", "--epochs", "1", "--patch-size", "16", "16", "16",
+                     "--roi-size", "16", "16", "16", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+                     "--no-progress", *flag]) == 0
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert config["hyperparameters"]["head_prior"] is (not flag)
+        biases[bool(flag)] = float(load_file(str(out / "adapter_model.safetensors"))["head.bias"][0])
+    assert biases[False] < -2.0  # logit of a small foreground fraction (lr 1e-9: as initialised)
+    assert abs(biases[True]) < 1.0  # PyTorch's default initialisation, around p = 0.5
