@@ -269,8 +269,9 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the method's trainable parameters for MODEL and STRUCTURES; no data, no training")
     p.add_argument("--ti", action="store_true", help="transductive inference: organ-size constraint on the queries")
-    p.add_argument("--ti-gamma", type=float, default=0.1, help="relative half-width of the size band (default: 0.1)")
-    p.add_argument("--ti-weight", type=float, default=1.0, help="lambda of the size constraint (default: 1)")
+    p.add_argument("--ti-gamma", type=float, help="margin of relative size error that costs nothing (default: 0.3, "
+                   "the FSEFT runs; they used 0.5 for kidney_left)")
+    p.add_argument("--ti-weight", type=float, help="lambda of the size constraint (default: 0.1, the FSEFT runs)")
     p.add_argument("--no-head-prior", dest="head_prior", action="store_false",
                    help="start the outputs of structures new to the model at p = 0.5 instead of the support's "
                    "foreground fraction (for comparison)")
@@ -287,14 +288,17 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     options.add_argument("--alpha", type=float, help="lora / arena scaling numerator (default: 8 lora, 16 arena)")
     options.add_argument("--bottleneck", type=int, help="adaptformer bottleneck width (default: 16)")
     options.add_argument("--l1", type=float, help="arena L1 penalty on the rank gates, in (0, 1) (default: 0.5)")
-    p.add_argument("--epochs", type=int, default=200, help="maximum epochs (default: 200)")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default: the method's protocol: 50 lp, 100 the others)")
     p.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs, 0 = off (default: 20)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the method's: 1e-2 lp, 1e-4 spatial-adapter and ft, 1e-3 others)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the method's protocol: 1e-1 lp, 1e-2 spatial-adapter "
+                   "and ft-last, 1e-4 ft and scratch, 1e-3 the others; README 'Default protocols')")
+    p.add_argument("--batch-size", type=int, help="support volumes per optimiser step (default: 2 ft and scratch, 1 the others)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
     p.add_argument("--max-steps", type=int, help="cap on optimiser steps (the epochs shrink to fit; default: none)")
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="training patch size in model-space voxels (default: the window the model was trained on, else 96 96 96)")
-    p.add_argument("--patches-per-volume", type=int, default=6, help="patches per support volume per iteration (default: 6)")
+    p.add_argument("--patches-per-volume", type=int, help="patches per support volume per iteration (default: 3 ft and "
+                   "scratch, 6 the others)")
     p.add_argument("--n-query", type=int, help="number of query cases (default: all other eligible cases)")
     p.add_argument("--roi-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="sliding window of the feature computation and of inference (default: the window the model was trained on, else 96 96 96)")
@@ -321,10 +325,11 @@ def _run_adapt(args: argparse.Namespace) -> int:
         method=args.method,
         method_options={k: getattr(args, k) for k in _METHOD_OPTIONS if getattr(args, k) is not None},
         objective=args.objective, epochs=args.epochs, patience=args.patience, lr=args.lr,
-        weight_decay=args.weight_decay, max_steps=args.max_steps,
+        weight_decay=args.weight_decay, max_steps=args.max_steps, batch_size=args.batch_size,
         patch_size=None if args.patch_size is None else tuple(args.patch_size),
         patches_per_volume=args.patches_per_volume, transductive=args.ti,
-        ti=TransductiveConfig(gamma=args.ti_gamma, weight=args.ti_weight), n_query=args.n_query,
+        ti=TransductiveConfig(**{k: v for k, v in (("gamma", args.ti_gamma), ("weight", args.ti_weight)) if v is not None}),
+        n_query=args.n_query,
         roi_size=args.roi_size and tuple(args.roi_size), overlap=args.overlap, cache_dir=args.cache_dir,
         device=args.device, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing,
         save_predictions=args.save_predictions, progress=not args.no_progress, head_prior=args.head_prior,

@@ -138,7 +138,7 @@ def test_transductive_constraint_only_in_the_last_half(data_root, tmp_path):
     cfg = _cfg(tmp_path, method="spatial-adapter", epochs=4, transductive=True, patience=0)
     adapt(tiny_model(), data_root, "liver", 2, 0, tmp_path / "run", cfg)
     saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
-    assert saved["transductive"] == {"gamma": 0.1, "weight": 1.0, "start_fraction": 0.5}
+    assert saved["transductive"] == {"gamma": 0.3, "weight": 0.1, "start_fraction": 0.5}
     ti = saved["training"]["ti_losses"]
     assert ti[:2] == [0.0, 0.0] and all(v > 0 for v in ti[2:])  # random head: sizes far off
 

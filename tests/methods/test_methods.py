@@ -16,9 +16,25 @@ def test_registry_lists_the_builtin_methods():
     assert set(available_methods("features")) == {"generalization", "lp", "spatial-adapter"}
     assert {"lora", "ft", "arena"} < set(available_methods())  # one registry of every method
     assert all(get_method(n).kind == "features" and get_method(n).module_cls for n in available_methods("features"))
-    assert get_method("lp").config_cls.default_lr == pytest.approx(1e-2)
-    assert get_method("spatial-adapter").config_cls.default_lr == pytest.approx(1e-4)
     assert not get_method("generalization").config_cls.trainable
+
+
+def test_default_protocols_are_the_reference_run_commands():
+    """../shared/protocols.md: lp 1e-1 / 50 epochs, spatial adapter and ft-last 1e-2 / 100,
+    ft and scratch 1e-4 with 2 volumes of 3 patches."""
+    from fseft.engine.adapt import AdaptConfig
+
+    def protocol(method):
+        cfg = AdaptConfig(method=method).resolved()
+        return cfg.lr, cfg.epochs, cfg.batch_size, cfg.patches_per_volume
+
+    assert protocol("lp") == (pytest.approx(1e-1), 50, 1, 6)
+    assert protocol("spatial-adapter") == (pytest.approx(1e-2), 100, 1, 6)
+    assert protocol("ft-last") == (pytest.approx(1e-2), 100, 1, 6)
+    assert protocol("ft") == (pytest.approx(1e-4), 100, 2, 3)
+    assert protocol("scratch") == (pytest.approx(1e-4), 100, 2, 3)
+    assert AdaptConfig(method="lp", lr=0.5, epochs=3).resolved().lr == 0.5  # given values stay
+    assert AdaptConfig(method="lp", lr=0.5, epochs=3).resolved().epochs == 3
 
 
 def test_unknown_method_and_option_are_config_errors():

@@ -21,20 +21,20 @@ def test_target_size_is_the_mean_support_foreground():
     assert target_sizes([a, b]).tolist() == [24.0, 0.5]
 
 
-def test_loss_is_zero_inside_the_band_and_positive_outside():
+def test_loss_is_zero_inside_the_margin_and_the_relative_error_beyond_it():
     target = torch.tensor([100.0])
-    for inside in (90.0, 100.0, 110.0):
-        assert size_constraint_loss(torch.tensor([inside]), target, gamma=0.1) == 0
-    low = size_constraint_loss(torch.tensor([50.0]), target, gamma=0.1)
-    high = size_constraint_loss(torch.tensor([150.0]), target, gamma=0.1)
-    assert low == pytest.approx((40.0 / 100) ** 2)
-    assert high == pytest.approx((40.0 / 100) ** 2)
+    for inside in (70.0, 100.0, 140.0):  # |e| = 0.3, 0, 40 / 140 < 0.3
+        assert size_constraint_loss(torch.tensor([inside]), target, gamma=0.3) == pytest.approx(0.0, abs=1e-6)
+    low = size_constraint_loss(torch.tensor([50.0]), target, gamma=0.3)  # e = 50 / 100
+    high = size_constraint_loss(torch.tensor([200.0]), target, gamma=0.3)  # e = 100 / 200
+    assert low == pytest.approx(0.5 - 0.3)
+    assert high == pytest.approx(0.5 - 0.3)
 
 
 def test_gradient_pushes_the_size_back_into_the_band():
     target = torch.tensor([100.0, 100.0])
     size = torch.tensor([50.0, 150.0], requires_grad=True)
-    size_constraint_loss(size, target, gamma=0.1).backward()
+    size_constraint_loss(size, target, gamma=0.3).backward()
     assert size.grad[0] < 0  # too small: descending the loss grows it
     assert size.grad[1] > 0  # too large: descending the loss shrinks it
 

@@ -15,10 +15,11 @@ Both then segment the queries (threshold + largest connected component, in their
 geometry) and score them with `fseft.evaluation`, with the same task sampling, loss,
 optimiser, schedule and ``metrics.json``.
 
-Reference protocol (FSEFT paper), all in `AdaptConfig`: AdamW, one warm-up epoch then cosine
-decay, up to 200 epochs with early stopping, 6 patches of 96^3 per support volume per
-iteration, one volume per iteration, learning rate the method's default (1e-2 lp, 1e-4
-spatial adapter, 1e-3 encoder PEFT, 1e-4 ft).
+Reference protocol (the FSEFT authors' run commands, ``../shared/protocols.md``): AdamW, one
+warm-up epoch then cosine decay, one support volume per iteration with 6 patches of 96^3, and
+per method its learning rate and epochs (`MethodConfig.default_*`: lp 1e-1 for 50 epochs,
+spatial adapter and ft-last 1e-2 for 100, ft and scratch 1e-4 with 2 volumes of 3 patches,
+encoder PEFT 1e-3 for 100), early stopping after 20 epochs without progress.
 
 Run folder: ``adapter_model.safetensors`` and ``adapter_config.json`` (feature methods: the
 adapter's weights and fseft's record of method, structures, base model and its hash,
@@ -64,14 +65,16 @@ class AdaptConfig:
     objective: "sigmoid" (one independent sigmoid per structure) or "multiclass" (softmax over
         background + structures).
     epochs: maximum epochs; an epoch is one pass over the k support volumes, one volume per
-        iteration (`batch_size` volumes per optimiser step).
+        iteration (`batch_size` volumes per optimiser step). None takes the method's default.
     max_steps: optional cap on optimiser steps: the epochs become
         ``min(epochs, ceil(max_steps / steps per epoch))`` (schedule and TI phase follow), so
         that a larger k trains for the same budget as a smaller one (the demo's time bound).
     patience / min_delta: early stopping when the epoch's mean training loss has not improved
         by a relative `min_delta` for `patience` epochs (with `transductive`, only once the
         size constraint is active).
-    lr: AdamW learning rate; None takes the method's default (`MethodConfig.default_lr`).
+    lr: AdamW learning rate. epochs, lr, batch_size and patches_per_volume left at None take
+        the method's protocol (`MethodConfig.default_*`, from the FSEFT authors' run commands;
+        `resolved`).
     warmup_epochs: linear warm-up before the cosine decay (MONAI `WarmupCosineSchedule`).
     patch_size / patches_per_volume / pos_ratio: training crops (of the cached features, or of
         the preprocessed images for network methods: then a size the architecture accepts;
@@ -92,16 +95,16 @@ class AdaptConfig:
     method: str = "lp"
     method_options: dict[str, Any] = field(default_factory=dict)
     objective: str = "sigmoid"
-    epochs: int = 200
+    epochs: int | None = None
     max_steps: int | None = None
     patience: int = 20
     min_delta: float = 1e-3
     lr: float | None = None
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
-    batch_size: int = 1
+    batch_size: int | None = None
     patch_size: tuple[int, int, int] | None = None  # None: the model's recommended window
-    patches_per_volume: int = 6
+    patches_per_volume: int | None = None
     pos_ratio: float = 0.5
     transductive: bool = False
     ti: TransductiveConfig = field(default_factory=TransductiveConfig)
@@ -128,10 +131,10 @@ class AdaptConfig:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         for name in ("epochs", "patience", "warmup_epochs"):
-            if int(getattr(self, name)) < 0:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "patches_per_volume", "slab"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and int(self.max_steps) < 1:
             raise ConfigError(f"max_steps must be >= 1 (or None), got {self.max_steps}")
@@ -139,6 +142,18 @@ class AdaptConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.pos_ratio <= 1.0:
             raise ConfigError(f"pos_ratio must be in [0, 1], got {self.pos_ratio}")
+
+    def resolved(self) -> AdaptConfig:
+        """This config with every protocol field left at None (epochs, lr, batch_size,
+        patches_per_volume) set to the method's default (`MethodConfig.default_*`)."""
+        from fseft.methods import get_method
+
+        protocol = get_method(self.method).config_cls
+        defaults = {"epochs": protocol.default_epochs, "lr": protocol.default_lr,
+                    "batch_size": protocol.default_batch_size,
+                    "patches_per_volume": protocol.default_patches_per_volume}
+        missing = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **missing) if missing else self
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -320,6 +335,7 @@ class TrainResult:
 
 def epoch_budget(cfg: AdaptConfig, iters: int) -> int:
     """Epochs to run with `iters` optimiser steps per epoch: `cfg.epochs`, capped by `cfg.max_steps`."""
+    cfg = cfg.resolved()
     if cfg.max_steps is None:
         return int(cfg.epochs)
     return min(int(cfg.epochs), math.ceil(int(cfg.max_steps) / max(1, iters)))
@@ -330,10 +346,8 @@ def _optimizer(params: list[nn.Parameter], cfg: AdaptConfig, iters: int) -> tupl
     cosine decay over `epoch_budget` epochs of `iters` steps: the schedule of every method."""
     from monai.optimizers import WarmupCosineSchedule
 
-    from fseft.methods import get_method
-
-    lr = cfg.lr if cfg.lr is not None else get_method(cfg.method).config_cls.default_lr
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    cfg = cfg.resolved()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = WarmupCosineSchedule(
         optimizer, warmup_steps=cfg.warmup_epochs * iters, t_total=max(1, epoch_budget(cfg, iters) * iters),
         warmup_multiplier=0.1,  # the very first step already learns
@@ -377,6 +391,7 @@ def train_adapter(
     from fseft.engine.losses import check_finite_loss, check_finite_parameters
     from fseft.methods.transductive import size_constraint_step, target_sizes
 
+    cfg = cfg.resolved()
     device = torch.device(cfg.device)
     multiclass = cfg.objective == "multiclass"
     adapter.to(device, memory_format=torch.channels_last_3d).train()
@@ -469,6 +484,7 @@ def train_network(
     from fseft.engine.sampling import EpochPatchDataset, patch_transforms
     from fseft.methods.peft_methods import method_train_mode, post_step
 
+    cfg = cfg.resolved()
     device = torch.device(cfg.device)
     multiclass = cfg.objective == "multiclass"
     model.to(device)
@@ -761,7 +777,7 @@ def adapt(
     from fseft.methods import get_method
     from fseft.utils import seed_everything
 
-    cfg = cfg or AdaptConfig()
+    cfg = (cfg or AdaptConfig()).resolved()
     spec = get_method(cfg.method)
     spec.make_config(**cfg.method_options)  # option errors before any heavy work
     cfg.inference_config()  # the device (is CUDA there?) and window settings, likewise

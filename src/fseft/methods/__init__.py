@@ -43,12 +43,20 @@ from fseft.errors import ConfigError
 class MethodConfig:
     """Base of the per-method options (what `--kernel-size` and the like map onto).
 
-    Class attributes: `default_lr` (AdamW learning rate of the reference protocol),
-    `trainable` (False for methods evaluated as they are), `needs_known_structures` (every
+    Class attributes, the method's default training protocol (`AdaptConfig` fields left at
+    None take them; see `fseft.engine.adapt.AdaptConfig.resolved`):
+    `default_lr` (AdamW learning rate), `default_epochs`, `default_batch_size` (support volumes
+    per optimiser step), `default_patches_per_volume`, and `protocol_source` (where the numbers
+    come from: the FSEFT authors' run commands, a paper, or fseft's own choice). Also
+    `trainable` (False for methods evaluated as they are) and `needs_known_structures` (every
     structure must be in the base model's catalogue).
     """
 
     default_lr: ClassVar[float] = 1e-3
+    default_epochs: ClassVar[int] = 100
+    default_batch_size: ClassVar[int] = 1
+    default_patches_per_volume: ClassVar[int] = 6
+    protocol_source: ClassVar[str] = "fseft (not in the published run commands; the epochs and patches of the reference runs)"
     trainable: ClassVar[bool] = True
     needs_known_structures: ClassVar[bool] = False
     init_from_head: bool = True

@@ -17,7 +17,9 @@ from fseft.methods import FeatureAdapter, MethodConfig, register_method
 class LinearProbeConfig(MethodConfig):
     """Options of `lp`: `init_from_head` copies the pre-trained head's rows of known structures."""
 
-    default_lr: ClassVar[float] = 1e-2
+    default_lr: ClassVar[float] = 1e-1
+    default_epochs: ClassVar[int] = 50
+    protocol_source: ClassVar[str] = "FSEFT run commands (experiments_sample.txt): lr 1e-1, 50 epochs"
 
 
 @dataclass

@@ -26,7 +26,10 @@ from fseft.methods import FeatureAdapter, MethodConfig, register_method
 class SpatialAdapterConfig(MethodConfig):
     """Options of `spatial-adapter`: `kernel_size` of both convolutions (odd; 1 = MLP adapter)."""
 
-    default_lr: ClassVar[float] = 1e-4
+    default_lr: ClassVar[float] = 1e-2
+    default_epochs: ClassVar[int] = 100
+    protocol_source: ClassVar[str] = ("FSEFT run commands: lr 1e-2, 100 epochs (the workshop paper states an "
+                                      "initial lr of 0.5)")
     kernel_size: int = 3
 
     def __post_init__(self) -> None:
