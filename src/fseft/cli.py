@@ -252,7 +252,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
         "(FewShotTask.sample with SEED; the other eligible cases are the queries) and evaluate "
         "on the queries in native geometry. Feature methods (generalization, lp, "
         "spatial-adapter) train a small adapter on the frozen model's cached features; network "
-        "methods (ft, ft-last, scratch, bitfit, affine, lora, adaptformer, arena) train on image "
+        "methods (ft, ft-last, scratch, decoder, bitfit, affine, lora, adaptformer, arena) train on image "
         "patches through the network. RUN receives adapter_model.safetensors, "
         "adapter_config.json (peft's format for lora), metrics.json (and predictions/ with "
         "--save-predictions). --dry-run prints the method's trainable parameters and stops.",
@@ -264,7 +264,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="task sampling and training seed (default: 0)")
     p.add_argument("--method", default="lp", metavar="NAME",
                    help="generalization, lp, spatial-adapter (on cached features), ft, ft-last, scratch, "
-                   "bitfit, affine, lora, adaptformer, arena (through the network) (default: lp)")
+                   "decoder, bitfit, affine, lora, adaptformer, arena (through the network; decoder and ft-last "
+                   "on cached encoder outputs) (default: lp)")
     p.add_argument("--out", metavar="RUN", help="run folder (not with --dry-run)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the method's trainable parameters for MODEL and STRUCTURES; no data, no training")
@@ -281,7 +282,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     options.add_argument("--kernel-size", type=int, help="spatial-adapter kernel size (1 = MLP adapter; default: 3)")
     options.add_argument("--decoder", metavar="frozen|fine-tuned|new",
                          help="encoder PEFT methods: the decoder is frozen, fine-tuned, or re-initialised "
-                         "and trained (default: frozen)")
+                         "and trained (default: frozen; the decoder method: fine-tuned or new, default fine-tuned)")
     options.add_argument("--include-skip-blocks", action="store_true", default=None,
                          help="--decoder also applies to Swin-UNETR's encoder1..4 / encoder10 skip blocks")
     options.add_argument("--rank", type=int, help="lora / arena rank (default: 4 lora, 16 arena)")
@@ -309,6 +310,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="network methods: gradient checkpointing of the Swin blocks (less memory, slower)")
+    p.add_argument("--no-encoder-cache", dest="encoder_cache", action="store_false",
+                   help="decoder and ft-last: train through the whole network instead of on cached encoder outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_adapt)
 
@@ -331,7 +334,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
         ti=TransductiveConfig(**{k: v for k, v in (("gamma", args.ti_gamma), ("weight", args.ti_weight)) if v is not None}),
         n_query=args.n_query,
         roi_size=args.roi_size and tuple(args.roi_size), overlap=args.overlap, cache_dir=args.cache_dir,
-        device=args.device, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing,
+        device=args.device, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing, encoder_cache=args.encoder_cache,
         save_predictions=args.save_predictions, progress=not args.no_progress, head_prior=args.head_prior,
     )
     if args.dry_run:

@@ -310,7 +310,7 @@ def test_unknown_method_and_misplaced_options_are_clear_errors(swin12_file, data
     assert main([*base, "--method", "lorra", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "unknown adaptation method 'lorra'" in err
-    assert all(name in err for name in available_methods()) and len(available_methods()) == 11
+    assert all(name in err for name in available_methods()) and len(available_methods()) == 12
     assert main([*base, "--method", "lp", "--rank", "4", "--dry-run"]) == 2
     assert "method 'lp' has no option(s) rank" in capsys.readouterr().err
     assert main([*base, "--method", "lora"]) == 2

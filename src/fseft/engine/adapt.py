@@ -90,6 +90,10 @@ class AdaptConfig:
     bf16: bfloat16 autocast (training and inference).
     grad_checkpointing: network methods load a Swin-UNETR base with ``use_checkpoint=True``
         (less memory, slower).
+    encoder_cache / encoder_pool_epochs: a network method whose trainable weights all lie
+        after a split point of the architecture (``decoder``, ``ft-last``) trains on cached
+        outputs of the frozen encoder (`fseft.engine.encoder_cache`), for the distinct patches
+        of the first `encoder_pool_epochs` epochs' draws; False trains through the network.
     """
 
     method: str = "lp"
@@ -120,6 +124,8 @@ class AdaptConfig:
     device: str = "cpu"
     bf16: bool = False
     grad_checkpointing: bool = False
+    encoder_cache: bool = True
+    encoder_pool_epochs: int = 8
     save_predictions: bool = False
     progress: bool = True
 
@@ -133,7 +139,7 @@ class AdaptConfig:
         for name in ("epochs", "patience", "warmup_epochs"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "patches_per_volume", "slab"):
+        for name in ("batch_size", "patches_per_volume", "slab", "encoder_pool_epochs"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and int(self.max_steps) < 1:
@@ -458,13 +464,9 @@ def train_adapter(
     return TrainResult(len(losses), losses, ti_losses, time.perf_counter() - start, stopped)
 
 
-def _plain(t: Any) -> torch.Tensor:
-    """A MONAI `MetaTensor` (or array) as a plain tensor."""
-    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
-
-
 def train_network(
-    model: nn.Module, support: Sequence[dict[str, Any]], cfg: AdaptConfig, seed: int = 0
+    model: nn.Module, support: Sequence[dict[str, Any]], cfg: AdaptConfig, seed: int = 0,
+    encoder_cache: Any = None,
 ) -> TrainResult:
     """Train a network method (`fseft.methods.peft_methods.apply_method`) end to end on image
     patches of the support volumes.
@@ -477,12 +479,17 @@ def train_network(
     loss, optimiser, schedule and early stopping as `train_adapter`; ARENA's proximal step
     (`post_step`) after each optimiser step; frozen normalisation layers stay in eval mode
     (`method_train_mode`). bf16 autocast with `cfg.bf16`.
+
+    encoder_cache: an `fseft.engine.encoder_cache.EncoderCache` at the model's split point
+    (`split_point_for`): the frozen prefix runs once per distinct patch of a pool
+    (`PatchPool`, the first `cfg.encoder_pool_epochs` epochs' draws) and each step runs only
+    ``decode`` and the head on patches drawn from that pool.
     """
     from tqdm.auto import tqdm
 
     from fseft.engine.losses import check_finite_loss, check_finite_parameters
-    from fseft.engine.sampling import EpochPatchDataset, patch_transforms
-    from fseft.methods.peft_methods import method_train_mode, post_step
+    from fseft.engine.sampling import EpochPatchDataset, patch_transforms, plain_tensor
+    from fseft.methods.peft_methods import method_train_mode, post_step, unwrap
 
     cfg = cfg.resolved()
     device = torch.device(cfg.device)
@@ -500,10 +507,28 @@ def train_network(
     stopping = _EarlyStopping(cfg.patience, cfg.min_delta)
     rng = np.random.RandomState(seed)
     arch = getattr(model, "arch", type(model).__name__)
+    start = time.perf_counter()
+    if encoder_cache is not None:
+        from fseft.engine.encoder_cache import PatchPool
+
+        pool = PatchPool(patches, encoder_cache, min(cfg.encoder_pool_epochs, epochs), cfg.progress)
+        base = unwrap(model)
+        draws = np.random.RandomState(seed + 1)  # apart from `rng`: the volume order stays the network path's
+
+        def batch_logits(position: int) -> tuple[torch.Tensor, torch.Tensor]:
+            cached, labels = pool.batch(pool.draw(position, cfg.patches_per_volume, draws), device)
+            return base.head(base.decode(cached, encoder_cache.point)), labels
+    else:
+        def batch_logits(position: int) -> tuple[torch.Tensor, torch.Tensor]:
+            items = patches[position]
+            images = torch.stack([plain_tensor(d["image"]) for d in items]).float().to(device)
+            try:
+                return model(images), torch.stack([plain_tensor(d["label"]) for d in items]).to(device)
+            except ValueError as exc:  # the architecture's shape check
+                raise ConfigError(f"patch_size {cfg.patch_size} does not fit the {arch} model: {exc}") from exc
 
     losses: list[float] = []
     stopped = False
-    start = time.perf_counter()
     bar = tqdm(range(epochs), desc=f"adapt {cfg.method}", unit="epoch", disable=not cfg.progress)
     for epoch in bar:
         patches.set_epoch(epoch)
@@ -514,14 +539,8 @@ def train_network(
             optimizer.zero_grad(set_to_none=True)
             batch = order[it * cfg.batch_size : (it + 1) * cfg.batch_size]
             for position in batch:
-                items = patches[int(position)]
-                images = torch.stack([_plain(d["image"]) for d in items]).float().to(device)
-                labels = torch.stack([_plain(d["label"]) for d in items]).to(device)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    try:
-                        logits = model(images)
-                    except ValueError as exc:  # the architecture's shape check
-                        raise ConfigError(f"patch_size {cfg.patch_size} does not fit the {arch} model: {exc}") from exc
+                    logits, labels = batch_logits(int(position))
                 loss = supervised_loss(logits, labels, multiclass) / len(batch)
                 check_finite_loss(loss, epoch * iters + it + 1, optimizer.param_groups[0]["lr"], f"adapt {cfg.method}")
                 loss.backward()
@@ -886,7 +905,9 @@ def _adapt_network(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task
     ``adapter_config.json`` / ``adapter_model.safetensors`` are `save_adapter`'s (peft's format
     for ``lora``), the run's information in their record's ``extra``."""
     from fseft.data.preprocessing import preprocess
+    from fseft.engine.encoder_cache import EncoderCache, split_point_for
     from fseft.engine.feature_cache import model_fingerprint
+    from fseft.engine.sampling import plain_tensor
     from fseft.methods.adapter_io import save_adapter
     from fseft.methods import foreground_fractions, init_head_prior
     from fseft.methods.arena import effective_ranks
@@ -905,8 +926,12 @@ def _adapt_network(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task
             support.append({"image": pre.image, "label": pre.label})
     if support and cfg.head_prior:
         init_head_prior(unwrap(model).head, model.fseft_method["head_rows"],
-                        foreground_fractions([_plain(v["label"]).numpy() for v in support]), multiclass)
-    result = train_network(model, support, cfg, task.seed)
+                        foreground_fractions([plain_tensor(v["label"]).numpy() for v in support]), multiclass)
+    encoder_cache = None
+    point = split_point_for(model) if cfg.encoder_cache and support else None
+    if point is not None:
+        encoder_cache = EncoderCache(model, point, base_info["fingerprint"], cfg.cache_dir, cfg.device)
+    result = train_network(model, support, cfg, task.seed, encoder_cache)
 
     adapted = AdaptedNetwork(model, names, multiclass, preprocess_cfg).eval()
     predictions = out / "predictions" if cfg.save_predictions else None
@@ -916,6 +941,9 @@ def _adapt_network(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task
     ranks = effective_ranks(model)
     if ranks:
         metrics["effective_ranks"] = ranks
+    if encoder_cache is not None:
+        metrics["encoder_cache"] = {"point": encoder_cache.point, "patches_computed": encoder_cache.misses,
+                                    "patches_reused": encoder_cache.hits}
     save_adapter(model, out, extra={
         "base_model": base_info,
         "objective": cfg.objective,

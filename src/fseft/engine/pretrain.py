@@ -585,16 +585,13 @@ def _build_model(assembly: AssemblyConfig, catalogue: Sequence[str]) -> torch.nn
         raise ConfigError(f"{assembly.source}: model: {exc}") from exc
 
 
-def _to_tensor(x: Any) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
-
-
 def _train_epoch(model: torch.nn.Module, loader: Any, optimizer: Any, scheduler: Any, ctx: DistributedContext,
                  train: PretrainConfig, num_classes: int, desc: str) -> dict[str, Any]:
     """One pass over `loader`; returns this rank's sums: loss, steps, per-class loss and counts."""
     from tqdm import tqdm
 
     from fseft.engine.losses import check_finite_loss, masked_class_losses, per_class_bce_dice
+    from fseft.engine.sampling import plain_tensor
 
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -603,9 +600,9 @@ def _train_epoch(model: torch.nn.Module, loader: Any, optimizer: Any, scheduler:
     steps = 0
     bar = tqdm(loader, desc=desc, unit="step", leave=False, disable=not (train.progress and ctx.is_main))
     for batch in bar:
-        image = _to_tensor(batch["image"]).to(ctx.device, non_blocking=True)
-        label = _to_tensor(batch["label"]).to(ctx.device, non_blocking=True)
-        annotated = _to_tensor(batch["annotated"]).to(ctx.device)
+        image = plain_tensor(batch["image"]).to(ctx.device, non_blocking=True)
+        label = plain_tensor(batch["label"]).to(ctx.device, non_blocking=True)
+        annotated = plain_tensor(batch["annotated"]).to(ctx.device)
         with torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=train.bf16):
             logits = model(image)
         per_class = per_class_bce_dice(logits, label)  # (B, C) float32

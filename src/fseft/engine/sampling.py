@@ -18,6 +18,12 @@ import torch
 from fseft.errors import ConfigError
 
 
+def plain_tensor(x: Any) -> torch.Tensor:
+    """A MONAI `MetaTensor` (or array) as a plain tensor: patches stack and train without
+    carrying their metadata."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
 def patch_transforms(
     patch_size: Sequence[int],
     patches_per_volume: int,

@@ -416,6 +416,34 @@ def _prepare_scratch(model: nn.Module, cfg: ScratchConfig, parts: ModelParts) ->
     return model.requires_grad_(True)
 
 
+@dataclass
+class DecoderConfig(MethodConfig):
+    """`decoder`: the encoder frozen, the decoder and the head trained (the FSEFT paper's
+    decoder-only baseline; with the self-supervised checkpoint, ``include_skip_blocks``).
+
+    decoder: ``"fine-tuned"`` (from the pre-trained weights) or ``"new"`` (re-initialised).
+    include_skip_blocks: Swin-UNETR's ``encoder1..4`` / ``encoder10`` train with the decoder.
+    Every trainable weight lies after the encoder, so `fseft adapt` trains it on cached encoder
+    outputs (`fseft.engine.encoder_cache`).
+    """
+
+    default_lr: ClassVar[float] = 1e-3
+    protocol_source: ClassVar[str] = ("fseft: the decoder's lr in the encoder PEFT runs (1e-3), the epochs and "
+                                      "patches of the reference runs")
+    decoder: str = "fine-tuned"
+    include_skip_blocks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.decoder not in ("fine-tuned", "new"):
+            raise ConfigError(f"decoder: --decoder must be fine-tuned or new for the decoder method, got {self.decoder!r} "
+                              "(a frozen decoder with a trained head is ft-last's head, or lp on cached features)")
+
+
+@register_method("decoder", DecoderConfig, "train the decoder (and head) on a frozen encoder", kind="network")
+def _prepare_decoder(model: nn.Module, cfg: DecoderConfig, parts: ModelParts) -> nn.Module:
+    return model  # apply_method already made the decoder (and skip blocks) trainable
+
+
 # ---------------------------------------------------------------------------- selective
 
 
@@ -469,6 +497,7 @@ __all__ = [
     "DECODER_MODES",
     "AffineConfig",
     "BitFitConfig",
+    "DecoderConfig",
     "EncoderMethodConfig",
     "FineTuneConfig",
     "FineTuneLastConfig",

@@ -24,9 +24,14 @@ class SegmentationModel(nn.Module):
         feature_channels: channels of the map `features` returns.
         head: ``nn.Conv3d(feature_channels, len(class_names), kernel_size=1)``.
         arch_kwargs: the keyword arguments that rebuild this architecture (JSON-serialisable).
+        split_points: see the class attribute.
     """
 
     arch: ClassVar[str] = ""
+    #: Optional frozen-prefix split (``point -> top-level modules computed after it``); an
+    #: architecture that has one implements ``encode(x, point) -> dict`` and
+    #: ``decode(tensors, point) -> features`` (`fseft.engine.encoder_cache` caches the prefix).
+    split_points: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, class_names: Sequence[str], feature_channels: int) -> None:
         super().__init__()

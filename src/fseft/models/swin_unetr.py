@@ -99,21 +99,60 @@ class SwinUNETRSegmenter(SegmentationModel):
             if isinstance(m, WindowAttention):
                 m.use_flash_attention = bool(enabled)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, D, H, W)`` -> ``(B, feature_size, D, H, W)``; D, H, W divisible by 32
-        (and not all 32: the bottleneck needs two voxels)."""
+    #: Points where the network splits into a frozen prefix and the rest (`encode` / `decode`),
+    #: each with the top-level modules that run after it: ``hidden`` = the Swin transformer's
+    #: hidden states (and the input), ``skips`` = the outputs of the UNETR skip blocks and
+    #: bottleneck (what the decoder reads), ``last`` = the inputs of the last decoder block.
+    split_points = {
+        "hidden": ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10",
+                   "decoder5", "decoder4", "decoder3", "decoder2", "decoder1"),
+        "skips": ("decoder5", "decoder4", "decoder3", "decoder2", "decoder1"),
+        "last": ("decoder1",),
+    }
+
+    def encode(self, x: torch.Tensor, point: str) -> dict[str, torch.Tensor]:
+        """The tensors at split point `point` (`split_points`) for ``x`` ``(B, 1, D, H, W)``.
+
+        ``hidden``: ``x`` and ``hs0..hs4`` (the Swin stages, ``feature_size * 2**i`` channels at
+        1/2 ... 1/32 resolution); ``skips``: ``enc0`` (full resolution), ``enc1..enc3`` (1/2 to
+        1/8), ``hs3`` (1/16) and ``dec4`` (the bottleneck, 1/32); ``last``: ``dec0`` (1/2) and
+        ``enc0``. ``decode(encode(x, p), p) == features(x)`` for every point."""
         check_spatial_shape(x, self.patch_size**5, "swin_unetr")
         if math.prod(s // self.patch_size**5 for s in x.shape[2:]) < 2:
             # the bottleneck's instance norm needs more than one voxel
             raise ValueError(f"swin_unetr: spatial shape {tuple(x.shape[2:])} is too small; use at least 64 along one axis")
+        if point not in self.split_points:
+            raise ValueError(f"swin_unetr: no split point {point!r}; choose one of {', '.join(self.split_points)}")
         hidden = self.swinViT(x, self.normalize)
-        enc0 = self.encoder1(x)
-        enc1 = self.encoder2(hidden[0])
-        enc2 = self.encoder3(hidden[1])
-        enc3 = self.encoder4(hidden[2])
-        dec4 = self.encoder10(hidden[4])
-        dec3 = self.decoder5(dec4, hidden[3])
-        dec2 = self.decoder4(dec3, enc3)
-        dec1 = self.decoder3(dec2, enc2)
-        dec0 = self.decoder2(dec1, enc1)
-        return self.decoder1(dec0, enc0)
+        out = {"x": x, **{f"hs{i}": h for i, h in enumerate(hidden)}}
+        if point == "hidden":
+            return out
+        out = self._skips(out)
+        if point == "skips":
+            return out
+        return {"dec0": self._upper_decoder(out), "enc0": out["enc0"]}
+
+    def decode(self, tensors: dict[str, torch.Tensor], point: str) -> torch.Tensor:
+        """The `features` ``(B, feature_size, D, H, W)`` from the tensors `encode` gave at `point`."""
+        if point not in self.split_points:
+            raise ValueError(f"swin_unetr: no split point {point!r}; choose one of {', '.join(self.split_points)}")
+        if point == "hidden":
+            tensors = self._skips(tensors)
+        if point in ("hidden", "skips"):
+            tensors = {"dec0": self._upper_decoder(tensors), "enc0": tensors["enc0"]}
+        return self.decoder1(tensors["dec0"], tensors["enc0"])
+
+    def _skips(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"enc0": self.encoder1(t["x"]), "enc1": self.encoder2(t["hs0"]), "enc2": self.encoder3(t["hs1"]),
+                "enc3": self.encoder4(t["hs2"]), "hs3": t["hs3"], "dec4": self.encoder10(t["hs4"])}
+
+    def _upper_decoder(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        dec3 = self.decoder5(t["dec4"], t["hs3"])
+        dec2 = self.decoder4(dec3, t["enc3"])
+        dec1 = self.decoder3(dec2, t["enc2"])
+        return self.decoder2(dec1, t["enc1"])
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, D, H, W)`` -> ``(B, feature_size, D, H, W)``; D, H, W divisible by 32
+        (and not all 32: the bottleneck needs two voxels)."""
+        return self.decode(self.encode(x, "hidden"), "hidden")

@@ -102,13 +102,34 @@ class UNet3DSegmenter(SegmentationModel):
         self.up_tr64 = UpStage(4 * b, 2 * b, 0, b, act)
         self.arch_kwargs = {"base_channels": b, "act": act, "in_channels": int(in_channels)}
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, D, H, W)`` -> ``(B, 2*base_channels, D, H, W)``; D, H, W divisible by 8."""
+    #: Split points (see `SwinUNETRSegmenter.split_points`): ``skips`` = the bottleneck and the
+    #: three skip tensors the decoder reads; ``last`` = the inputs of the last up stage.
+    split_points = {"skips": ("up_tr256", "up_tr128", "up_tr64"), "last": ("up_tr64",)}
+
+    def encode(self, x: torch.Tensor, point: str) -> dict[str, torch.Tensor]:
+        """Tensors at `point`: ``skips``: ``x512`` (1/8) and ``skip256``, ``skip128``, ``skip64``
+        (1/4, 1/2, full resolution); ``last``: ``up128`` (1/2) and ``skip64``."""
         check_spatial_shape(x, 8, "unet3d")
+        if point not in self.split_points:
+            raise ValueError(f"unet3d: no split point {point!r}; choose one of {', '.join(self.split_points)}")
         x64, skip64 = self.down_tr64(x)
         x128, skip128 = self.down_tr128(x64)
         x256, skip256 = self.down_tr256(x128)
         x512, _ = self.down_tr512(x256)
-        up256 = self.up_tr256(x512, skip256)
-        up128 = self.up_tr128(up256, skip128)
-        return self.up_tr64(up128, skip64)
+        out = {"x512": x512, "skip256": skip256, "skip128": skip128, "skip64": skip64}
+        if point == "skips":
+            return out
+        return {"up128": self.up_tr128(self.up_tr256(x512, skip256), skip128), "skip64": skip64}
+
+    def decode(self, tensors: dict[str, torch.Tensor], point: str) -> torch.Tensor:
+        """The `features` from the tensors `encode` gave at `point`."""
+        if point not in self.split_points:
+            raise ValueError(f"unet3d: no split point {point!r}; choose one of {', '.join(self.split_points)}")
+        if point == "skips":
+            up256 = self.up_tr256(tensors["x512"], tensors["skip256"])
+            tensors = {"up128": self.up_tr128(up256, tensors["skip128"]), "skip64": tensors["skip64"]}
+        return self.up_tr64(tensors["up128"], tensors["skip64"])
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, D, H, W)`` -> ``(B, 2*base_channels, D, H, W)``; D, H, W divisible by 8."""
+        return self.decode(self.encode(x, "skips"), "skips")
