@@ -278,6 +278,9 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
                    "foreground fraction (for comparison)")
     p.add_argument("--objective", choices=("sigmoid", "multiclass"), default="sigmoid",
                    help="independent sigmoids per structure, or softmax over background + structures")
+    p.add_argument("--loss", choices=("bce+dice", "dice"), default="bce+dice",
+                   help="BCE / cross-entropy plus soft Dice, or soft Dice alone (the FSEFT runs' loss, which "
+                   "collapsed a small new structure more often here) (default: bce+dice)")
     options = p.add_argument_group("method options (each only for the methods that have it)")
     options.add_argument("--kernel-size", type=int, help="spatial-adapter kernel size (1 = MLP adapter; default: 3)")
     options.add_argument("--decoder", metavar="frozen|fine-tuned|new",
@@ -327,7 +330,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
     cfg = AdaptConfig(
         method=args.method,
         method_options={k: getattr(args, k) for k in _METHOD_OPTIONS if getattr(args, k) is not None},
-        objective=args.objective, epochs=args.epochs, patience=args.patience, lr=args.lr,
+        objective=args.objective, loss=args.loss, epochs=args.epochs, patience=args.patience, lr=args.lr,
         weight_decay=args.weight_decay, max_steps=args.max_steps, batch_size=args.batch_size,
         patch_size=None if args.patch_size is None else tuple(args.patch_size),
         patches_per_volume=args.patches_per_volume, transductive=args.ti,
@@ -345,6 +348,9 @@ def _run_adapt(args: argparse.Namespace) -> int:
         for key, value in counts.items():
             if isinstance(value, int):
                 print(f"  {key:<16} {value:>12,}")
+        run = cfg.resolved()
+        print(f"protocol: lr {run.lr:g}, {run.epochs} epochs, {run.batch_size} volume(s) x "
+              f"{run.patches_per_volume} patches per step, loss {run.loss}")
         return 0
     missing = [f"--{name}" for name in ("data", "k", "out") if getattr(args, name) is None]
     if missing:
@@ -395,8 +401,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="the main job: adapt the embedded model to target-domain phantoms and write a report (minutes on a CPU)",
         description="Write target-domain phantoms, adapt the embedded phantom foundation model with "
-        "generalization, lp, spatial-adapter, spatial-adapter + TI, LoRA + fine-tuned decoder and "
-        f"ft at k = 1 and 5 for a known ({d.known}) and a novel ({d.novel}) structure, print the "
+        "generalization, lp, spatial-adapter, spatial-adapter + TI, the decoder on cached encoder outputs "
+        f"and LoRA + fine-tuned decoder at k = 5 for a known ({d.known}) and a novel ({d.novel}) structure, print the "
         "Dice table and write OUT/report.html. No arguments needed; about 10 minutes on 2 CPU cores.",
     )
     p.add_argument("--out", default=d.out, metavar="DIR", help=f"output folder (default: {d.out})")

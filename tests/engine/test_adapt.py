@@ -292,12 +292,17 @@ def test_dry_run_counts_every_kind_without_data(swin12_file, capsys):
         (["--method", "bitfit", "--decoder", "new", "--include-skip-blocks"], "bitfit",
          {"decoder": "new", "include_skip_blocks": True}),
         (["--method", "ft"], "ft", {}),
+        (["--method", "decoder"], "decoder", {}),
     ]
+    outputs = {}
     for args, method, options in cases:
-        trainable, out = _dry_run_trainable(capsys, swin12_file, *args)
+        trainable, outputs[method] = _dry_run_trainable(capsys, swin12_file, *args)
         expected = count_method_parameters("swin_unetr", method, names, classes, arch_kwargs=arch_kwargs, **options)
         assert trainable == expected["trainable"] > 0, method
-        assert f"{method} (network" in out and f"{expected['decoder']:,}" in out
+        assert f"{method} (network" in outputs[method] and f"{expected['decoder']:,}" in outputs[method]
+    assert "protocol: lr 0.0001, 100 epochs, 2 volume(s) x 3 patches per step, loss bce+dice" in outputs["ft"]
+    _, out = _dry_run_trainable(capsys, swin12_file, "--method", "lp")
+    assert "protocol: lr 0.1, 50 epochs, 1 volume(s) x 6 patches per step" in out
     trainable, _ = _dry_run_trainable(capsys, swin12_file, "--method", "spatial-adapter", "--kernel-size", "1")
     assert trainable == count_trainable_parameters(build_adapter("spatial-adapter", 12, 2, kernel_size=1)) == 2 * 144 + 26
     assert _dry_run_trainable(capsys, swin12_file, "--method", "lp")[0] == 2 * 13
@@ -499,3 +504,24 @@ def test_new_structure_head_starts_at_the_support_prior_unless_no_head_prior(dat
         biases[bool(flag)] = float(load_file(str(out / "adapter_model.safetensors"))["head.bias"][0])
     assert biases[False] < -2.0  # logit of a small foreground fraction (lr 1e-9: as initialised)
     assert abs(biases[True]) < 1.0  # PyTorch's default initialisation, around p = 0.5
+
+
+@pytest.mark.parametrize("multiclass", [False, True])
+def test_dice_loss_is_the_bce_dice_loss_without_its_cross_entropy(multiclass):
+    from fseft.engine.adapt import supervised_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2 + int(multiclass), 6, 6, 6)
+    labels = (torch.rand(2, 2, 6, 6, 6) > 0.8).to(torch.uint8)
+    dice = supervised_loss(logits, labels, multiclass, "dice")
+    both = supervised_loss(logits, labels, multiclass, "bce+dice")
+    if multiclass:
+        index = torch.zeros(2, 6, 6, 6, dtype=torch.long)
+        for s in range(2):
+            index[labels[:, s] > 0] = s + 1
+        ce = torch.nn.functional.cross_entropy(logits, index)
+    else:
+        ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+    assert float(both - dice) == pytest.approx(float(ce), rel=1e-5)
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        AdaptConfig(loss="focal")

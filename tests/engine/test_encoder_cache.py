@@ -121,3 +121,12 @@ def test_a_larger_volume_trains_on_a_pool_of_distinct_windows(tmp_path):
     cache = EncoderCache(model, "skips", "c" * 64, tmp_path)
     result = train_network(model, _support(n=1), cfg, seed=0, encoder_cache=cache)
     assert result.epochs_run == 2 and 1 < cache.misses <= 2 * 3
+
+
+def test_augmented_patches_give_the_pool_distinct_variants_of_a_small_volume(tmp_path):
+    cfg = AdaptConfig(method="decoder", epochs=2, lr=1e-2, patch_size=(24, 24, 16), patches_per_volume=3,
+                      patience=0, progress=False, augment=True)
+    model = apply_method(tiny_model(), "decoder", ["liver"])
+    cache = EncoderCache(model, "skips", "d" * 64, tmp_path)
+    train_network(model, _support(n=1), cfg, seed=0, encoder_cache=cache)
+    assert cache.misses > 1  # intensity shifts (p = 0.5) make most draws differ
