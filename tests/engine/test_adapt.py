@@ -330,7 +330,8 @@ def test_network_method_trains_a_copy_of_an_in_memory_model(data_root, tmp_path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = _cfg(tmp_path, method="ft-last", epochs=1, lr=1e-2, n_query=1)
     metrics = adapt(model, data_root, "liver,gallbladder", 2, 0, tmp_path / "run", cfg)
-    assert set(metrics) == METRICS_KEYS and list(metrics["queries"]) and metrics["train_seconds"] > 0
+    assert set(metrics) == METRICS_KEYS | {"encoder_cache"} and list(metrics["queries"]) and metrics["train_seconds"] > 0
+    assert metrics["encoder_cache"]["point"] == "last"  # ft-last trains on cached encoder outputs
     assert metrics["trainable_params"] == sum(p.numel() for p in model.up_tr64.parameters()) + 2 * (4 + 1)
     assert model.class_names == ("liver", "spleen") and getattr(model, "fseft_method", None) is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a copy was trained

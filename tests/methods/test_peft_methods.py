@@ -30,7 +30,7 @@ def _top(name: str) -> str:
 
 def test_registry_lists_all_methods():
     names = available_methods("network")
-    assert set(names) == {"ft", "ft-last", "scratch", "bitfit", "affine", "lora", "adaptformer", "arena"}
+    assert set(names) == {"ft", "ft-last", "scratch", "decoder", "bitfit", "affine", "lora", "adaptformer", "arena"}
     assert all(get_method(n).kind == "network" and get_method(n).prepare for n in names)
     assert get_method("lora").uses_peft and not get_method("arena").uses_peft
     with pytest.raises(ConfigError, match="unknown adaptation method 'nope'.*spatial-adapter.*lora"):
@@ -175,3 +175,14 @@ def test_parameter_counts_of_the_48_channel_swin_unetr():
     assert round(tuned["decoder"] / 1e5) == 196 and tuned["head"] == 49
     assert count("ft-last")["trainable"] == count("ft-last")["decoder"] + 49
     assert count("ft")["trainable"] == count("ft")["total_model"]
+
+
+def test_decoder_method_trains_the_decoder_and_head_only():
+    model = apply_method(create_model("swin_unetr", ["liver"], feature_size=12), "decoder", ["liver", "gallbladder"])
+    trainable = {_top(n) for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"decoder1", "decoder2", "decoder3", "decoder4", "decoder5", "head"}
+    with_skips = apply_method(create_model("swin_unetr", ["liver"], feature_size=12), "decoder", ["liver"],
+                              include_skip_blocks=True)
+    assert "encoder1" in {_top(n) for n, p in with_skips.named_parameters() if p.requires_grad}
+    with pytest.raises(ConfigError, match="fine-tuned or new"):
+        apply_method(create_model("swin_unetr", ["liver"], feature_size=12), "decoder", ["liver"], decoder="frozen")
