@@ -30,8 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,8 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fseft.engine.feature_cache import CacheError, _write_error
-from fseft.utils import apply_default_permissions
+from fseft.engine.feature_cache import CacheError, staged_entry
 
 CACHE_FORMAT = "encoder-v1"
 
@@ -124,27 +121,12 @@ class EncoderCache:
             outputs = self.model.encode(image[None].float().to(self.device), self.point)
         finally:
             self.model.train(was_training)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=self.dir))
-        try:
-            shapes = {}
+        meta: dict[str, Any] = {"point": self.point, "tensors": {}}
+        with staged_entry(entry, meta) as tmp:
             for name, tensor in outputs.items():
                 array = tensor[0].float().cpu().numpy().astype(self.dtype)
                 np.save(tmp / f"{name}.npy", array)
-                shapes[name] = list(array.shape)
-            (tmp / "meta.json").write_text(json.dumps({"point": self.point, "tensors": shapes}, indent=2) + "\n")
-            apply_default_permissions(tmp)
-            if entry.exists():
-                shutil.rmtree(entry, ignore_errors=True)
-            try:
-                os.rename(tmp, entry)
-            except OSError:
-                if not (entry / "meta.json").exists():
-                    raise
-        except OSError as exc:
-            raise _write_error(self.dir, exc) from exc
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                meta["tensors"][name] = list(array.shape)
 
     def get(self, image: torch.Tensor) -> dict[str, np.ndarray]:
         """The prefix outputs ``{name: (C, x, y, z) memmap}`` of an image patch

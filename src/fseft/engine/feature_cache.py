@@ -35,7 +35,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +137,37 @@ def _write_error(path: Path, exc: OSError) -> CacheError:
         f"cannot write the feature cache at {path}: {why}; nothing was left half-written. "
         "Free some space or choose another --cache-dir (or $FSEFT_CACHE_DIR)."
     )
+
+
+@contextlib.contextmanager
+def staged_entry(entry: Path, meta: dict[str, Any]) -> Iterator[Path]:
+    """A temporary folder beside `entry` to write a cache entry's files into.
+
+    On leaving the block, `meta` (which the block may still fill) is written as ``meta.json``
+    and the folder renamed to `entry`, replacing a stale one; if another process finished the
+    same entry first, theirs is kept. Any `OSError` (a full disk) becomes a `CacheError`, and
+    the temporary folder is removed whatever happens: nothing is left half-written.
+    """
+    tmp = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=entry.parent))
+        yield tmp
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        apply_default_permissions(tmp)
+        if entry.exists():  # stale or unreadable: replace it
+            _remove_tree(entry)
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not (entry / "meta.json").exists():
+                raise
+            # Another process finished the same entry first: theirs is as good as ours.
+    except OSError as exc:
+        raise _write_error(entry.parent, exc) from exc
+    finally:
+        if tmp is not None:
+            _remove_tree(tmp)
 
 
 class FeatureCache:
@@ -241,10 +272,8 @@ class FeatureCache:
             image, labels = read_image(case.image), None
         pre = preprocess(image, labels, self.preprocess_config)
         feats = compute_features(self.model, pre.image[None], self.inference)[0]
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=self.model_dir))
-        try:
-            shape = (*feats.shape[1:], feats.shape[0])  # channels last
+        shape = (*feats.shape[1:], feats.shape[0])  # channels last
+        with staged_entry(entry, {"key": material, "shape": list(shape), "case_id": case.case_id}) as tmp:
             out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16, shape=shape)
             for x in range(feats.shape[1]):  # one sagittal slice at a time: no second full-size copy
                 out[x] = feats[:, x].permute(1, 2, 0).numpy()
@@ -252,21 +281,6 @@ class FeatureCache:
             del out
             for s, name in enumerate(structures):
                 np.save(tmp / self._label_file(case, name), pre.label[s].as_tensor().numpy().astype(np.uint8))
-            meta = {"key": material, "shape": list(shape), "case_id": case.case_id}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-            apply_default_permissions(tmp)
-            if entry.exists():  # stale or unreadable: replace it
-                _remove_tree(entry)
-            try:
-                os.rename(tmp, entry)
-            except OSError:
-                if not (entry / "meta.json").exists():
-                    raise
-                # Another process finished the same entry first: theirs is as good as ours.
-        except OSError as exc:
-            raise _write_error(self.model_dir, exc) from exc
-        finally:
-            _remove_tree(tmp)
 
     def _add_labels(self, case: Any, structures: Sequence[str], entry: Path, shape: tuple[int, ...]) -> None:
         from fseft.data.preprocessing import preprocess
