@@ -526,3 +526,22 @@ def test_dice_loss_is_the_bce_dice_loss_without_its_cross_entropy(multiclass):
     assert float(both - dice) == pytest.approx(float(ce), rel=1e-5)
     with pytest.raises(ConfigError, match="loss must be one of"):
         AdaptConfig(loss="focal")
+
+
+def test_unusable_numbers_are_exit_2_messages_not_tracebacks(swin12_file, data_root, tmp_path, capsys):
+    """An overflowing --lr, a window the architecture cannot take, a negative NSD tolerance."""
+    base = ["adapt", "--model", str(swin12_file), "--data", str(data_root), "--structures", "liver", "--k", "1",
+            "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*base, "--lr", "1e39", "--out", str(tmp_path / "run")]) == 2
+    assert "lr must be > 0 and a finite float32 number" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    scan = sorted((data_root / "imagesTr").glob("*.nii.gz"))[0]
+    out = tmp_path / "mask.nii.gz"
+    assert main(["predict", "-i", str(scan), "-o", str(out), "--model", str(swin12_file),
+                 "--roi-size", "50", "50", "50", "--no-progress"]) == 2
+    assert "--roi-size 50 50 50 does not fit this model" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["evaluate", "--pred", str(data_root / "labelsTr"), "--gt", str(data_root / "labelsTr"),
+                 "--tolerance", "-1", "--out", str(tmp_path / "m.json")]) == 2
+    assert "NSD tolerance must be a distance >= 0 mm" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()

@@ -156,8 +156,8 @@ class AdaptConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and int(self.max_steps) < 1:
             raise ConfigError(f"max_steps must be >= 1 (or None), got {self.max_steps}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.lr is not None and not 0 < self.lr <= float(np.finfo(np.float32).max):
+            raise ConfigError(f"lr must be > 0 and a finite float32 number (the optimiser's), got {self.lr}")
         if not 0.0 <= self.pos_ratio <= 1.0:
             raise ConfigError(f"pos_ratio must be in [0, 1], got {self.pos_ratio}")
 

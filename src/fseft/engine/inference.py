@@ -189,7 +189,10 @@ def sliding_window_map(
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = window_fn(window)
+            try:
+                out = window_fn(window)
+            except ValueError as exc:  # the architecture's own shape check, on the first window
+                raise ConfigError(f"--roi-size {' '.join(map(str, cfg.roi_size))} does not fit this model: {exc}") from exc
         return out.float()  # blend in float32 whatever the autocast dtype
 
     was_training = model.training

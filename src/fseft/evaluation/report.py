@@ -315,6 +315,8 @@ def evaluate_folders(
 
     from fseft.data.io import check_same_geometry
 
+    if not (tolerance_mm >= 0 and math.isfinite(tolerance_mm)):  # before any file is read
+        raise ConfigError(f"the NSD tolerance must be a distance >= 0 mm, got --tolerance {tolerance_mm}")
     if label_map is not None and not isinstance(label_map, Mapping):
         label_map = read_label_map(label_map)
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
