@@ -115,6 +115,11 @@ def test_cli_benchmark_prints_the_table(setup, capsys):
     out = capsys.readouterr().out
     assert "k = 1" in out and "lp" in out and "liver" in out
     assert not (root / "cli" / "overlays.png").exists()
+    # a corrupt metrics.json of a finished run: that run is done again, with a warning, no traceback
+    corrupt = next((root / "cli" / "runs").rglob("metrics.json"))
+    corrupt.write_text("{junk")
+    assert main(["benchmark", "--config", str(path), "--out", str(root / "cli"), "--no-progress"]) == 0
+    assert json.loads(corrupt.read_text())["method"] == "lp"
     assert main(["benchmark", "--config", str(root / "missing.yaml"), "--out", str(root / "cli")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
 

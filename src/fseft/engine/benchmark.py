@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import time
@@ -55,6 +56,8 @@ from fseft.evaluation.tables import RunRecord
 RUN_SPEC = "run.json"
 _TOP_KEYS = ("name", "model", "data", "structures", "k", "seeds", "holdout", "adapt", "methods", "overlays", "title")
 _ENTRY_KEYS = ("name", "method", "options")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -269,13 +272,21 @@ def _model_sha256(model: str) -> str | None:
     return file_sha256(path) if path is not None and path.is_file() else None
 
 
-def _finished(folder: Path, spec: Mapping[str, Any]) -> bool:
+def _finished_metrics(folder: Path, spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A finished run's metrics: None when the folder has no run of this `spec`, or its
+    ``metrics.json`` is unreadable (then the run is done again, with a warning)."""
     from fseft.engine.adapt import METRICS_FILE
 
     try:
-        return (folder / METRICS_FILE).is_file() and json.loads((folder / RUN_SPEC).read_text()) == json.loads(json.dumps(spec))
-    except (OSError, ValueError):
-        return False
+        if json.loads((folder / RUN_SPEC).read_text()) != json.loads(json.dumps(spec)):
+            return None
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+    except OSError:
+        return None
+    except ValueError as exc:
+        logger.warning("%s: unreadable (%s); running that run again", folder / METRICS_FILE, exc)
+        return None
+    return metrics if isinstance(metrics, dict) else None
 
 
 def _record(run: PlannedRun, metrics: Mapping[str, Any]) -> RunRecord:
@@ -352,13 +363,13 @@ def run_benchmark(
         cfg = exp.adapt_config(run.entry, progress=False, save_predictions=save)
         spec = run.spec(exp, cfg, partition, model_sha256)
         folder = out / run.folder
-        if not _finished(folder, spec):
+        metrics = _finished_metrics(folder, spec)
+        if metrics is None:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "metrics.json").unlink(missing_ok=True)
             write_json(folder / RUN_SPEC, spec)
-            adapt(exp.model, exp.data, run.structure, run.k, run.seed, folder, cfg, partition=partition)
+            metrics = adapt(exp.model, exp.data, run.structure, run.k, run.seed, folder, cfg, partition=partition)
             done += 1
-        metrics = json.loads((folder / "metrics.json").read_text())
         records.append(_record(run, metrics))
     bar.close()
 
