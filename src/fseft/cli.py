@@ -7,8 +7,10 @@ Each sub-command is declared by its own `_add_<name>(subparsers)` function below
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from fseft import __version__
 from fseft.errors import FseftError
@@ -444,6 +446,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output_location(path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output path that cannot be created: its nearest existing
+    ancestor is a file, or a folder this user cannot write to (`InputFileError`)."""
+    from fseft.errors import InputFileError
+
+    target = Path(path).expanduser().absolute()
+    ancestor = target
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor == target and target.exists():
+        ancestor = target if target.is_dir() else target.parent
+    if not ancestor.is_dir():
+        raise InputFileError(f"{path}: cannot be created, {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputFileError(f"{path}: cannot be created, the folder {ancestor} is not writable")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -451,9 +470,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        for name in ("out", "output"):  # every command's output, checked before its work
+            if getattr(args, name, None):
+                check_output_location(getattr(args, name))
         return int(args.func(args) or 0)
     except FseftError as exc:
         print(f"fseft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write that failed after the checks (full disk, permissions changed)
+        where = exc.filename or "an output file"
+        print(f"fseft {args.command}: error: cannot write {where}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fseft {args.command}: interrupted", file=sys.stderr)
