@@ -36,3 +36,18 @@ def test_unknown_structure_strict_raises_with_name():
     with pytest.raises(UnknownStructureError, match="brainstem_xyz"):
         canonical_name("brainstem_xyz", strict=True)
     assert canonical_name("Brainstem XYZ") == "brainstem_xyz"
+
+
+def test_a_near_miss_of_a_catalogued_name_gets_a_suggestion(caplog):
+    import logging
+
+    from fseft.data.structures import UnknownStructureError, canonical_name, did_you_mean
+    from fseft.engine.adapt import _structures
+
+    assert did_you_mean("livr") == " (did you mean 'liver'?)"
+    assert did_you_mean("left_hippocampus_tail") == ""
+    with pytest.raises(UnknownStructureError, match="did you mean 'gallbladder'"):
+        canonical_name("galbladder", strict=True)
+    with caplog.at_level(logging.WARNING):
+        assert _structures("livr,gallbladder") == ("livr", "gallbladder")
+    assert "'livr' is not in the catalogue (did you mean 'liver'?)" in caplog.text

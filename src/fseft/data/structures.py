@@ -120,6 +120,19 @@ _CANONICAL_BY_KEY: dict[str, str] = {_normalise(n): n for n in _known_names()}
 _CANONICAL_BY_KEY.update({_normalise(k): v for k, v in ALIASES.items()})
 
 
+def is_catalogued(name: str) -> bool:
+    """Whether `name` (any spelling) is a structure of the catalogue."""
+    return _normalise(name) in _CANONICAL_BY_KEY
+
+
+def did_you_mean(name: str) -> str:
+    """`` (did you mean 'liver'?)`` for a near-miss of a catalogued name, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(_normalise(name), list(_CANONICAL_BY_KEY), n=1, cutoff=0.75)
+    return f" (did you mean {_CANONICAL_BY_KEY[close[0]]!r}?)" if close else ""
+
+
 def canonical_name(name: str, *, strict: bool = False) -> str:
     """Return the canonical name of a structure given any known spelling.
 
@@ -132,7 +145,7 @@ def canonical_name(name: str, *, strict: bool = False) -> str:
         return _CANONICAL_BY_KEY[key]
     if strict:
         raise UnknownStructureError(
-            f"unknown structure {name!r}; known structures include: "
+            f"unknown structure {name!r}{did_you_mean(name)}; known structures include: "
             + ", ".join(sorted(_known_names()))
         )
     return re.sub(r"[^a-z0-9]+", "_", name.strip().lower()).strip("_")

@@ -781,11 +781,20 @@ def _check_known_structures(spec: Any, structures: Sequence[str], class_names: S
 
 
 def _structures(structures: Sequence[str] | str) -> tuple[str, ...]:
-    from fseft.data.structures import canonical_names
+    """Canonical names; a name outside the catalogue is a new structure, but a near-miss of a
+    catalogued one (``livr``) is most likely a typo, and is said."""
+    import logging
+
+    from fseft.data.structures import canonical_names, did_you_mean, is_catalogued
 
     names = canonical_names(structures)
     if not names:
         raise ConfigError("adapt: no structure given (--structures NAME[,NAME...])")
+    for name in names:
+        hint = "" if is_catalogued(name) else did_you_mean(name)
+        if hint:
+            logging.getLogger(__name__).warning(
+                "structure %r is not in the catalogue%s; it is treated as a new structure", name, hint)
     return names
 
 
