@@ -310,6 +310,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
                    help="sliding window of the feature computation and of inference (default: the window the model was trained on, else 96 96 96)")
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default: 0.25)")
     p.add_argument("--save-predictions", action="store_true", help="write query predictions to RUN/predictions/")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in RUN (default: refuse)")
     p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: $FSEFT_CACHE_DIR or ~/.cache/fseft)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -357,7 +358,8 @@ def _run_adapt(args: argparse.Namespace) -> int:
     missing = [f"--{name}" for name in ("data", "k", "out") if getattr(args, name) is None]
     if missing:
         raise ConfigError(f"{', '.join(missing)} required (only --dry-run goes without)")
-    metrics = adapt(args.model, args.data, args.structures, args.k, args.seed, args.out, cfg)
+    metrics = adapt(args.model, args.data, args.structures, args.k, args.seed, args.out, cfg,
+                    overwrite=args.overwrite)
     for name, row in metrics["mean"].items():
         cells = "  ".join(f"{m} {'n/a' if v is None else f'{v:.4f}'}" for m, v in row.items())
         print(f"{name:<32} {cells}")

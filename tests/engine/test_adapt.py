@@ -545,3 +545,17 @@ def test_unusable_numbers_are_exit_2_messages_not_tracebacks(swin12_file, data_r
                  "--tolerance", "-1", "--out", str(tmp_path / "m.json")]) == 2
     assert "NSD tolerance must be a distance >= 0 mm" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
+
+
+def test_cli_adapt_refuses_an_earlier_run_without_overwrite(swin12_file, data_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["adapt", "--model", str(swin12_file), "--data", str(data_root), "--structures", "liver", "--k", "1",
+            "--method", "lp", "--epochs", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(run), "--save-predictions"]
+    assert main(base) == 0
+    stale = run / "predictions" / "stale.nii.gz"
+    stale.write_bytes(b"an earlier run's prediction")
+    assert main(base) == 2
+    assert "already holds a run" in capsys.readouterr().err and stale.exists()
+    assert main([*base, "--overwrite"]) == 0
+    assert not stale.exists() and (run / "metrics.json").is_file()

@@ -807,8 +807,13 @@ def adapt(
     out: str | os.PathLike,
     cfg: AdaptConfig | None = None,
     partition: tuple[Sequence[str], Sequence[str]] | None = None,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """Few-shot adaptation of a model to `structures` with `k` support volumes of `data`.
+
+    overwrite: False refuses an `out` that already holds a run (`ConfigError`, before any
+    work: ``fseft adapt`` without ``--overwrite``); True replaces it, its old ``predictions/``
+    removed so that the two runs never mix.
 
     model: zoo id, fseft model file, or a `SegmentationModel` (never changed: network methods
     train a copy). data: a dataset folder (`open_dataset`). The task (support / query split) is
@@ -841,6 +846,12 @@ def adapt(
             f"{cfg.method!r} is trained through the network"
         )
     out = Path(out)
+    _claim_run_folder(out, overwrite)
+    if cfg.epochs == 0 and spec.config_cls.trainable:
+        import logging
+
+        logging.getLogger(__name__).warning("epochs = 0: %s is not trained; the queries are scored with its "
+                                            "initial weights", cfg.method)
     base, base_ref = _load_base(model, cfg.device, fresh=network, grad_checkpointing=network and cfg.grad_checkpointing)
     _check_known_structures(spec, names, base.class_names)
     if cfg.patch_size is None:
@@ -852,6 +863,24 @@ def adapt(
     seed_everything(seed)
     run = _adapt_network if network else _adapt_features
     return run(base, base_ref, dataset, task, names, cfg, out)
+
+
+RUN_FILES = (METRICS_FILE, ADAPTER_WEIGHTS, ADAPTER_CONFIG, "predictions")
+
+
+def _claim_run_folder(out: Path, overwrite: bool) -> None:
+    """Refuse a folder holding an earlier run unless `overwrite`; then remove its predictions
+    and metrics (the new run writes the rest over the old files)."""
+    import shutil
+
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if not held:
+        return
+    if not overwrite:
+        raise ConfigError(f"{out} already holds a run ({', '.join(held)}); pass --overwrite to replace it, "
+                          "or choose another --out")
+    shutil.rmtree(out / "predictions", ignore_errors=True)
+    (out / METRICS_FILE).unlink(missing_ok=True)
 
 
 def _metrics(cfg: AdaptConfig, names: Sequence[str], task: Any, trainable: int, result: TrainResult,
