@@ -316,6 +316,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="network methods: gradient checkpointing of the Swin blocks (less memory, slower)")
+    p.add_argument("--augment", action="store_true",
+                   help="network methods: random intensity scaling and shifts of the training patches")
     p.add_argument("--no-encoder-cache", dest="encoder_cache", action="store_false",
                    help="decoder and ft-last: train through the whole network instead of on cached encoder outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -341,6 +343,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
         n_query=args.n_query,
         roi_size=args.roi_size and tuple(args.roi_size), overlap=args.overlap, cache_dir=args.cache_dir,
         device=args.device, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing, encoder_cache=args.encoder_cache,
+        augment=args.augment,
         save_predictions=args.save_predictions, progress=not args.no_progress, head_prior=args.head_prior,
     )
     if args.dry_run:
