@@ -25,6 +25,7 @@ def test_console_entry_point_runs():
     ["adapt", "--model", "phantom", "--data", "d", "--structures", "liver", "--k", "1", "--out", "{bad}/run"],
     ["benchmark", "--config", "exp.yaml", "--out", "{bad}/bench"],
     ["demo", "--out", "{bad}/demo"],
+    ["pretrain", "--config", "assembly.yaml", "--out", "{bad}/pretrain"],
 ])
 def test_an_output_path_that_cannot_be_created_is_refused_before_any_work(tmp_path, capsys, argv):
     blocker = tmp_path / "a_file"
