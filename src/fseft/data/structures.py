@@ -120,11 +120,6 @@ _CANONICAL_BY_KEY: dict[str, str] = {_normalise(n): n for n in _known_names()}
 _CANONICAL_BY_KEY.update({_normalise(k): v for k, v in ALIASES.items()})
 
 
-def is_catalogued(name: str) -> bool:
-    """Whether `name` (any spelling) is a structure of the catalogue."""
-    return _normalise(name) in _CANONICAL_BY_KEY
-
-
 def did_you_mean(name: str) -> str:
     """`` (did you mean 'liver'?)`` for a near-miss of a catalogued name, else ``""``."""
     import difflib

@@ -785,13 +785,13 @@ def _structures(structures: Sequence[str] | str) -> tuple[str, ...]:
     catalogued one (``livr``) is most likely a typo, and is said."""
     import logging
 
-    from fseft.data.structures import canonical_names, did_you_mean, is_catalogued
+    from fseft.data.structures import canonical_names, did_you_mean, is_known
 
     names = canonical_names(structures)
     if not names:
         raise ConfigError("adapt: no structure given (--structures NAME[,NAME...])")
     for name in names:
-        hint = "" if is_catalogued(name) else did_you_mean(name)
+        hint = "" if is_known(name) else did_you_mean(name)
         if hint:
             logging.getLogger(__name__).warning(
                 "structure %r is not in the catalogue%s; it is treated as a new structure", name, hint)
