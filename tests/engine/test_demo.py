@@ -42,15 +42,21 @@ def test_tiny_demo_writes_table_figures_and_report(tmp_path):
     assert again.runs_done == 0
 
 
-def test_recommendation_names_the_best_method_per_structure_at_the_largest_k():
+def test_recommendation_names_the_fastest_method_near_the_best_per_structure():
     from fseft.engine.demo import recommendation
+    from fseft.evaluation.tables import RunRecord
 
-    cells = {
-        "generalization": {"5": {"inferior_vena_cava": {"mean": 0.18}, "gallbladder": None}},
-        "lp": {"5": {"inferior_vena_cava": {"mean": 0.40}, "gallbladder": {"mean": 0.37}}},
-        "spatial-adapter": {"5": {"inferior_vena_cava": {"mean": 0.50}, "gallbladder": {"mean": 0.30}}},
-        "lora+dec": {"5": {"inferior_vena_cava": {"mean": 0.45}, "gallbladder": {"mean": 0.55}}},
-    }
-    line = recommendation({"cells": cells}, DemoConfig())
-    assert "(inferior_vena_cava) use spatial-adapter (0.50, +0.32 Dice" in line
-    assert "(gallbladder) use lora+dec (0.55)" in line
+    def run(method, structure, dice, seconds, k=5):
+        return RunRecord(method, k, 0, structure, dice, None, None, train_seconds=seconds)
+
+    records = [
+        run("generalization", "inferior_vena_cava", 0.18, 0.0),
+        run("spatial-adapter", "inferior_vena_cava", 0.50, 22.0),
+        run("decoder", "inferior_vena_cava", 0.54, 39.0),
+        run("spatial-adapter", "gallbladder", 0.629, 22.0),
+        run("spatial-adapter+ti", "gallbladder", 0.631, 27.0),  # better by 0.002, slower: not chosen
+        run("lora+dec", "gallbladder", 0.90, 1.0, k=1),  # another k: ignored
+    ]
+    line = recommendation(records, DemoConfig())
+    assert "(inferior_vena_cava) use decoder (0.54, +0.36 Dice over the model's own head)" in line
+    assert "(gallbladder) use spatial-adapter (0.63)" in line
