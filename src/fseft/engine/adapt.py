@@ -677,6 +677,7 @@ def evaluate_queries(
 
     from fseft.data.io import write_mask
     from fseft.data.preprocessing import preprocess, to_native
+    from fseft.engine.inference import merge_masks
     from fseft.evaluation.metrics import evaluate_masks
 
     multiclass = cfg.objective == "multiclass"
@@ -690,11 +691,8 @@ def evaluate_queries(
         results[case.case_id] = {
             s: {m: _finite_or_none(v) for m, v in vals.items()} for s, vals in scores.items()
         }
-        if predictions_dir is not None:
-            labels = np.zeros(masks.shape[1:], dtype=np.uint8)
-            for s in range(masks.shape[0]):
-                labels[masks[s] > 0] = s + 1
-            write_mask(labels, image, predictions_dir / f"{case.case_id}.nii.gz",
+        if predictions_dir is not None:  # the label map `fseft predict` writes (first structure keeps overlaps)
+            write_mask(merge_masks(masks), image, predictions_dir / f"{case.case_id}.nii.gz",
                        label_map={s + 1: name for s, name in enumerate(structures)})
     return results
 
