@@ -36,3 +36,17 @@ def test_cli_help_does_not_import_torch():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.split() == ["False", "False"]
+
+
+def test_a_junk_weights_file_is_listed_unusable_and_refused_with_exit_2(tmp_path, capsys):
+    import pytest
+
+    from fseft.errors import InputFileError
+    from fseft.models.zoo import load_model
+
+    (tmp_path / "fseft.pth").write_text("junk\n")
+    assert main(["models", "--weights-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"UNUSABLE: {tmp_path / 'fseft.pth'}: not a PyTorch checkpoint" in out
+    with pytest.raises(InputFileError, match="fseft.pth: not a readable PyTorch checkpoint"):
+        load_model("fseft", weights=str(tmp_path / "fseft.pth"))

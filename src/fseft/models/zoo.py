@@ -408,6 +408,20 @@ def list_models(directory: str | os.PathLike | None = None) -> list[ZooEntry]:
     return rows
 
 
+def weights_file_problem(path: Path) -> str | None:
+    """Why a weights file cannot be a checkpoint, from its first bytes (without reading it
+    whole), or None: ``.safetensors`` starts with an 8-byte header length then ``{``; a PyTorch
+    file is a zip archive (``PK``) or a legacy pickle (``0x80``)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if path.suffix == ".safetensors":
+        return None if len(head) == 9 and head[8:9] == b"{" else "not a safetensors file"
+    return None if head[:2] == b"PK" or head[:1] == b"\x80" else "not a PyTorch checkpoint"
+
+
 def format_model_table(directory: str | os.PathLike | None = None) -> str:
     """The table `fseft models` prints."""
     rows = list_models(directory)
@@ -415,7 +429,8 @@ def format_model_table(directory: str | os.PathLike | None = None) -> str:
     lines = [header]
     for r in rows:
         params = f"{r.parameters / 1e6:.2f}M" if r.parameters is not None else "-"
-        weights = f"present: {r.weights}" if r.weights else "absent"
+        problem = weights_file_problem(r.weights) if r.weights else None
+        weights = "absent" if not r.weights else f"UNUSABLE: {r.weights}: {problem}" if problem else f"present: {r.weights}"
         lines.append((r.model_id, r.arch, str(r.num_classes or "-"), params, weights))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     text = ["  ".join(c.ljust(w) for c, w in zip(line[:-1], widths)) + "  " + line[-1] for line in lines]
