@@ -131,3 +131,27 @@ def test_swin_fused_attention_matches_monai_explicit_attention():
     model.fused_attention = True
     model(x).sum().backward()  # grad enabled: MONAI's explicit path, gradients reach the attention
     assert model.swinViT.layers1[0].blocks[0].attn.qkv.weight.grad is not None
+
+
+@pytest.mark.parametrize("arch, size, ok", [
+    ("swin_unetr", (64, 64, 64), True), ("swin_unetr", (96, 64, 32), True), ("swin_unetr", (32, 32, 32), False),
+    ("swin_unetr", (50, 50, 50), False), ("unet3d", (16, 24, 8), True), ("unet3d", (12, 16, 16), False),
+])
+def test_windows_are_checked_without_building_the_model(arch, size, ok):
+    from fseft.models.zoo import check_window
+
+    if ok:
+        check_window(arch, size)
+    else:
+        with pytest.raises(ConfigError, match=arch):
+            check_window(arch, size)
+
+
+def test_a_pretraining_patch_the_architecture_cannot_take_is_refused_before_any_work(tmp_path):
+    from fseft.engine.pretrain import AssemblyConfig, PretrainConfig, pretrain
+
+    assembly = AssemblyConfig(datasets=[str(tmp_path / "missing")], arch="swin_unetr", arch_kwargs={"feature_size": 12},
+                              train=PretrainConfig(patch_size=(32, 32, 32)))
+    with pytest.raises(ConfigError, match=r"patch_size \[32, 32, 32\].*too small"):
+        pretrain(assembly, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -765,6 +765,20 @@ def _load_base(
     return base, ref
 
 
+def _check_windows(base: nn.Module, cfg: AdaptConfig, network: bool) -> None:
+    """The sliding window (and, for network methods, the training patch) against the
+    architecture, before any data is read."""
+    windows = [("--roi-size", cfg.inference_config().for_model(base).roi_size)]
+    if network:
+        windows.append(("--patch-size", cfg.patch_size))
+    check = getattr(type(base), "check_window", None)
+    for option, size in windows if check is not None else ():
+        try:
+            check(size)
+        except ValueError as exc:
+            raise ConfigError(f"{option} {' '.join(map(str, size))} does not fit this model: {exc}") from exc
+
+
 def _check_known_structures(spec: Any, structures: Sequence[str], class_names: Sequence[str]) -> None:
     from fseft.data.structures import UnknownStructureError
 
@@ -856,6 +870,7 @@ def adapt(
         from fseft.engine.inference import DEFAULT_ROI_SIZE, recommended_roi_size
 
         cfg = dataclasses.replace(cfg, patch_size=recommended_roi_size(base) or DEFAULT_ROI_SIZE)
+    _check_windows(base, cfg, network)
     dataset = open_dataset(data)
     task = FewShotTask.sample(dataset, names, k, seed, cfg.n_query, partition=partition, cache_dir=cfg.cache_dir)
     seed_everything(seed)

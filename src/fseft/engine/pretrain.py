@@ -726,6 +726,12 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
         raise ConfigError(f"{out} already holds a pre-training run ({checkpoint_path}); "
                           "pass --resume to continue it, or choose another --out")
 
+    from fseft.models.zoo import check_window
+
+    try:
+        check_window(assembly.arch, train.patch_size)
+    except ConfigError as exc:
+        raise ConfigError(f"{assembly.source}: train.patch_size {list(train.patch_size)}: {exc}") from exc
     with distributed_context(train.device) as ctx:
         seed_everything(train.seed)  # identical initial weights on every rank
         catalogue, sources = resolve_sources(assembly)

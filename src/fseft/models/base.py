@@ -45,6 +45,11 @@ class SegmentationModel(nn.Module):
         self.head: nn.Conv3d = nn.Conv3d(self.feature_channels, len(class_names), kernel_size=1)
         self.arch_kwargs: dict[str, Any] = {}
 
+    @classmethod
+    def check_window(cls, size: Sequence[int]) -> None:
+        """`ValueError` when a ``(D, H, W)`` input window cannot pass through the architecture
+        (checked before any work: training patches, sliding windows); none by default."""
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)

@@ -99,6 +99,17 @@ class SwinUNETRSegmenter(SegmentationModel):
             if isinstance(m, WindowAttention):
                 m.use_flash_attention = bool(enabled)
 
+    @classmethod
+    def check_window(cls, size: Sequence[int]) -> None:
+        """`ValueError` unless a ``(D, H, W)`` window can pass: each divisible by 32 (five 2x
+        patch merges) and more than one bottleneck voxel (its instance norm needs two)."""
+        size = tuple(int(s) for s in size)
+        if any(s % 32 or s < 32 for s in size):
+            raise ValueError(f"swin_unetr: spatial shape {size} must be divisible by 32 "
+                             "(pad the input or choose such a sliding-window roi_size)")
+        if math.prod(s // 32 for s in size) < 2:
+            raise ValueError(f"swin_unetr: spatial shape {size} is too small; use at least 64 along one axis")
+
     #: Points where the network splits into a frozen prefix and the rest (`encode` / `decode`),
     #: each with the top-level modules that run after it: ``hidden`` = the Swin transformer's
     #: hidden states (and the input), ``skips`` = the outputs of the UNETR skip blocks and
@@ -117,10 +128,8 @@ class SwinUNETRSegmenter(SegmentationModel):
         1/2 ... 1/32 resolution); ``skips``: ``enc0`` (full resolution), ``enc1..enc3`` (1/2 to
         1/8), ``hs3`` (1/16) and ``dec4`` (the bottleneck, 1/32); ``last``: ``dec0`` (1/2) and
         ``enc0``. ``decode(encode(x, p), p) == features(x)`` for every point."""
-        check_spatial_shape(x, self.patch_size**5, "swin_unetr")
-        if math.prod(s // self.patch_size**5 for s in x.shape[2:]) < 2:
-            # the bottleneck's instance norm needs more than one voxel
-            raise ValueError(f"swin_unetr: spatial shape {tuple(x.shape[2:])} is too small; use at least 64 along one axis")
+        check_spatial_shape(x, 32, "swin_unetr")
+        self.check_window(x.shape[2:])
         if point not in self.split_points:
             raise ValueError(f"swin_unetr: no split point {point!r}; choose one of {', '.join(self.split_points)}")
         hidden = self.swinViT(x, self.normalize)

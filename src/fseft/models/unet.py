@@ -102,6 +102,14 @@ class UNet3DSegmenter(SegmentationModel):
         self.up_tr64 = UpStage(4 * b, 2 * b, 0, b, act)
         self.arch_kwargs = {"base_channels": b, "act": act, "in_channels": int(in_channels)}
 
+    @classmethod
+    def check_window(cls, size: Sequence[int]) -> None:
+        """`ValueError` unless each side of a ``(D, H, W)`` window is a positive multiple of 8."""
+        size = tuple(int(s) for s in size)
+        if any(s % 8 or s < 8 for s in size):
+            raise ValueError(f"unet3d: spatial shape {size} must be divisible by 8 "
+                             "(pad the input or choose such a sliding-window roi_size)")
+
     #: Split points (see `SwinUNETRSegmenter.split_points`): ``skips`` = the bottleneck and the
     #: three skip tensors the decoder reads; ``last`` = the inputs of the last up stage.
     split_points = {"skips": ("up_tr256", "up_tr128", "up_tr64"), "last": ("up_tr64",)}

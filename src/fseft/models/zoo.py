@@ -84,6 +84,18 @@ def create_model(arch: str, class_names: Sequence[str], **arch_kwargs: Any) -> S
         raise ConfigError(f"invalid options for architecture {name!r}: {exc}") from exc
 
 
+def check_window(arch: str, size: Sequence[int]) -> None:
+    """`ConfigError` when a window of `size` voxels cannot pass through architecture `arch`
+    (its class's `check_window`), without building the model."""
+    name = ARCH_ALIASES.get(arch.lower(), arch.lower())
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    try:
+        ARCHITECTURES[name].check_window(size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One model of the zoo.
