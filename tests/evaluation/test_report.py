@@ -122,3 +122,16 @@ def test_evaluate_cli(pair, tmp_path, capsys):
     assert json.loads(out.read_text())["n_cases"] == 2 and out.with_suffix(".csv").is_file()
     assert main(["evaluate", "--pred", str(tmp_path / "nope"), "--gt", str(gt), "--out", str(out)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_prediction_values_absent_from_its_label_map_are_warned_about(pair, caplog):
+    import logging
+
+    pred, gt = pair
+    odd = _labels()
+    odd[0:2, 0:2, 0:2] = 7  # a value the prediction's label map does not have
+    write_mask(odd, _ref(), pred / "c1.nii.gz", {1: "liver", 2: "spleen"})
+    with caplog.at_level(logging.WARNING):
+        evaluate_folders(pred, gt, progress=False)
+    assert "c1.nii.gz: label value(s) 7 are not in its label map" in caplog.text
+    assert "c2.nii.gz" not in caplog.text

@@ -9,6 +9,8 @@ sees the difference.
 
 from __future__ import annotations
 
+import logging
+
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -239,7 +241,8 @@ def read_labels(path: str | os.PathLike) -> Volume:
 
 
 def read_multilabel(
-    path: str | os.PathLike, label_map: Mapping[int, str], structures: Sequence[str] | str
+    path: str | os.PathLike, label_map: Mapping[int, str], structures: Sequence[str] | str,
+    warn_unmapped: bool = False,
 ) -> Volume:
     """One multilabel file -> binary masks ``(S, X, Y, Z)`` uint8, in the order of `structures`.
 
@@ -247,6 +250,8 @@ def read_multilabel(
     Several values may map to one structure; their union is its mask. A requested structure
     the map lacks raises `StructureNotInFileError` naming the file, the structure, and the
     structures the map has. A structure in the map with no voxels in the file gives an empty mask.
+    `warn_unmapped`: log a warning naming the file when it holds values its map lacks (scoring
+    a prediction: those voxels would silently count as background).
     """
     labels = read_labels(path)
     wanted = canonical_names(structures)
@@ -259,6 +264,12 @@ def read_multilabel(
             f"{labels.source}: no label for {', '.join(missing)}; its label map has: "
             + ", ".join(sorted(values_of))
         )
+    unmapped = sorted(set(np.unique(labels.array).tolist()) - {0} - {int(v) for v in label_map}) if warn_unmapped else []
+    if unmapped:  # voxels no structure claims: a wrong label map, or a file of another dataset
+        logging.getLogger(__name__).warning(
+            "%s: label value(s) %s are not in its label map (%s); those voxels count as background",
+            labels.source, ", ".join(map(str, unmapped[:10])) + (" ..." if len(unmapped) > 10 else ""),
+            ", ".join(f"{v}: {n}" for v, n in sorted(label_map.items())))
     masks = np.zeros((len(wanted), *labels.array.shape), dtype=np.uint8)
     for i, name in enumerate(wanted):
         masks[i] = np.isin(labels.array, values_of[name])

@@ -106,7 +106,7 @@ class LabelSet:
         if self.files:
             return read_binary_masks(self.files, structures)
         assert self.label is not None
-        return read_multilabel(self.label, self.label_map, structures)
+        return read_multilabel(self.label, self.label_map, structures, warn_unmapped=True)
 
 
 def _split_suffix(path: Path) -> tuple[str, str] | None:
