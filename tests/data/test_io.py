@@ -253,3 +253,27 @@ def test_write_mask_rejects_wrong_shape_and_leaves_nothing(tmp_path: Path) -> No
     with pytest.raises(InputFileError, match="NIfTI"):
         write_mask(np.zeros((4, 4, 4), np.uint8), ref, tmp_path / "m.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_geometry_message_says_how_far_voxels_move_or_that_only_the_voxel_order_differs() -> None:
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    shape = (100, 80, 40)
+    a = Volume(np.zeros(shape, np.float32), affine, "ct.nii.gz")
+    # the same grid with the first axis reversed (LPS vs RAS storage of one series): nothing moves
+    flipped_order = affine.copy()
+    flipped_order[0, 0], flipped_order[0, 3] = -1.0, 99.0
+    with pytest.raises(InputFileError, match="same physical grid as ct.nii.gz in another voxel order"):
+        check_same_geometry(a, Volume(np.zeros(shape, np.uint8), flipped_order, "seg.nii.gz"))
+    # the same grid with axes 0 and 1 swapped (another shape, same voxels)
+    swapped = np.array([[0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    with pytest.raises(InputFileError, match="another voxel order"):
+        check_same_geometry(a, Volume(np.zeros((80, 100, 40), np.uint8), swapped, "seg.nii.gz"))
+    # a real mirror image about x = 0: voxel 99 goes from +99 to -99 mm, reported as that distance
+    mirrored = affine.copy()
+    mirrored[0, 0] = -1.0
+    with pytest.raises(InputFileError, match=r"up to 198 mm apart"):
+        check_same_geometry(a, Volume(np.zeros(shape, np.uint8), mirrored, "seg.nii.gz"))
+    shifted = affine.copy()
+    shifted[2, 3] = 3.0
+    with pytest.raises(InputFileError, match=r"up to 3 mm apart"):
+        check_same_geometry(a, Volume(np.zeros(shape, np.uint8), shifted, "seg.nii.gz"))

@@ -309,22 +309,57 @@ def read_binary_masks(files: Mapping[str, str | os.PathLike], structures: Sequen
     return Volume(array=masks, affine=first.affine, source=source)
 
 
+def _corners_mm(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """World positions ``(8, 3)`` of the centres of a grid's corner voxels."""
+    idx = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)], float)
+    a = np.asarray(affine, float)
+    return idx @ a[:3, :3].T + a[:3, 3]
+
+
+def grid_displacement_mm(a: Volume, b: Volume) -> float:
+    """Largest distance (mm) between where the two grids put the same corner voxel (equal
+    spatial shapes): 0 for one grid, the size of the move for a shift, flip or rotation."""
+    return float(np.max(np.linalg.norm(_corners_mm(a.affine, a.spatial_shape) - _corners_mm(b.affine, b.spatial_shape),
+                                       axis=1)))
+
+
+def is_reordered_grid(a: Volume, b: Volume, atol: float = GEOMETRY_ATOL_MM) -> bool:
+    """Whether `b` covers the very voxel centres of `a` in another voxel order (axes permuted or
+    reversed, as dcm2niix and SimpleITK may write one DICOM series): same corner positions as a
+    set, shapes a permutation of each other."""
+    if sorted(a.spatial_shape) != sorted(b.spatial_shape):
+        return False
+    ca, cb = _corners_mm(a.affine, a.spatial_shape), _corners_mm(b.affine, b.spatial_shape)
+    distances = np.linalg.norm(ca[:, None, :] - cb[None, :, :], axis=2)  # (8, 8)
+    return bool(distances.min(axis=1).max() <= atol and distances.min(axis=0).max() <= atol)
+
+
 def check_same_geometry(a: Volume, b: Volume, atol: float = GEOMETRY_ATOL_MM) -> None:
     """Raise `InputFileError` naming both sources unless `a` and `b` share one voxel grid.
 
-    Compares the spatial shapes (last three axes) and the affines (entry-wise, within `atol` mm).
+    Compares the spatial shapes and where the grids put their corner voxels (within `atol` mm).
+    The message says whether `b` is the same physical grid in another voxel order (nothing
+    moves: reorient it) or how far, in mm, its voxels are from `a`'s.
     """
-    if a.spatial_shape != b.spatial_shape:
+    where = (f"orientation {b.axcodes} vs {a.axcodes}, spacing "
+             f"{tuple(round(s, 4) for s in b.spacing)} vs {tuple(round(s, 4) for s in a.spacing)}")
+    same_shape = a.spatial_shape == b.spatial_shape
+    if same_shape and grid_displacement_mm(a, b) <= atol:
+        return
+    if is_reordered_grid(a, b, atol):
+        raise InputFileError(
+            f"{b.source}: the same physical grid as {a.source} in another voxel order ({where}); no voxel moves, "
+            "but the arrays do not line up: reorient it to the image's orientation (e.g. nibabel "
+            "as_closest_canonical on both, or SimpleITK DICOMOrient)"
+        )
+    if not same_shape:
         raise InputFileError(
             f"{b.source}: shape {b.spatial_shape} differs from {a.source} shape {a.spatial_shape}"
         )
-    diff = float(np.max(np.abs(np.asarray(a.affine, float) - np.asarray(b.affine, float))))
-    if not diff <= atol:
-        raise InputFileError(
-            f"{b.source}: geometry differs from {a.source} (affines differ by up to {diff:.4g} mm; "
-            f"orientation {b.axcodes} vs {a.axcodes}, spacing "
-            f"{tuple(round(s, 4) for s in b.spacing)} vs {tuple(round(s, 4) for s in a.spacing)})"
-        )
+    raise InputFileError(
+        f"{b.source}: geometry differs from {a.source}: the same voxel lies up to "
+        f"{grid_displacement_mm(a, b):.4g} mm apart ({where})"
+    )
 
 
 # ------------------------------------------------------------------------------- writing
