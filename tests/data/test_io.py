@@ -277,3 +277,18 @@ def test_geometry_message_says_how_far_voxels_move_or_that_only_the_voxel_order_
     shifted[2, 3] = 3.0
     with pytest.raises(InputFileError, match=r"up to 3 mm apart"):
         check_same_geometry(a, Volume(np.zeros(shape, np.uint8), shifted, "seg.nii.gz"))
+
+
+def test_scans_that_do_not_look_like_hounsfield_units_are_warned_about(tmp_path: Path, caplog) -> None:
+    import logging
+
+    rng = np.random.default_rng(0)
+    ct = rng.normal(40, 30, (24, 24, 24)).astype(np.float32)
+    ct[:, :4] = -1000.0  # air around the body
+    with caplog.at_level(logging.WARNING):
+        read_image(_nifti(tmp_path / "ok.nii.gz", ct))
+        read_image(_nifti(tmp_path / "offset.nii.gz", ct + 1024))
+        read_image(_nifti(tmp_path / "zeros.nii.gz", np.zeros((8, 8, 8), np.float32)))
+    assert "ok.nii.gz" not in caplog.text
+    assert "offset.nii.gz: no air" in caplog.text and "HU = stored - 1024" in caplog.text
+    assert "zeros.nii.gz: every voxel is 0" in caplog.text

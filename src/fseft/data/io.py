@@ -221,7 +221,26 @@ def read_image(path: str | os.PathLike, *, series_id: str | None = None) -> Volu
     if not np.all(np.isfinite(array)):
         n_bad = int(np.count_nonzero(~np.isfinite(array)))
         raise InputFileError(f"{path}: {n_bad} voxels are NaN or infinite")
+    problem = hounsfield_problem(array)
+    if problem:
+        logging.getLogger(__name__).warning("%s: %s; the models expect CT in Hounsfield units", path, problem)
     return Volume(array=array, affine=affine, source=str(path))
+
+
+def hounsfield_problem(array: np.ndarray) -> str | None:
+    """Why an image does not look like CT in Hounsfield units, or None: one value everywhere,
+    or no air (1st percentile above -200) with a median above 500, the signature of stored
+    values without their rescale offset (+1024). Read on every 4th voxel along each axis."""
+    sample = array[::4, ::4, ::4] if array.ndim == 3 else array
+    if sample.size == 0:
+        return None
+    low, median = np.percentile(sample, [1, 50])
+    if float(sample.min()) == float(sample.max()):
+        return f"every voxel is {float(sample.min()):g}"
+    if low > -200 and median > 500:
+        return (f"no air (1st percentile {low:.0f}) and a median of {median:.0f}: values look offset, e.g. "
+                "stored without the DICOM rescale (HU = stored - 1024)")
+    return None
 
 
 def read_labels(path: str | os.PathLike) -> Volume:
