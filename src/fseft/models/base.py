@@ -50,6 +50,12 @@ class SegmentationModel(nn.Module):
         """`ValueError` when a ``(D, H, W)`` input window cannot pass through the architecture
         (checked before any work: training patches, sliding windows); none by default."""
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """`ValueError` unless ``x`` is ``(B, C, D, H, W)`` with a window `check_window` accepts."""
+        if x.ndim != 5:
+            raise ValueError(f"{self.arch} expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
+        self.check_window(x.shape[2:])
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -72,13 +78,13 @@ class SegmentationModel(nn.Module):
         return f"classes={len(self.class_names)}, feature_channels={self.feature_channels}"
 
 
-def check_spatial_shape(x: torch.Tensor, divisor: int, arch: str) -> None:
-    """Raise a clear error when ``x`` ``(B, C, D, H, W)`` cannot pass through `arch`'s pyramid."""
-    if x.ndim != 5:
-        raise ValueError(f"{arch} expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
-    bad = [s for s in x.shape[2:] if s % divisor]
-    if bad:
+def check_divisible(size: Sequence[int], divisor: int, arch: str) -> tuple[int, ...]:
+    """A window ``(D, H, W)`` as ints; `ValueError` unless each side is a positive multiple of
+    `divisor` (the architecture's total downsampling)."""
+    size = tuple(int(s) for s in size)
+    if any(s % divisor or s < divisor for s in size):
         raise ValueError(
-            f"{arch}: spatial shape {tuple(x.shape[2:])} must be divisible by {divisor} "
+            f"{arch}: spatial shape {size} must be divisible by {divisor} "
             "(pad the input or choose such a sliding-window roi_size)"
         )
+    return size

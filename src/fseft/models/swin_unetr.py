@@ -14,7 +14,7 @@ import torch
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import WindowAttention
 
-from fseft.models.base import SegmentationModel, check_spatial_shape
+from fseft.models.base import SegmentationModel, check_divisible
 
 
 class SwinUNETRSegmenter(SegmentationModel):
@@ -103,10 +103,7 @@ class SwinUNETRSegmenter(SegmentationModel):
     def check_window(cls, size: Sequence[int]) -> None:
         """`ValueError` unless a ``(D, H, W)`` window can pass: each divisible by 32 (five 2x
         patch merges) and more than one bottleneck voxel (its instance norm needs two)."""
-        size = tuple(int(s) for s in size)
-        if any(s % 32 or s < 32 for s in size):
-            raise ValueError(f"swin_unetr: spatial shape {size} must be divisible by 32 "
-                             "(pad the input or choose such a sliding-window roi_size)")
+        size = check_divisible(size, 32, "swin_unetr")
         if math.prod(s // 32 for s in size) < 2:
             raise ValueError(f"swin_unetr: spatial shape {size} is too small; use at least 64 along one axis")
 
@@ -128,8 +125,7 @@ class SwinUNETRSegmenter(SegmentationModel):
         1/2 ... 1/32 resolution); ``skips``: ``enc0`` (full resolution), ``enc1..enc3`` (1/2 to
         1/8), ``hs3`` (1/16) and ``dec4`` (the bottleneck, 1/32); ``last``: ``dec0`` (1/2) and
         ``enc0``. ``decode(encode(x, p), p) == features(x)`` for every point."""
-        check_spatial_shape(x, 32, "swin_unetr")
-        self.check_window(x.shape[2:])
+        self.check_input(x)
         if point not in self.split_points:
             raise ValueError(f"swin_unetr: no split point {point!r}; choose one of {', '.join(self.split_points)}")
         hidden = self.swinViT(x, self.normalize)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fseft.errors import ConfigError
-from fseft.models.base import SegmentationModel, check_spatial_shape
+from fseft.models.base import SegmentationModel, check_divisible
 
 
 class ConvBNAct(nn.Module):
@@ -105,10 +105,7 @@ class UNet3DSegmenter(SegmentationModel):
     @classmethod
     def check_window(cls, size: Sequence[int]) -> None:
         """`ValueError` unless each side of a ``(D, H, W)`` window is a positive multiple of 8."""
-        size = tuple(int(s) for s in size)
-        if any(s % 8 or s < 8 for s in size):
-            raise ValueError(f"unet3d: spatial shape {size} must be divisible by 8 "
-                             "(pad the input or choose such a sliding-window roi_size)")
+        check_divisible(size, 8, "unet3d")
 
     #: Split points (see `SwinUNETRSegmenter.split_points`): ``skips`` = the bottleneck and the
     #: three skip tensors the decoder reads; ``last`` = the inputs of the last up stage.
@@ -117,7 +114,7 @@ class UNet3DSegmenter(SegmentationModel):
     def encode(self, x: torch.Tensor, point: str) -> dict[str, torch.Tensor]:
         """Tensors at `point`: ``skips``: ``x512`` (1/8) and ``skip256``, ``skip128``, ``skip64``
         (1/4, 1/2, full resolution); ``last``: ``up128`` (1/2) and ``skip64``."""
-        check_spatial_shape(x, 8, "unet3d")
+        self.check_input(x)
         if point not in self.split_points:
             raise ValueError(f"unet3d: no split point {point!r}; choose one of {', '.join(self.split_points)}")
         x64, skip64 = self.down_tr64(x)
