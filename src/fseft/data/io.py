@@ -360,11 +360,12 @@ def check_same_geometry(a: Volume, b: Volume, atol: float = GEOMETRY_ATOL_MM) ->
     The message says whether `b` is the same physical grid in another voxel order (nothing
     moves: reorient it) or how far, in mm, its voxels are from `a`'s.
     """
+    same_shape = a.spatial_shape == b.spatial_shape
+    moved = grid_displacement_mm(a, b) if same_shape else None
+    if moved is not None and moved <= atol:
+        return
     where = (f"orientation {b.axcodes} vs {a.axcodes}, spacing "
              f"{tuple(round(s, 4) for s in b.spacing)} vs {tuple(round(s, 4) for s in a.spacing)}")
-    same_shape = a.spatial_shape == b.spatial_shape
-    if same_shape and grid_displacement_mm(a, b) <= atol:
-        return
     if is_reordered_grid(a, b, atol):
         raise InputFileError(
             f"{b.source}: the same physical grid as {a.source} in another voxel order ({where}); no voxel moves, "
@@ -376,8 +377,7 @@ def check_same_geometry(a: Volume, b: Volume, atol: float = GEOMETRY_ATOL_MM) ->
             f"{b.source}: shape {b.spatial_shape} differs from {a.source} shape {a.spatial_shape}"
         )
     raise InputFileError(
-        f"{b.source}: geometry differs from {a.source}: the same voxel lies up to "
-        f"{grid_displacement_mm(a, b):.4g} mm apart ({where})"
+        f"{b.source}: geometry differs from {a.source}: the same voxel lies up to {moved:.4g} mm apart ({where})"
     )
 
 
