@@ -55,7 +55,7 @@ def split_point_for(model: nn.Module) -> str | None:
 
     base = unwrap(model)
     points = getattr(base, "split_points", {}) or {}
-    if not points or unwrap(model) is not model:
+    if not points or base is not model:
         return None
     trainable = {name.split(".")[0] for name, p in base.named_parameters() if p.requires_grad}
     trainable.discard("head")
@@ -65,7 +65,8 @@ def split_point_for(model: nn.Module) -> str | None:
     return min(fitting)[1] if fitting else None
 
 
-def _patch_key(image: torch.Tensor) -> str:
+def patch_key(image: torch.Tensor) -> str:
+    """The cache key of an image patch: a hash of its float32 values and shape."""
     array = np.ascontiguousarray(image.detach().cpu().numpy().astype(np.float32))
     digest = hashlib.sha256(f"{array.shape}|".encode())
     digest.update(array.tobytes())
@@ -128,10 +129,11 @@ class EncoderCache:
                 np.save(tmp / f"{name}.npy", array)
                 meta["tensors"][name] = list(array.shape)
 
-    def get(self, image: torch.Tensor) -> dict[str, np.ndarray]:
+    def get(self, image: torch.Tensor, key: str | None = None) -> dict[str, np.ndarray]:
         """The prefix outputs ``{name: (C, x, y, z) memmap}`` of an image patch
-        ``(1, X, Y, Z)``, computed and stored on the first call."""
-        entry = self.dir / _patch_key(image)
+        ``(1, X, Y, Z)``, computed and stored on the first call. `key`: the patch's
+        `patch_key`, when the caller already has it."""
+        entry = self.dir / (key or patch_key(image))
         tensors = self._read(entry)
         if tensors is None:
             self.misses += 1
@@ -170,11 +172,11 @@ class PatchPool:
                 volume = int(patches.order[position])
                 for item in patches[position]:
                     image = plain_tensor(item["image"])
-                    key = _patch_key(image)
+                    key = patch_key(image)
                     if key in seen[volume]:
                         continue
                     seen[volume].add(key)
-                    self.pool[volume].append({"cached": cache.get(image), "label": plain_tensor(item["label"])})
+                    self.pool[volume].append({"cached": cache.get(image, key), "label": plain_tensor(item["label"])})
         patches.set_epoch(0)
 
     def draw(self, volume: int, n: int, rng: np.random.RandomState) -> list[dict[str, Any]]:
