@@ -457,11 +457,11 @@ def check_output_location(path: str | os.PathLike) -> None:
     from fseft.errors import InputFileError
 
     target = Path(path).expanduser().absolute()
-    ancestor = target
+    # the folder that must be writable: the target itself if it is one, else its nearest
+    # existing ancestor (an existing file is replaced in its own folder)
+    ancestor = target if target.is_dir() else target.parent if target.exists() else target
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
-    if ancestor == target and target.exists():
-        ancestor = target if target.is_dir() else target.parent
     if not ancestor.is_dir():
         raise InputFileError(f"{path}: cannot be created, {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):

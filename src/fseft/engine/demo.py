@@ -40,7 +40,7 @@ class DemoConfig:
         on cached features takes milliseconds to a few tens of them).
     decoder_steps / lora_steps: optimiser steps of the decoder (on cached encoder outputs, about
         0.5 s a step on 2 cores) and of LoRA + fine-tuned decoder (through the Swin-UNETR, about
-        1.6 s a step).
+        2.2 s a step).
     """
 
     out: str = "fseft_demo"

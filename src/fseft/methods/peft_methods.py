@@ -304,11 +304,6 @@ def post_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     proximal_step(model, optimizer)
 
 
-def default_lr(method: str) -> float:
-    """The method's default AdamW learning rate."""
-    return float(get_method(method).config_cls.default_lr)
-
-
 # ---------------------------------------------------------------------------- counting
 
 
@@ -508,7 +503,6 @@ __all__ = [
     "count_method_parameters",
     "count_trainable",
     "empty_weights",
-    "default_lr",
     "method_train_mode",
     "model_parts",
     "parameter_breakdown",
