@@ -55,14 +55,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn_bounded(worker, args: tuple, nprocs: int, limit_s: float) -> None:
+    """`mp.spawn` that fails the test after `limit_s` instead of hanging CI when a rank never
+    returns (e.g. its peer lost the race for the port between `_free_port` and binding)."""
+    import time
+
+    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + limit_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"the {nprocs} DDP ranks did not finish within {limit_s:.0f} s "
+                        f"(exit codes {[p.exitcode for p in context.processes]})")
+
+
 # the v3 recipe's sampling: class-balanced datasets and patches, prior-initialised head, and a
 # validation set that rank 0 scores while the other ranks wait
 RECIPE = {"sampling": "classes", "balance_classes": True, "head_prior": 0.05}
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, root: str, options: dict) -> None:
+    # a rank whose peer is gone fails after 120 s instead of waiting the default 30 minutes
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FSEFT_DDP_TIMEOUT_S="120")
     torch.set_num_threads(1)
     _register_tiny()
     from fseft.engine.pretrain import pretrain
@@ -96,7 +113,7 @@ def test_two_gloo_ranks_match_a_single_process_with_the_same_global_batch(tmp_pa
 
     # two volumes (one per dataset): each rank takes one volume per step, the single process two
     _assembly(tmp_path)  # writes the datasets once, before the ranks start
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), options), nprocs=2, join=True)
+    _spawn_bounded(_ddp_worker, (2, _free_port(), str(tmp_path), options), nprocs=2, limit_s=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     monkeypatch.setitem(zoo.ARCHITECTURES, "tiny_test", TinySegmenter)

@@ -69,12 +69,16 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 
 @contextlib.contextmanager
-def distributed_context(device: str = "auto", timeout_s: float = 1800.0) -> Iterator[DistributedContext]:
+def distributed_context(device: str = "auto", timeout_s: float | None = None) -> Iterator[DistributedContext]:
     """Join the `torchrun` job described by the environment (if any) for the block.
 
     Initialises the default process group (NCCL for CUDA devices, gloo for CPU) when
     ``WORLD_SIZE > 1`` and no group exists yet, and destroys it on exit if it made it.
+    `timeout_s` bounds how long a rank waits for its peers in a collective (joining included)
+    before it fails; None takes ``FSEFT_DDP_TIMEOUT_S`` from the environment, else 1800 s.
     """
+    if timeout_s is None:
+        timeout_s = float(_env_int("FSEFT_DDP_TIMEOUT_S", 1800))
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank)
