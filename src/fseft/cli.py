@@ -144,6 +144,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="sigmoid probability threshold (default: 0.5)")
     p.add_argument("--no-lcc", action="store_true", help="keep every connected component (default: the largest only, except for multi-part structures such as vertebrae, tumours and vessel trees)")
     p.add_argument("--per-structure-files", action="store_true", help="one binary mask file per structure")
+    p.add_argument("--series-id", metavar="UID",
+                   help="the DICOM series to read (SeriesInstanceUID) where a folder holds several")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_predict)
 
@@ -158,7 +160,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     )
     result = predict_path(args.input, args.output, args.model, weights=args.weights,
                           structures=args.structures, cfg=cfg, per_structure_files=args.per_structure_files,
-                          adapter=args.adapter, merge=args.merge)
+                          adapter=args.adapter, merge=args.merge, series_id=args.series_id)
     n_files = sum(len(v) for v in result.outputs.values())
     print(f"wrote {n_files} mask file(s) for {len(result.outputs)} case(s) to {args.output}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -49,9 +50,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp_path
         apply_default_permissions(tmp_path)
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp_path), tmp_path):
+            # name the file the user asked for, not our temporary one (gzip writers name none)
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 
@@ -66,13 +70,15 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     if out.exists() and not out.is_dir():
         raise InputFileError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out}: folder exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+        raise ConfigError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno is not None:  # name the folder asked for, not ours
+            raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc
         raise
     apply_default_permissions(tmp)
     old = None
@@ -82,6 +88,32 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def reserve_disk_space(path: str | os.PathLike, offset: int, length: int) -> None:
+    """Allocate the disk blocks of bytes ``[offset, offset + length)`` of the file at `path` now.
+
+    A memory-mapped file is sparse until written: on a full disk the write that touches an
+    unbacked page kills the process with SIGBUS, past any handler. Reserving the blocks first
+    turns that into an `OSError` (ENOSPC) here, which callers report and clean up after.
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            os.posix_fallocate(fd, offset, length)
+            return
+        except AttributeError:  # no posix_fallocate (macOS): write the zeros ourselves
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        chunk = b"\0" * (1 << 20)
+        os.lseek(fd, offset, os.SEEK_SET)
+        remaining = length
+        while remaining > 0:
+            remaining -= os.write(fd, chunk[: min(remaining, len(chunk))])
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from fseft.errors import FseftError
-from fseft.utils import apply_default_permissions
+from fseft.utils import apply_default_permissions, reserve_disk_space
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +139,39 @@ def _write_error(path: Path, exc: OSError) -> CacheError:
     )
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_orphaned_staging(entry: Path, max_age_s: float = 24 * 3600) -> list[Path]:
+    """Remove the temporary folders of `entry` that a killed process left behind.
+
+    `staged_entry` names its folder ``.<entry>.<pid>.<random>.tmp``; a process killed past
+    its clean-up (SIGKILL, the OOM killer, a power cut) leaves it. A folder whose process is
+    gone is removed; one without a pid in its name (older fseft) once it is `max_age_s` old.
+    Returns the folders removed.
+    """
+    import time
+
+    removed = []
+    for tmp in entry.parent.glob(f".{entry.name}.*.tmp"):
+        pid = tmp.name[len(entry.name) + 2:].split(".", 1)[0]
+        try:
+            orphan = not _process_alive(int(pid)) if pid.isdigit() else time.time() - tmp.stat().st_mtime > max_age_s
+        except OSError:
+            continue
+        if orphan:
+            _remove_tree(tmp)
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def staged_entry(entry: Path, meta: dict[str, Any]) -> Iterator[Path]:
     """A temporary folder beside `entry` to write a cache entry's files into.
@@ -151,7 +184,8 @@ def staged_entry(entry: Path, meta: dict[str, Any]) -> Iterator[Path]:
     tmp = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=entry.parent))
+        remove_orphaned_staging(entry)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.{os.getpid()}.", suffix=".tmp", dir=entry.parent))
         yield tmp
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
         apply_default_permissions(tmp)
@@ -275,6 +309,7 @@ class FeatureCache:
         shape = (*feats.shape[1:], feats.shape[0])  # channels last
         with staged_entry(entry, {"key": material, "shape": list(shape), "case_id": case.case_id}) as tmp:
             out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.float16, shape=shape)
+            reserve_disk_space(tmp / "features.npy", out.offset, out.nbytes)  # ENOSPC now, not SIGBUS later
             for x in range(feats.shape[1]):  # one sagittal slice at a time: no second full-size copy
                 out[x] = feats[:, x].permute(1, 2, 0).numpy()
             out.flush()

@@ -372,6 +372,7 @@ def predict_path(
     per_structure_files: bool = False,
     adapter: str | os.PathLike | None = None,
     merge: bool = False,
+    series_id: str | None = None,
 ) -> PredictResult:
     """`fseft predict`: segment every scan found at `input_path` (see `find_scans`).
 
@@ -385,6 +386,7 @@ def predict_path(
     adapter: an `fseft adapt` run folder (any method); replaces `model` with its base model +
         adaptation (`fseft.engine.adapt.load_adapted_model`) and its recorded preprocessing.
     merge: with `adapter`, fold LoRA / ARENA updates into the base weights first.
+    series_id: the DICOM series to read in folders that hold several.
     """
     from tqdm.auto import tqdm
 
@@ -398,6 +400,11 @@ def predict_path(
             f"{output}: a single NIfTI output needs a single scan and no per-structure files; "
             f"{input_path} holds {len(scans)} scans: give an output folder"
         )
+    from fseft.data.io import dicom_series_files
+
+    for _, scan in scans:  # DICOM headers (series, missing slices) checked before the model loads
+        if scan.is_dir():
+            dicom_series_files(scan, series_id)
     if merge and adapter is None:
         raise ConfigError("merge folds an adapter into its base model: give an adapter run folder (--adapter RUN)")
     if adapter is not None:
@@ -412,7 +419,7 @@ def predict_path(
     label_map = {i + 1: name for i, name in enumerate(names)}
     result = PredictResult(structures=names)
     for case_id, scan in tqdm(scans, desc="predict", unit="case", disable=not cfg.progress or len(scans) < 2):
-        volume = read_image(scan)
+        volume = read_image(scan, series_id=series_id if scan.is_dir() else None)
         masks = segment_volume(model, volume, preprocess_cfg, cfg, names)
         if per_structure_files:
             written = [write_mask(masks[s], volume, output / case_id / f"{name}.nii.gz") for s, name in enumerate(names)]
