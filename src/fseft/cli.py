@@ -77,6 +77,9 @@ def _add_datasets(sub: argparse._SubParsersAction) -> None:
     inspect.add_argument("--layout", default="auto", choices=["auto", "nnunet", "totalseg", "flare22"],
                          help="dataset layout (default: detected)")
     inspect.add_argument("--cases", action="store_true", help="also print the per-case voxel counts")
+    inspect.add_argument("--check", action="store_true",
+                         help="read every case as a run would (scan, labels, label values, geometry) and list "
+                         "every one that cannot be used (exit 2)")
     inspect.add_argument("--json", metavar="OUT", help="also write the full summary as JSON to OUT")
     inspect.add_argument("--cache-dir", help="voxel-count cache (default: $FSEFT_CACHE_DIR or ~/.cache/fseft)")
     inspect.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -87,7 +90,7 @@ def _run_datasets_inspect(args: argparse.Namespace) -> int:
     from fseft.data.datasets import inspect_dataset
 
     print(inspect_dataset(args.dir, args.layout, cases=args.cases, json_path=args.json,
-                          cache_dir=args.cache_dir, progress=not args.no_progress))
+                          cache_dir=args.cache_dir, progress=not args.no_progress, check=args.check))
     return 0
 
 

@@ -279,6 +279,40 @@ def test_geometry_message_says_how_far_voxels_move_or_that_only_the_voxel_order_
         check_same_geometry(a, Volume(np.zeros(shape, np.uint8), shifted, "seg.nii.gz"))
 
 
+def test_labels_in_another_voxel_order_are_reoriented_losslessly_and_others_refused(caplog) -> None:
+    import logging
+
+    from fseft.data.io import align_to_grid
+
+    rng = np.random.default_rng(0)
+    affine = np.diag([1.0, 1.5, 2.0, 1.0])
+    affine[:3, 3] = (10.0, -20.0, 5.0)
+    truth = (rng.random((2, 6, 5, 4)) > 0.5).astype(np.uint8)  # (S, X, Y, Z) on the image's grid
+    image = Volume(np.zeros((6, 5, 4), np.float32), affine, "ct.nii.gz")
+    # the same voxels stored with axes (Y, X, Z) and Y reversed: index (i, j, k) -> (j', i, k)
+    stored = np.flip(np.transpose(truth, (0, 2, 1, 3)), axis=1)
+    reordered = np.zeros((4, 4))
+    reordered[:, 0] = -affine[:, 1]
+    reordered[:, 1] = affine[:, 0]
+    reordered[:, 2] = affine[:, 2]
+    reordered[:, 3] = affine[:, 3] + affine[:, 1] * 4  # voxel j'=0 is the image's last row y=4
+    reordered[3] = (0, 0, 0, 1)
+    with caplog.at_level(logging.WARNING):
+        aligned = align_to_grid(image, Volume(stored, reordered, "seg.nii.gz"))
+    np.testing.assert_array_equal(aligned.array, truth)
+    np.testing.assert_allclose(aligned.affine, affine, atol=1e-9)
+    assert "seg.nii.gz" in caplog.text and "reoriented to it losslessly" in caplog.text
+    # a label on the image's own grid comes back as it is, silently
+    caplog.clear()
+    same = Volume(truth, affine, "seg.nii.gz")
+    assert align_to_grid(image, same) is same and caplog.text == ""
+    # a real move is still an error naming the file
+    mirrored = affine.copy()
+    mirrored[0, 0] = -1.0
+    with pytest.raises(InputFileError, match="seg.nii.gz: geometry differs"):
+        align_to_grid(image, Volume(truth, mirrored, "seg.nii.gz"))
+
+
 def test_scans_that_do_not_look_like_hounsfield_units_are_warned_about(tmp_path: Path, caplog) -> None:
     import logging
 

@@ -97,13 +97,15 @@ class Case:
             )
         return names
 
-    def load(self, structures: Sequence[str] | str | None = None) -> tuple[Volume, Volume]:
+    def load(self, structures: Sequence[str] | str | None = None, unmapped: str = "ignore") -> tuple[Volume, Volume]:
         """Read the scan and the binary masks of `structures` (default: all of the case's).
 
         Returns ``(image, labels)``: image ``(X, Y, Z)`` float32 HU, labels ``(S, X, Y, Z)``
-        uint8 with channel ``i`` = ``structures[i]``; the two share one geometry (checked).
+        uint8 with channel ``i`` = ``structures[i]``, on the image's grid (`align_to_grid`: labels in
+        another voxel order are reoriented, other geometries refused). `unmapped`: label values
+        the map lacks, see `fseft.data.io.read_multilabel`.
         """
-        from fseft.data.io import check_same_geometry, read_binary_masks, read_image, read_multilabel
+        from fseft.data.io import align_to_grid, read_binary_masks, read_image, read_multilabel
 
         names = self._requested(structures)
         image = read_image(self.image)
@@ -111,9 +113,8 @@ class Case:
             labels = read_binary_masks({s: self.label_files[s] for s in names}, names)
         else:
             assert self.label is not None
-            labels = read_multilabel(self.label, dict(self.label_map), names)
-        check_same_geometry(image, labels)
-        return image, labels
+            labels = read_multilabel(self.label, dict(self.label_map), names, unmapped=unmapped)
+        return image, align_to_grid(image, labels)
 
     def label_paths(self) -> list[Path]:
         """Every label file of the case (one multilabel file, or the binary files)."""
@@ -478,6 +479,56 @@ def voxel_counts(
     return result
 
 
+# ---------------------------------------------------------------------------- integrity
+
+
+# Cases found sound in this process, by their files' (path, size, mtime) and the structures read:
+# a benchmark checks each case once, not once per run.
+_CHECKED: set[tuple] = set()
+
+
+def _check_key(case: Case, structures: tuple[str, ...] | None) -> tuple | None:
+    try:
+        files = [case.image, *case.label_paths()]
+        stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file())
+    except OSError:
+        return None
+    return (stats, structures)
+
+
+def check_cases(
+    cases: Sequence[Case], structures: Sequence[str] | str | None = None, *, progress: bool = True,
+) -> None:
+    """Read every case as a run will, before the run's first step (nnU-Net's dataset integrity
+    check): the scan (readable, 3D, finite), the masks of `structures` (default: each case's
+    own; none for unlabelled cases), label values the map lacks, and one geometry for both
+    (labels in another voxel order are fine: they are reoriented).
+
+    Raises one `InputFileError` listing every case that fails, each with its file and problem.
+    """
+    from fseft.data.io import read_image
+
+    wanted = None if structures is None else canonical_names(structures)
+    problems = []
+    for case in tqdm(cases, desc="checking cases", unit="case", disable=not progress or len(cases) < 2):
+        key = _check_key(case, wanted)
+        if key is not None and key in _CHECKED:
+            continue
+        try:
+            if case.is_labelled:
+                case.load(wanted, unmapped="error")
+            else:
+                read_image(case.image)
+        except (InputFileError, ConfigError) as exc:
+            problems.append(f"case {case.case_id!r}: {exc}")
+            continue
+        if key is not None:
+            _CHECKED.add(key)
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise InputFileError(f"{len(problems)} of {len(cases)} case(s) cannot be used:\n  " + "\n  ".join(shown))
+
+
 # ---------------------------------------------------------------------------- inspection
 
 
@@ -563,11 +614,15 @@ def inspect_dataset(
     json_path: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    check: bool = False,
 ) -> str:
     """Open a dataset folder and return its report (layout, cases, structures with voxel
     statistics; the per-case table with `cases`). With `json_path`, also write the full
-    summary there as JSON (atomically)."""
+    summary there as JSON (atomically). With `check`, first read every case as a run would
+    (`check_cases`): any unusable case raises `InputFileError` listing them all."""
     dataset = open_dataset(path, layout)
+    if check:
+        check_cases(dataset.cases, progress=progress)
     summary = summarize_dataset(dataset, cache_dir=cache_dir, progress=progress)
     if json_path is not None:
         write_json(json_path, summary)

@@ -316,7 +316,7 @@ def read_labels(path: str | os.PathLike) -> Volume:
 
 def read_multilabel(
     path: str | os.PathLike, label_map: Mapping[int, str], structures: Sequence[str] | str,
-    warn_unmapped: bool = False,
+    unmapped: str = "ignore",
 ) -> Volume:
     """One multilabel file -> binary masks ``(S, X, Y, Z)`` uint8, in the order of `structures`.
 
@@ -324,9 +324,12 @@ def read_multilabel(
     Several values may map to one structure; their union is its mask. A requested structure
     the map lacks raises `StructureNotInFileError` naming the file, the structure, and the
     structures the map has. A structure in the map with no voxels in the file gives an empty mask.
-    `warn_unmapped`: log a warning naming the file when it holds values its map lacks (scoring
-    a prediction: those voxels would silently count as background).
+    `unmapped`: what to do when the file holds values its map lacks (those voxels would count
+    as background): ``"ignore"``, ``"warn"`` (log naming the file: scoring a prediction) or
+    ``"error"`` (`InputFileError`: checking a dataset, as nnU-Net's integrity check does).
     """
+    if unmapped not in ("ignore", "warn", "error"):
+        raise ValueError(f"unmapped must be ignore, warn or error, got {unmapped!r}")
     labels = read_labels(path)
     wanted = canonical_names(structures)
     values_of: dict[str, list[int]] = {}
@@ -338,12 +341,13 @@ def read_multilabel(
             f"{labels.source}: no label for {', '.join(missing)}; its label map has: "
             + ", ".join(sorted(values_of))
         )
-    unmapped = sorted(set(np.unique(labels.array).tolist()) - {0} - {int(v) for v in label_map}) if warn_unmapped else []
-    if unmapped:  # voxels no structure claims: a wrong label map, or a file of another dataset
-        logging.getLogger(__name__).warning(
-            "%s: label value(s) %s are not in its label map (%s); those voxels count as background",
-            labels.source, ", ".join(map(str, unmapped[:10])) + (" ..." if len(unmapped) > 10 else ""),
-            ", ".join(f"{v}: {n}" for v, n in sorted(label_map.items())))
+    extra = sorted(set(np.unique(labels.array).tolist()) - {0} - {int(v) for v in label_map}) if unmapped != "ignore" else []
+    if extra:  # voxels no structure claims: a wrong label map, or a file of another dataset
+        message = (f"{labels.source}: label value(s) {', '.join(map(str, extra[:10]))}{' ...' if len(extra) > 10 else ''} "
+                   f"are not in its label map ({', '.join(f'{v}: {n}' for v, n in sorted(label_map.items()))})")
+        if unmapped == "error":
+            raise InputFileError(message)
+        logging.getLogger(__name__).warning("%s; those voxels count as background", message)
     masks = np.zeros((len(wanted), *labels.array.shape), dtype=np.uint8)
     for i, name in enumerate(wanted):
         masks[i] = np.isin(labels.array, values_of[name])
@@ -354,7 +358,7 @@ def read_binary_masks(files: Mapping[str, str | os.PathLike], structures: Sequen
     """One binary mask file per structure -> ``(S, X, Y, Z)`` uint8 (voxel > 0 is foreground).
 
     `files`: structure name (any spelling) -> mask file. All masks must share one geometry
-    (`check_same_geometry`). A requested structure without a file raises
+    (`align_to_grid`). A requested structure without a file raises
     `StructureNotInFileError` listing the structures that have one.
     """
     by_name = {canonical_name(str(k)): Path(v) for k, v in files.items()}
@@ -376,7 +380,7 @@ def read_binary_masks(files: Mapping[str, str | os.PathLike], structures: Sequen
             first = mask
             masks = np.zeros((len(wanted), *mask.array.shape), dtype=np.uint8)
         else:
-            check_same_geometry(first, mask)
+            mask = align_to_grid(first, mask)
         masks[i] = mask.array > 0
     parents = {str(by_name[s].parent) for s in wanted}
     source = parents.pop() if len(parents) == 1 else first.source
@@ -406,6 +410,42 @@ def is_reordered_grid(a: Volume, b: Volume, atol: float = GEOMETRY_ATOL_MM) -> b
     ca, cb = _corners_mm(a.affine, a.spatial_shape), _corners_mm(b.affine, b.spatial_shape)
     distances = np.linalg.norm(ca[:, None, :] - cb[None, :, :], axis=2)  # (8, 8)
     return bool(distances.min(axis=1).max() <= atol and distances.min(axis=0).max() <= atol)
+
+
+def reorient_to_grid(b: Volume, a: Volume, atol: float = GEOMETRY_ATOL_MM) -> Volume | None:
+    """`b` in `a`'s voxel order when `b` is `a`'s grid with axes permuted or reversed (no
+    resampling: a lossless reindexing of ``(..., X, Y, Z)``); None when it is not."""
+    import nibabel as nib
+
+    if not is_reordered_grid(a, b, atol):
+        return None
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(b.affine),
+                                                nib.orientations.io_orientation(a.affine))
+    lead = b.array.ndim - 3
+    array = np.moveaxis(b.array, tuple(range(lead)), tuple(range(-lead, 0))) if lead else b.array
+    array = nib.orientations.apply_orientation(array, transform)  # spatial axes first
+    array = np.ascontiguousarray(np.moveaxis(array, tuple(range(-lead, 0)), tuple(range(lead))) if lead else array)
+    affine = np.asarray(b.affine) @ nib.orientations.inv_ornt_aff(transform, b.spatial_shape)
+    out = Volume(array=array, affine=affine, source=b.source)
+    if out.spatial_shape != a.spatial_shape or grid_displacement_mm(a, out) > atol:
+        return None  # oblique grids whose closest orientation does not line up: refuse below
+    return out
+
+
+def align_to_grid(a: Volume, b: Volume, atol: float = GEOMETRY_ATOL_MM) -> Volume:
+    """`b` on `a`'s voxel grid: `b` itself when they share it; reoriented losslessly (with a
+    logged note naming the file) when `b` is the same physical grid in another voxel order,
+    as dcm2niix and SimpleITK write one DICOM series; else `check_same_geometry`'s error."""
+    same = a.spatial_shape == b.spatial_shape and grid_displacement_mm(a, b) <= atol
+    if not same:
+        reoriented = reorient_to_grid(b, a, atol)
+        if reoriented is not None:
+            logging.getLogger(__name__).warning(
+                "%s: the same grid as %s in voxel order %s instead of %s; reoriented to it losslessly",
+                b.source, a.source, b.axcodes, a.axcodes)
+            return reoriented
+        check_same_geometry(a, b)
+    return b
 
 
 def check_same_geometry(a: Volume, b: Volume, atol: float = GEOMETRY_ATOL_MM) -> None:

@@ -837,7 +837,7 @@ def adapt(
     run folder `out` (see module docstring) and returns the metrics dict also written to
     ``metrics.json``.
     """
-    from fseft.data.datasets import open_dataset
+    from fseft.data.datasets import check_cases, open_dataset
     from fseft.data.tasks import FewShotTask
     from fseft.methods import get_method
     from fseft.utils import seed_everything
@@ -864,6 +864,11 @@ def adapt(
 
         logging.getLogger(__name__).warning("epochs = 0: %s is not trained; the queries are scored with its "
                                             "initial weights", cfg.method)
+    dataset = open_dataset(data)
+    task = FewShotTask.sample(dataset, names, k, seed, cfg.n_query, partition=partition, cache_dir=cfg.cache_dir)
+    # every case the run reads, queries included, before the first step: a bad query found
+    # after training would cost the whole run
+    check_cases([dataset.case(c) for c in (*task.support, *task.query)], names, progress=cfg.progress)
     base, base_ref = _load_base(model, cfg.device, fresh=network, grad_checkpointing=network and cfg.grad_checkpointing)
     _check_known_structures(spec, names, base.class_names)
     if cfg.patch_size is None:
@@ -871,8 +876,6 @@ def adapt(
 
         cfg = dataclasses.replace(cfg, patch_size=recommended_roi_size(base) or DEFAULT_ROI_SIZE)
     _check_windows(base, cfg, network)
-    dataset = open_dataset(data)
-    task = FewShotTask.sample(dataset, names, k, seed, cfg.n_query, partition=partition, cache_dir=cfg.cache_dir)
     seed_everything(seed)
     run = _adapt_network if network else _adapt_features
     return run(base, base_ref, dataset, task, names, cfg, out)

@@ -106,7 +106,7 @@ class LabelSet:
         if self.files:
             return read_binary_masks(self.files, structures)
         assert self.label is not None
-        return read_multilabel(self.label, self.label_map, structures, warn_unmapped=True)
+        return read_multilabel(self.label, self.label_map, structures, unmapped="warn")
 
 
 def _split_suffix(path: Path) -> tuple[str, str] | None:
@@ -313,7 +313,7 @@ def evaluate_folders(
     """
     from tqdm.auto import tqdm
 
-    from fseft.data.io import check_same_geometry
+    from fseft.data.io import align_to_grid
 
     if not (tolerance_mm >= 0 and math.isfinite(tolerance_mm)):  # before any file is read
         raise ConfigError(f"the NSD tolerance must be a distance >= 0 mm, got --tolerance {tolerance_mm}")
@@ -363,7 +363,7 @@ def evaluate_folders(
     for case in tqdm(wanted, desc="evaluate", unit="case", disable=not progress):
         truth = truths[case].load(names)
         pred = preds[case].load(names)
-        check_same_geometry(truth, pred)
+        pred = align_to_grid(truth, pred)
         report.cases[case] = evaluate_masks(pred.array, truth.array, truth.spacing, names, tolerance_mm)
     if out is not None:
         report.write(out)
