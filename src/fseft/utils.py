@@ -119,13 +119,13 @@ def reserve_disk_space(path: str | os.PathLike, offset: int, length: int) -> Non
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(path, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write text, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def default_cache_dir() -> Path:
@@ -176,7 +176,7 @@ def read_yaml_mapping(path: str | os.PathLike, what: str, top_keys: Sequence[str
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InputFileError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
     except yaml.YAMLError as exc:

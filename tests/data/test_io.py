@@ -326,3 +326,41 @@ def test_scans_that_do_not_look_like_hounsfield_units_are_warned_about(tmp_path:
     assert "ok.nii.gz" not in caplog.text
     assert "offset.nii.gz: no air" in caplog.text and "HU = stored - 1024" in caplog.text
     assert "zeros.nii.gz: every voxel is 0" in caplog.text
+
+
+def test_a_full_disk_never_leaves_a_mask_without_its_label_map(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import fseft.data.io as io
+
+    ref = Volume(np.zeros((4, 4, 4), np.float32), np.eye(4), "ct.nii.gz")
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io, "write_json", full)
+    with pytest.raises(OSError, match="No space left") as info:
+        write_mask(np.ones((4, 4, 4), np.uint8), ref, tmp_path / "case.nii.gz", label_map={1: "liver"})
+    assert info.value.filename == str(tmp_path / "case.nii.gz")  # the file asked for, not a temp name
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dicom_series_with_a_missing_slice_is_refused_and_series_id_picks_one_of_several(tmp_path: Path) -> None:
+    from dicom_series import write_dicom_series
+
+    from fseft.data.io import dicom_series_files
+
+    hu = np.full((6, 10, 8), -1000.0)
+    hu[2:4, 3:7, 2:6] = 40.0
+    folder = tmp_path / "two"
+    write_dicom_series(folder, hu, "1.2.826.0.1.3680043.9.10", prefix="a")
+    write_dicom_series(folder, hu + 100, "1.2.826.0.1.3680043.9.11", prefix="b")
+    with pytest.raises(InputFileError, match="holds 2 DICOM series.*--series-id"):
+        read_image(folder)
+    chosen = read_image(folder, series_id="1.2.826.0.1.3680043.9.11")
+    assert chosen.spatial_shape == (8, 10, 6) and chosen.array.max() == pytest.approx(140.0)
+    assert chosen.spacing == pytest.approx((1.0, 1.0, 2.0))
+    gap = tmp_path / "gap"
+    write_dicom_series(gap, hu, "1.2.826.0.1.3680043.9.12", skip=(2,))
+    with pytest.raises(InputFileError, match=r"gap of 4.00 mm .*2.00 mm.*slice001.dcm and slice003.dcm"):
+        dicom_series_files(gap)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import json
 from pathlib import Path
 
@@ -142,26 +143,67 @@ def test_stale_entry_is_recomputed_never_reused(dataset, tmp_path):
     assert _cache(tmp_path, model).load(case).features.shape == good.shape
 
 
-def test_full_disk_mid_write_leaves_nothing_behind(dataset, tmp_path, monkeypatch):
+def test_full_disk_is_found_before_the_memory_mapped_write_and_leaves_nothing_behind(dataset, tmp_path, monkeypatch):
+    # the features file is memory-mapped: on a full disk a write to it would kill the process
+    # with SIGBUS, so its blocks are reserved first and ENOSPC surfaces there
     cache = _cache(tmp_path)
-    real = np.lib.format.open_memmap
 
-    class FullDisk:
-        def __init__(self, arr):
-            self.arr = arr
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-        def __setitem__(self, index, value):
-            if index == 1:  # first channel written, then the disk fills
-                raise OSError(errno.ENOSPC, "No space left on device")
-            self.arr[index] = value
-
-    monkeypatch.setattr(np.lib.format, "open_memmap", lambda *a, **k: FullDisk(real(*a, **k)))
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
     with pytest.raises(CacheError, match="disk is full.*--cache-dir"):
         cache.load(dataset.cases[0], ("liver",))
     leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert leftovers == []
-    monkeypatch.setattr(np.lib.format, "open_memmap", real)
+    monkeypatch.undo()
     assert cache.load(dataset.cases[0], ("liver",)).labels.sum() > 0
+
+
+def test_full_disk_on_a_real_size_limited_filesystem_is_an_error_not_a_crash(dataset, tmp_path):
+    import subprocess
+    import sys
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        # in a child process: before the fix it died of SIGBUS (exit -7), taking pytest with it
+        code = (
+            "import sys; sys.path.insert(0, %r)\n"
+            "from test_feature_cache import _cache, write_tiny_dataset, open_dataset\n"
+            "from pathlib import Path\n"
+            "from fseft.engine.feature_cache import CacheError\n"
+            "ds = open_dataset(write_tiny_dataset(Path(%r), n_cases=1))\n"
+            "try:\n"
+            "    _cache(Path(%r)).load(ds.cases[0], ('liver',))\n"
+            "except CacheError as exc:\n"
+            "    print('CacheError', exc); sys.exit(3)\n"
+        ) % (str(Path(__file__).parent), str(tmp_path / "ds"), str(mount))
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
+        assert "disk is full" in result.stdout
+        assert [p for p in mount.rglob("*") if p.is_file() and p.suffix == ".npy"] == []
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_temporary_folders_of_killed_runs_are_swept_by_the_next_write(dataset, tmp_path):
+    from fseft.engine.feature_cache import remove_orphaned_staging
+
+    cache = _cache(tmp_path)
+    entry = cache.entry_dir(dataset.cases[0].image)
+    entry.parent.mkdir(parents=True)
+    dead = entry.parent / f".{entry.name}.999999999.abcd.tmp"  # no such process
+    alive = entry.parent / f".{entry.name}.{os.getpid()}.efgh.tmp"  # a writer still at work
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "features.npy").write_bytes(b"partial")
+    cache.load(dataset.cases[0], ("liver",))
+    assert not dead.exists() and alive.exists()
+    assert remove_orphaned_staging(entry) == []
 
 
 def test_interrupt_mid_write_leaves_nothing_behind(dataset, tmp_path, monkeypatch):

@@ -296,7 +296,7 @@ def _read_nnunet(root: Path) -> Dataset:
     if not dataset_json.is_file():
         raise InputFileError(f"{root}: no dataset.json; the nnunet layout expects {_LAYOUT_HELP['nnunet']}")
     try:
-        meta = json.loads(dataset_json.read_text())
+        meta = json.loads(dataset_json.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputFileError(f"{dataset_json}: not a readable JSON file ({exc})") from exc
     if not isinstance(meta, dict):
@@ -406,7 +406,7 @@ class _CountCache:
         self.files: dict[str, Any] = {}
         self.dirty = False
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(self.path.read_text(encoding="utf-8"))
             if data.get("version") == self.VERSION and isinstance(data.get("files"), dict):
                 self.files = data["files"]
         except (OSError, ValueError, AttributeError):

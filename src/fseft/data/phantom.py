@@ -677,8 +677,8 @@ def write_partial_label_sources(
     subsets = [tuple(s) for s in (subsets if subsets is not None else PARTIAL_LABEL_SUBSETS)]
     if not 1 <= int(n_sources) <= len(subsets):
         raise ConfigError(
-            f"n_sources must be between 1 and {len(subsets)} (the number of label subsets; "
-            f"pass subsets= for more), got {n_sources}"
+            f"--partial-sources must be between 1 and {len(subsets)} (the number of label subsets "
+            f"fseft defines; more need the Python API's subsets argument), got {n_sources}"
         )
     cfg = config or PhantomConfig()
     out = Path(out)

@@ -216,7 +216,7 @@ def case_id_from_entry(entry: str) -> str:
 
 def _read_ids(path: Path) -> list[str]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputFileError(f"{path}: cannot read partition file ({exc})") from exc
     ids: list[str] = []

@@ -119,8 +119,10 @@ def select_structures(class_names: Sequence[str], structures: Sequence[str] | st
     for s in structures:
         name = canonical_name(s)
         if name not in index:
+            from fseft.data.structures import did_you_mean
+
             raise UnknownStructureError(
-                f"the model has no class {s!r}; its classes are: {', '.join(class_names)}"
+                f"the model has no class {s!r}{did_you_mean(s)}; its classes are: {', '.join(class_names)}"
             )
         if name not in names:
             channels.append(index[name])

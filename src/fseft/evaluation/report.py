@@ -205,7 +205,7 @@ def _read_case_list(cases: Sequence[str] | str) -> list[str]:
     """A list of case ids, a comma-separated string, or a text file with one id per line."""
     if isinstance(cases, str):
         if Path(cases).is_file():
-            lines = Path(cases).read_text().splitlines()
+            lines = Path(cases).read_text(encoding="utf-8").splitlines()
             return [c.strip() for c in lines if c.strip() and not c.strip().startswith("#")]
         return [c.strip() for c in cases.split(",") if c.strip()]
     return list(cases)

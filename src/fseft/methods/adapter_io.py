@@ -94,7 +94,7 @@ def save_adapter(model: nn.Module, run_dir: str | os.PathLike, extra: dict[str, 
     with atomic_path(run_dir / ADAPTER_WEIGHTS, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     with atomic_path(run_dir / ADAPTER_CONFIG, suffix=".json") as tmp:
-        tmp.write_text(config_text + "\n")
+        tmp.write_text(config_text + "\n", encoding="utf-8")
     return {name: (run_dir / name).stat().st_size for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
 
 
