@@ -18,8 +18,18 @@ def write_dicom_series(
 ) -> list[Path]:
     """Write `hu_zyx` ``(Z, Y, X)`` HU as axial CT slices ``<prefix>NNN.dcm`` in `folder`
     (slices listed in `skip` left out, as an incomplete transfer would). Returns the files."""
+    import locale
+
     import SimpleITK as sitk
 
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the C locale process-wide
+    try:
+        return _write(sitk, folder, hu_zyx, series_uid, spacing, skip, prefix)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write(sitk, folder, hu_zyx, series_uid, spacing, skip, prefix) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(np.asarray(hu_zyx).astype(np.int16))  # HU stored as is (GDCM sets the rescale)
     image.SetSpacing(spacing)

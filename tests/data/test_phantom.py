@@ -219,7 +219,7 @@ def test_partial_label_sources_annotate_overlapping_subsets_without_gallbladder(
             assert subsets[a] & subsets[b] and subsets[a] != subsets[b]
             assert images[a].shape != images[b].shape or not np.array_equal(images[a], images[b])
     assert set().union(*subsets) == set(PHANTOM_CLASSES) - {"gallbladder"}
-    with pytest.raises(ConfigError, match="n_sources"):
+    with pytest.raises(ConfigError, match="--partial-sources must be between 1 and 3"):
         ph.write_partial_label_sources(tmp_path / "x", n_sources=4, progress=False)
 
 

@@ -122,6 +122,7 @@ class AdaptConfig:
     transductive: bool = False
     ti: TransductiveConfig = field(default_factory=TransductiveConfig)
     head_prior: bool = True
+    head_warmup: bool = False
     n_query: int | None = None
     roi_size: tuple[int, int, int] | None = None  # None: the model's recommended window
     overlap: float = 0.25
@@ -972,6 +973,27 @@ def _adapt_features(base: nn.Module, base_ref: dict[str, Any], dataset: Any, tas
     return metrics
 
 
+def probe_head(base: nn.Module, preprocess_cfg: Any, dataset: Any, task: Any, names: tuple[str, ...],
+               cfg: AdaptConfig) -> nn.Module:
+    """A linear probe (the ``lp`` method with its protocol) fitted on the frozen base's cached
+    features of the support: the head a network method starts from with `cfg.head_warmup`.
+
+    LP-FT (Kumar et al., ICLR 2022): fine-tuning behind a random or mismatched head first
+    spends its large early gradients distorting the pre-trained features; a head that already
+    fits them leaves fine-tuning to refine. Costs one `lp` run (features cached as `lp`'s).
+    """
+    from fseft.engine.feature_cache import FeatureCache
+    from fseft.methods import foreground_fractions
+
+    cache = FeatureCache(base, preprocess_cfg, cfg.cache_dir, cfg.inference_config())
+    support = [(c.features, c.labels) for c in (cache.load(case, names) for case in task.support_cases(dataset))]
+    lp_cfg = dataclasses.replace(cfg, method="lp", method_options={}, epochs=None, lr=None, batch_size=None,
+                                 patches_per_volume=None, max_steps=None, transductive=False).resolved()
+    probe = build_method_adapter(lp_cfg, base, names, foreground_fractions([lab for _, lab in support]))
+    train_adapter(probe.to(cfg.device), support, lp_cfg, task.seed)
+    return probe.cpu()
+
+
 def _adapt_network(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task: Any, names: tuple[str, ...],
                    cfg: AdaptConfig, out: Path) -> dict[str, Any]:
     """`adapt` for a ``"network"`` method: `apply_method` on the base, training on patches of
@@ -991,6 +1013,7 @@ def _adapt_network(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task
     multiclass = cfg.objective == "multiclass"
     preprocess_cfg = _stored_preprocess(base)
     base_info = {**base_ref, "fingerprint": model_fingerprint(base), "class_names": list(base.class_names)}
+    probe = probe_head(base, preprocess_cfg, dataset, task, names, cfg) if cfg.head_warmup and cfg.epochs > 0 else None
     model = apply_method(base, cfg.method, names, multiclass=multiclass, **cfg.method_options)
     support = []
     if cfg.epochs > 0:
@@ -998,7 +1021,10 @@ def _adapt_network(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task
             image, labels = case.load(names)
             pre = preprocess(image, labels, preprocess_cfg)
             support.append({"image": pre.image, "label": pre.label})
-    if support and cfg.head_prior:
+    if probe is not None:
+        with torch.no_grad():
+            unwrap(model).head.load_state_dict(probe.head.state_dict())
+    elif support and cfg.head_prior:
         init_head_prior(unwrap(model).head, model.fseft_method["head_rows"],
                         foreground_fractions([plain_tensor(v["label"]).numpy() for v in support]), multiclass)
     encoder_cache = None
