@@ -20,7 +20,7 @@ import numpy as np
 
 from fseft.data.structures import UnknownStructureError, canonical_name, canonical_names
 from fseft.errors import InputFileError
-from fseft.utils import atomic_path, write_json
+from fseft.utils import atomic_path, write_json, write_text
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -190,6 +190,8 @@ def dicom_series_files(folder: str | os.PathLike, series_id: str | None = None) 
     import SimpleITK as sitk
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise InputFileError(f"{folder}: no such folder; expected a folder holding a DICOM series")
     files = [p for p in folder.iterdir() if p.is_file()]
     if not files:
         raise InputFileError(f"{folder}: empty folder; expected a DICOM series")
@@ -517,7 +519,8 @@ def write_mask(
     """Write integer labels ``(X, Y, Z)`` as NIfTI in `reference`'s geometry (shape and affine).
 
     The file is written atomically. With `label_map` (value -> name), ``<name>.json`` is written
-    beside it (``case.nii.gz`` -> ``case.json``). Returns the path written.
+    beside it (``case.nii.gz`` -> ``case.json``), and ``<name>.ctbl``, its 3D Slicer colour table
+    (`write_color_table`). Returns the path written.
     """
     path = Path(path)
     suffix = _nifti_suffix(path)
@@ -537,8 +540,33 @@ def write_mask(
     with atomic_path(path, suffix=suffix) as tmp:
         img.to_filename(str(tmp))
         if label_map is not None:  # inside the block: a mask is never left without its label map
-            json_path = path.with_name(path.name[: -len(suffix)] + ".json")
-            write_json(json_path, {str(int(v)): str(n) for v, n in sorted(label_map.items())})
+            stem = path.name[: -len(suffix)]
+            write_json(path.with_name(stem + ".json"), {str(int(v)): str(n) for v, n in sorted(label_map.items())})
+            write_color_table(path.with_name(stem + COLOR_TABLE_SUFFIX), label_map)
+    return path
+
+
+COLOR_TABLE_SUFFIX = ".ctbl"
+
+
+def write_color_table(path: str | os.PathLike, label_map: Mapping[int, str]) -> Path:
+    """Write a 3D Slicer colour table (``.ctbl``/``.txt`` format: ``# Color table file`` header
+    lines, then one ``value name R G B A`` row per label), atomically, so that a label map opens
+    in Slicer named and coloured. Row 0 is the transparent background; one row per entry of
+    `label_map` (value -> name), coloured by `structure_color` (stable per structure). Names
+    with spaces get underscores, as the format asks. Returns the path written.
+    """
+    from fseft.data.structures import structure_color
+
+    path = Path(path)
+    rows = {0: ("background", (0, 0, 0), 0)}
+    for value, name in sorted((int(v), str(n)) for v, n in label_map.items()):
+        if value <= 0:
+            raise InputFileError(f"{path}: label value {value} for {name!r}; a colour table's labels are positive (0 is the background)")
+        rows[value] = ("_".join(name.split()) or f"label_{value}", structure_color(name), 255)
+    lines = [f"# Color table file {path.name}", f"# {len(rows)} values"]
+    lines += [f"{value} {name} {r} {g} {b} {alpha}" for value, (name, (r, g, b), alpha) in rows.items()]
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -175,6 +175,41 @@ def is_multi_part(name: str) -> bool:
     return canonical_name(name) in MULTI_PART_STRUCTURES
 
 
+# Display colours (RGB, 0-255) of the catalogue's structures: the 3D Slicer colour table beside
+# every label map and the recommended display colour of each DICOM SEG segment. Left and right
+# organs differ in shade; organs of one system share a hue (veins blue, arteries red, lesions
+# green-yellow). fseft's own choice, fixed so that a structure looks the same in every output.
+STRUCTURE_COLORS: dict[str, tuple[int, int, int]] = {
+    "liver": (190, 90, 70), "spleen": (150, 95, 175), "kidney_right": (225, 165, 75),
+    "kidney_left": (195, 130, 45), "gallbladder": (120, 190, 80), "esophagus": (215, 175, 135),
+    "stomach": (245, 205, 160), "duodenum": (250, 180, 130), "pancreas": (250, 220, 95),
+    "aorta": (220, 40, 45), "celiac_trunk": (240, 90, 90), "inferior_vena_cava": (55, 85, 205),
+    "portal_vein_and_splenic_vein": (95, 140, 230), "hepatic_vessel": (130, 170, 240),
+    "adrenal_gland_right": (240, 130, 60), "adrenal_gland_left": (215, 105, 35),
+    "urinary_bladder": (205, 200, 65), "prostate_or_uterus": (230, 160, 200), "prostate": (230, 150, 190),
+    "lung_right": (175, 215, 235), "lung_left": (145, 195, 225), "brain": (250, 235, 225),
+    "bone": (240, 235, 210), "vertebrae": (230, 220, 180), "femur_right": (225, 215, 185),
+    "femur_left": (205, 195, 160), "colon": (205, 150, 110), "small_bowel": (225, 160, 120),
+    "rectum": (180, 120, 90), "liver_tumor": (100, 230, 60), "kidney_tumor": (170, 240, 50),
+    "kidney_cyst": (80, 220, 200), "pancreas_tumor": (210, 245, 40), "lung_tumor": (60, 240, 120),
+    "hepatic_vessel_tumor": (40, 200, 90), "colon_tumor": (130, 200, 30),
+}
+
+
+def structure_color(name: str) -> tuple[int, int, int]:
+    """The display colour (RGB, 0-255) of a structure (any spelling): its `STRUCTURE_COLORS`
+    entry, else one derived from the canonical name's MD5 digest (a hue at fixed saturation and
+    brightness), so a structure the catalogue lacks also keeps one colour across runs."""
+    import colorsys
+    import hashlib
+
+    canonical = canonical_name(name)
+    if canonical in STRUCTURE_COLORS:
+        return STRUCTURE_COLORS[canonical]
+    hue = int.from_bytes(hashlib.md5(canonical.encode()).digest()[:2], "big") / 65536.0
+    return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, 0.65, 0.9))  # type: ignore[return-value]
+
+
 def is_known(name: str) -> bool:
     """Whether `name` (any spelling) is in the catalogue."""
     return _normalise(name) in _CANONICAL_BY_KEY
