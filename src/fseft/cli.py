@@ -123,13 +123,16 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="segment scans (NIfTI or DICOM) into masks in their own geometry",
         description="Segment a scan (NIfTI, NRRD, MHA or a DICOM series folder) or a folder of "
         "them. OUT receives <case>.nii.gz per scan (label value i = i-th structure, label map in "
-        "<case>.json beside it) or <case>/<structure>.nii.gz with --per-structure-files, each in "
-        "the geometry (shape and affine) of its scan.",
+        "<case>.json and a 3D Slicer colour table in <case>.ctbl beside it) or "
+        "<case>/<structure>.nii.gz with --per-structure-files, each in the geometry (shape and "
+        "affine) of its scan; with --output-type dicom-seg, <case>.dcm, a DICOM SEG referencing "
+        "the DICOM series. --statistics adds OUT/statistics.json (volume in ml, mean / std HU per "
+        "structure).",
     )
     p.add_argument("-i", "--input", required=True, metavar="IN",
                    help="scan file, DICOM series folder, or folder of cases (scan files / DICOM sub-folders)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output folder (or a .nii.gz file name for a single scan)")
+                   help="output folder (or a .nii.gz / .dcm file name for a single scan)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", metavar="ID|PATH", help="model zoo id or fseft model file (.safetensors)")
     which.add_argument("--adapter", metavar="RUN",
@@ -149,6 +152,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-structure-files", action="store_true", help="one binary mask file per structure")
     p.add_argument("--series-id", metavar="UID",
                    help="the DICOM series to read (SeriesInstanceUID) where a folder holds several")
+    p.add_argument("--output-type", choices=("nifti", "dicom-seg"), default="nifti",
+                   help="nifti: a label map per case (default); dicom-seg: a DICOM SEG per DICOM series input, "
+                   "referencing it (needs pip install \"fseft[dicom-seg]\")")
+    p.add_argument("--statistics", action="store_true",
+                   help="also write statistics.json beside the masks: per case and structure the volume (ml) and "
+                   "the mean / std HU of the scan under the mask")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_predict)
 
@@ -163,9 +172,12 @@ def _run_predict(args: argparse.Namespace) -> int:
     )
     result = predict_path(args.input, args.output, args.model, weights=args.weights,
                           structures=args.structures, cfg=cfg, per_structure_files=args.per_structure_files,
-                          adapter=args.adapter, merge=args.merge, series_id=args.series_id)
+                          adapter=args.adapter, merge=args.merge, series_id=args.series_id,
+                          output_type=args.output_type, statistics=args.statistics)
     n_files = sum(len(v) for v in result.outputs.values())
     print(f"wrote {n_files} mask file(s) for {len(result.outputs)} case(s) to {args.output}")
+    if result.statistics_file is not None:
+        print(f"statistics written to {result.statistics_file}")
     return 0
 
 

@@ -243,7 +243,25 @@ def test_write_mask_in_the_source_geometry(totalseg_examples: Path, tmp_path: Pa
     np.testing.assert_array_equal(np.asarray(back.dataobj), seg.array)
     assert back.get_data_dtype() == np.uint8
     assert json.loads((tmp_path / "pred" / "case.json").read_text()) == {"1": "spleen", "5": "liver"}
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["case.json", "case.nii.gz"]  # no temp files
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["case.ctbl", "case.json", "case.nii.gz"]  # no temp files
+
+
+def test_label_map_gets_a_slicer_colour_table_beside_its_json(tmp_path: Path) -> None:
+    from fseft.data.structures import structure_color
+
+    ref = Volume(np.zeros((4, 4, 4), np.float32), np.eye(4), "ct.nii.gz")
+    label_map = {2: "kidney_left", 1: "liver", 3: "a new structure"}
+    write_mask(np.zeros((4, 4, 4), np.uint8), ref, tmp_path / "case.nii.gz", label_map=label_map)
+    lines = (tmp_path / "case.ctbl").read_text().splitlines()
+    assert lines[0].startswith("# Color table file") and lines[1] == "# 4 values"
+    rows = [line.split() for line in lines[2:]]
+    assert rows[0] == ["0", "background", "0", "0", "0", "0"]
+    assert [(int(r[0]), r[1]) for r in rows[1:]] == [(1, "liver"), (2, "kidney_left"), (3, "a_new_structure")]
+    for row in rows[1:]:
+        assert len(row) == 6 and tuple(map(int, row[2:5])) == structure_color(label_map[int(row[0])]) and row[5] == "255"
+    # colours are fixed per structure, whatever its label value in this map
+    write_mask(np.zeros((4, 4, 4), np.uint8), ref, tmp_path / "other.nii.gz", label_map={1: "a new structure"})
+    assert (tmp_path / "other.ctbl").read_text().splitlines()[3].split()[2:] == rows[3][2:]
 
 
 def test_write_mask_rejects_wrong_shape_and_leaves_nothing(tmp_path: Path) -> None:

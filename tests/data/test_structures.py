@@ -51,3 +51,14 @@ def test_a_near_miss_of_a_catalogued_name_gets_a_suggestion(caplog):
     with caplog.at_level(logging.WARNING):
         assert _structures("livr,gallbladder") == ("livr", "gallbladder")
     assert "'livr' is not in the catalogue (did you mean 'liver'?)" in caplog.text
+
+
+def test_structure_colours_are_fixed_distinct_and_cover_names_outside_the_catalogue():
+    from fseft.data.structures import PHANTOM_CLASSES, STRUCTURE_COLORS, structure_color
+
+    assert structure_color("liver") == STRUCTURE_COLORS["liver"] == structure_color("Liver")
+    assert structure_color("lKid") == structure_color("kidney_left") != structure_color("kidney_right")
+    assert len({structure_color(name) for name in (*FSEFT_CLASSES, *PHANTOM_CLASSES)}) == len(set(FSEFT_CLASSES) | set(PHANTOM_CLASSES))
+    novel = structure_color("left_hippocampus_tail")
+    assert novel == structure_color("Left hippocampus tail")  # stable: derived from the canonical name
+    assert all(0 <= c <= 255 for c in novel) and novel != structure_color("right_hippocampus_tail")

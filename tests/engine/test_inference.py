@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fseft.data.io import Volume
+from fseft.data.io import Volume, read_image
 from fseft.data.preprocessing import PreprocessConfig
 from fseft.data.structures import UnknownStructureError
 from fseft.engine.inference import (
@@ -296,3 +296,140 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         inference.warn_if_bf16_is_emulated(torch.device("cpu"))
+
+
+# ------------------------------------------------------------- outputs for hospital systems
+
+
+def _series_hu():
+    """(slices, rows, columns) HU: air, a 0 HU body, a 200 HU box off-centre in every axis."""
+    hu = np.full((8, 20, 24), -1000, np.int16)
+    hu[:, 2:18, 2:22] = 0
+    hu[2:6, 4:11, 5:15] = 200
+    return hu
+
+
+def _two_organ_model():
+    """Voxel-wise: liver where the windowed intensity > 0.5 (about 38 HU: the box), spleen where
+    > 0.25 (about -69 HU: the body, box included; the label map gives the box to the liver)."""
+    model = IntensityModel(("liver", "spleen"))
+    with torch.no_grad():
+        model.head.bias[1] = -5.0
+    return model
+
+
+def test_predict_dicom_seg_frames_match_the_nifti_mask_and_reference_the_series(ct_series, tmp_path):
+    import highdicom as hd
+    import nibabel as nib
+    import pydicom
+    import SimpleITK as sitk
+
+    from fseft.engine.inference import predict_path
+
+    files = ct_series(tmp_path / "series", _series_hu(), file_order=[5, 2, 7, 0, 3, 6, 1, 4])
+    model = _two_organ_model()
+    nifti = predict_path(tmp_path / "series", tmp_path / "nifti", model, cfg=_cfg(), statistics=True)
+    seg_run = predict_path(tmp_path / "series", tmp_path / "seg.dcm", model, cfg=_cfg(), output_type="dicom-seg",
+                           statistics=True)
+    assert seg_run.outputs == {"series": [tmp_path / "seg.dcm"]}
+    label_map = json.loads((tmp_path / "nifti" / "series.json").read_text())
+    assert label_map == {"1": "liver", "2": "spleen"}
+
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    assert {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence} == {1: "liver", 2: "spleen"}
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    referenced = [str(i.ReferencedSOPInstanceUID) for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence]
+    assert sorted(referenced) == sorted(uids)
+    frames = seg.get_pixels_by_source_instance(uids, combine_segments=True, assert_missing_frames_are_empty=True)
+    label_image = sitk.ReadImage(str(tmp_path / "nifti" / "series.nii.gz"))
+    for path, frame in zip(files, frames):
+        on_slice = sitk.Resample(label_image, sitk.ReadImage(str(path)), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        np.testing.assert_array_equal(frame, sitk.GetArrayFromImage(on_slice)[0], err_msg=path.name)
+    assert set(np.unique(frames).tolist()) == {0, 1, 2}
+
+    # statistics: from the NIfTI mask and the scan it was computed on, independently of fseft
+    stats = json.loads((tmp_path / "nifti" / "statistics.json").read_text())
+    assert stats == nifti.statistics and list(stats) == ["series"]
+    assert json.loads((tmp_path / "seg_statistics.json").read_text()) == stats  # one file, same masks
+    image = nib.load(str(tmp_path / "nifti" / "series.nii.gz"))
+    labels = np.asarray(image.dataobj)
+    hu = read_image(tmp_path / "series").array
+    voxel_ml = abs(np.linalg.det(image.affine[:3, :3])) / 1000
+    for value, name in ((1, "liver"), (2, "spleen")):
+        inside = hu[labels == value].astype(np.float64)
+        assert stats["series"][name]["voxels"] == inside.size > 0
+        assert stats["series"][name]["volume_ml"] == pytest.approx(inside.size * voxel_ml, abs=1e-4)
+        assert stats["series"][name]["hu_mean"] == pytest.approx(inside.mean(), abs=0.01)
+        assert stats["series"][name]["hu_std"] == pytest.approx(inside.std(), abs=0.01)
+    assert stats["series"]["liver"]["hu_mean"] == pytest.approx(200, abs=40)
+
+
+def test_predict_statistics_of_an_empty_structure_are_zero_and_null(tmp_path):
+    import nibabel as nib
+
+    from fseft.engine.inference import predict_path
+
+    affine = _write_scan(tmp_path / "scan.nii.gz")
+    hu = np.full((30, 26, 14), -1000, np.int16)
+    hu[5:25, 5:20, 3:11] = 200  # liver and spleen alike: the label map gives every voxel to the liver
+    nib.save(nib.Nifti1Image(hu, affine), str(tmp_path / "scan.nii.gz"))
+    result = predict_path(tmp_path / "scan.nii.gz", tmp_path / "out", IntensityModel(), cfg=_cfg(), statistics=True)
+    stats = json.loads(result.statistics_file.read_text())["scan"]
+    assert result.statistics_file == tmp_path / "out" / "statistics.json"
+    assert stats["spleen"] == {"voxels": 0, "volume_ml": 0.0, "hu_mean": None, "hu_std": None}
+    assert stats["liver"]["volume_ml"] > 0 and stats["liver"]["hu_mean"] == pytest.approx(200, abs=1)
+    assert (tmp_path / "out" / "scan.ctbl").is_file()
+
+
+def test_dicom_seg_for_a_nifti_input_fails_before_any_model_is_loaded(model_file, ct_series, tmp_path, capsys,
+                                                                       monkeypatch):
+    from fseft.cli import main
+    from fseft.engine import inference
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(inference, "_load_for_inference", no_loading)
+    _write_scan(tmp_path / "in" / "a.nii.gz")
+    ct_series(tmp_path / "in" / "b_series", _series_hu())
+    for source in (tmp_path / "in" / "a.nii.gz", tmp_path / "in"):  # the file alone, or among DICOM series
+        assert main(["predict", "-i", str(source), "-o", str(tmp_path / "out"), "--model", str(model_file),
+                     "--output-type", "dicom-seg"]) == 2
+        err = capsys.readouterr().err
+        assert str(tmp_path / "in" / "a.nii.gz") in err and "DICOM series" in err and "--output-type nifti" in err
+    assert not (tmp_path / "out").exists()
+    argv = ["predict", "-i", str(tmp_path / "in" / "b_series"), "--model", str(model_file), "--output-type", "dicom-seg"]
+    assert main([*argv, "-o", str(tmp_path / "seg.nii.gz")]) == 2
+    assert "a NIfTI file name for --output-type dicom-seg" in capsys.readouterr().err
+    assert main([*argv, "-o", str(tmp_path / "out"), "--per-structure-files"]) == 2
+    assert "drop --per-structure-files" in capsys.readouterr().err
+
+
+def test_dicom_seg_without_highdicom_names_the_extra(model_file, ct_series, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from fseft.cli import main
+
+    ct_series(tmp_path / "series", _series_hu())
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # import highdicom -> ImportError
+    assert main(["predict", "-i", str(tmp_path / "series"), "-o", str(tmp_path / "out"), "--model", str(model_file),
+                 "--output-type", "dicom-seg"]) == 2
+    assert 'pip install "fseft[dicom-seg]"' in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_cli_dicom_seg_and_statistics(model_file, ct_series, tmp_path):
+    import highdicom as hd
+
+    from fseft.cli import main
+
+    ct_series(tmp_path / "cases" / "patient7", _series_hu())
+    out = tmp_path / "out"
+    assert main(["predict", "-i", str(tmp_path / "cases"), "-o", str(out), "--model", str(model_file),
+                 "--roi-size", "64", "32", "32", "--output-type", "dicom-seg", "--statistics", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["patient7.dcm", "statistics.json"]
+    seg = hd.seg.segread(out / "patient7.dcm")
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["liver", "spleen"]
+    stats = json.loads((out / "statistics.json").read_text())
+    assert list(stats) == ["patient7"] and list(stats["patient7"]) == ["liver", "spleen"]
+    assert set(stats["patient7"]["liver"]) == {"voxels", "volume_ml", "hu_mean", "hu_std"}

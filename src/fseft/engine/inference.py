@@ -346,6 +346,70 @@ def _nifti_output(path: Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
+def _dicom_seg_output(path: Path) -> bool:
+    return path.name.lower().endswith(".dcm")
+
+
+# What `fseft predict` writes per case: a NIfTI label map (or binary masks), or a DICOM SEG.
+OUTPUT_TYPES = ("nifti", "dicom-seg")
+STATISTICS_FILE = "statistics.json"
+
+
+def statistics_path(output: str | os.PathLike) -> Path:
+    """Where `predict_path` writes the statistics of `output`: ``OUT/statistics.json`` for an
+    output folder, ``<name>_statistics.json`` beside a single output file (``seg.nii.gz`` ->
+    ``seg_statistics.json``)."""
+    output = Path(output)
+    if _nifti_output(output) or _dicom_seg_output(output):
+        stem = output.name[: -len(".nii.gz")] if output.name.lower().endswith(".nii.gz") else output.stem
+        return output.with_name(f"{stem}_{STATISTICS_FILE}")
+    return output / STATISTICS_FILE
+
+
+def check_predict_outputs(
+    scans: Sequence[tuple[str, Path]], output: Path, output_type: str, per_structure_files: bool,
+    series_id: str | None = None,
+) -> None:
+    """Refuse, before any model is loaded, inputs and outputs `predict_path` cannot use:
+    an unknown `output_type`; a single output file for several scans or per-structure files;
+    a ``.dcm`` name without a DICOM SEG, or a NIfTI name with one; a DICOM folder whose series
+    cannot be read (`dicom_series_files`: several series, missing slices, ...); and, for a
+    DICOM SEG (`InputFileError` naming the file), an input that is not a DICOM series or a
+    series without the UIDs and geometry a SEG references (`read_source_headers`); highdicom
+    missing (`ConfigError` naming the extra to install)."""
+    if output_type not in OUTPUT_TYPES:
+        raise ConfigError(f"output type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+    if (_nifti_output(output) or _dicom_seg_output(output)) and (len(scans) > 1 or per_structure_files):
+        raise ConfigError(
+            f"{output}: a single output file needs a single scan and no per-structure files; "
+            f"the input holds {len(scans)} scan(s): give an output folder"
+        )
+    if output_type == "nifti":
+        if _dicom_seg_output(output):
+            raise ConfigError(f"{output}: a .dcm output is a DICOM SEG: add --output-type dicom-seg, "
+                              "or give an output folder or a .nii.gz file name")
+        from fseft.data.io import dicom_series_files
+
+        for _, scan in scans:  # DICOM headers (series, missing slices) checked before the model loads
+            if scan.is_dir():
+                dicom_series_files(scan, series_id)
+        return
+    if per_structure_files:
+        raise ConfigError("a DICOM SEG holds every structure as one segment of one file: drop --per-structure-files")
+    if _nifti_output(output):
+        raise ConfigError(f"{output}: a NIfTI file name for --output-type dicom-seg; give a folder or a .dcm file name")
+    for _, scan in scans:
+        if scan.is_file():
+            raise InputFileError(
+                f"{scan}: not a DICOM series; a DICOM SEG (--output-type dicom-seg) references the DICOM series "
+                "it segments: give the series folder, or use --output-type nifti for this file"
+            )
+    from fseft.data.dicom_seg import read_source_headers
+
+    for _, scan in scans:  # every series, so that none fails after hours of inference
+        read_source_headers(scan, series_id)
+
+
 def merge_masks(masks: np.ndarray) -> np.ndarray:
     """Binary masks ``(S, X, Y, Z)`` -> label map ``(X, Y, Z)`` uint8/int16 with value s + 1 for
     structure s. Where masks overlap, the structure listed first keeps the voxel."""
@@ -361,6 +425,8 @@ class PredictResult:
 
     outputs: dict[str, list[Path]] = field(default_factory=dict)
     structures: tuple[str, ...] = ()
+    statistics: dict[str, dict[str, dict[str, float | int | None]]] = field(default_factory=dict)
+    statistics_file: Path | None = None
 
 
 def predict_path(
@@ -375,6 +441,8 @@ def predict_path(
     adapter: str | os.PathLike | None = None,
     merge: bool = False,
     series_id: str | None = None,
+    output_type: str = "nifti",
+    statistics: bool = False,
 ) -> PredictResult:
     """`fseft predict`: segment every scan found at `input_path` (see `find_scans`).
 
@@ -382,9 +450,19 @@ def predict_path(
         given), or a model object. preprocess_cfg: default = the one stored in the model file's
         metadata, else `PreprocessConfig()`.
     output: a folder receiving ``<case>.nii.gz`` (label value s + 1 = structure s, label map in
-        ``<case>.json`` beside it) or, with `per_structure_files`, ``<case>/<structure>.nii.gz``
-        binary masks; for a single scan it may also be a ``.nii.gz`` file name. Every output is
-        in its scan's native geometry (same shape and affine).
+        ``<case>.json`` and a 3D Slicer colour table ``<case>.ctbl`` beside it) or, with
+        `per_structure_files`, ``<case>/<structure>.nii.gz`` binary masks; for a single scan it
+        may also be a ``.nii.gz`` file name. Every output is in its scan's native geometry (same
+        shape and affine).
+    output_type: "nifti" (above) or "dicom-seg": ``<case>.dcm`` (or a ``.dcm`` file name for a
+        single scan), a DICOM SEG referencing the DICOM series it segments, segment number
+        s + 1 = structure s (`fseft.data.dicom_seg.write_dicom_seg`; needs highdicom). Every
+        input must then be a DICOM series (checked, with the series' headers, before the model
+        is loaded: `check_predict_outputs`).
+    statistics: also write each structure's volume (ml) and mean / std HU in the native scan
+        (`fseft.evaluation.statistics.structure_statistics`, of the mask as written: the label
+        map, where the first structure wins overlaps, or each per-structure mask) to
+        `statistics_path(output)`, keyed by case id then structure; rewritten after every case.
     adapter: an `fseft adapt` run folder (any method); replaces `model` with its base model +
         adaptation (`fseft.engine.adapt.load_adapted_model`) and its recorded preprocessing.
     merge: with `adapter`, fold LoRA / ARENA updates into the base weights first.
@@ -397,16 +475,7 @@ def predict_path(
     cfg = cfg or InferenceConfig()
     scans = find_scans(input_path)
     output = Path(output)
-    if _nifti_output(output) and (len(scans) > 1 or per_structure_files):
-        raise ConfigError(
-            f"{output}: a single NIfTI output needs a single scan and no per-structure files; "
-            f"{input_path} holds {len(scans)} scans: give an output folder"
-        )
-    from fseft.data.io import dicom_series_files
-
-    for _, scan in scans:  # DICOM headers (series, missing slices) checked before the model loads
-        if scan.is_dir():
-            dicom_series_files(scan, series_id)
+    check_predict_outputs(scans, output, output_type, per_structure_files, series_id)
     if merge and adapter is None:
         raise ConfigError("merge folds an adapter into its base model: give an adapter run folder (--adapter RUN)")
     if adapter is not None:
@@ -419,16 +488,30 @@ def predict_path(
         preprocess_cfg = preprocess_cfg or stored_cfg
     _, names = select_structures(model.class_names, structures)  # fail before any work
     label_map = {i + 1: name for i, name in enumerate(names)}
-    result = PredictResult(structures=names)
+    result = PredictResult(structures=names, statistics_file=statistics_path(output) if statistics else None)
     for case_id, scan in tqdm(scans, desc="predict", unit="case", disable=not cfg.progress or len(scans) < 2):
         volume = read_image(scan, series_id=series_id if scan.is_dir() else None)
         masks = segment_volume(model, volume, preprocess_cfg, cfg, names)
         if per_structure_files:
             written = [write_mask(masks[s], volume, output / case_id / f"{name}.nii.gz") for s, name in enumerate(names)]
         else:
-            target = output if _nifti_output(output) else output / f"{case_id}.nii.gz"
-            written = [write_mask(merge_masks(masks), volume, target, label_map)]
+            masks = merge_masks(masks)  # the label map: what the file holds, and what is measured
+            if output_type == "dicom-seg":
+                from fseft.data.dicom_seg import read_source_headers, write_dicom_seg
+
+                target = output if _dicom_seg_output(output) else output / f"{case_id}.dcm"
+                headers = read_source_headers(scan, series_id)  # the series read_image read
+                written = [write_dicom_seg(masks, volume, label_map, headers, target)]
+            else:
+                target = output if _nifti_output(output) else output / f"{case_id}.nii.gz"
+                written = [write_mask(masks, volume, target, label_map)]
         result.outputs[case_id] = written
+        if statistics:
+            from fseft.evaluation.statistics import structure_statistics
+            from fseft.utils import write_json
+
+            result.statistics[case_id] = structure_statistics(volume, masks, names)
+            write_json(result.statistics_file, result.statistics)
     return result
 
 
