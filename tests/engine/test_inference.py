@@ -403,6 +403,8 @@ def test_dicom_seg_for_a_nifti_input_fails_before_any_model_is_loaded(model_file
     assert "a NIfTI file name for --output-type dicom-seg" in capsys.readouterr().err
     assert main([*argv, "-o", str(tmp_path / "out"), "--per-structure-files"]) == 2
     assert "drop --per-structure-files" in capsys.readouterr().err
+    assert main([*argv[:-2], "-o", str(tmp_path / "seg.dcm")]) == 2  # a .dcm name without --output-type dicom-seg
+    assert "a .dcm output is a DICOM SEG" in capsys.readouterr().err
 
 
 def test_dicom_seg_without_highdicom_names_the_extra(model_file, ct_series, tmp_path, capsys, monkeypatch):
