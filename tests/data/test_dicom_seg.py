@@ -193,3 +193,15 @@ def test_real_series_seg_matches_its_nifti_label_on_every_slice(totalseg_example
         expected = remap[sitk.GetArrayFromImage(resampled)[0]]  # (rows, columns)
         assert expected.any()
         np.testing.assert_array_equal(frames[uid], expected, err_msg=path.name)
+
+
+def test_source_headers_of_the_chosen_series_in_a_folder_of_two(ct_series, tmp_path):
+    first = ct_series(tmp_path / "both", _hu_slices(n_slices=3))
+    ct_series(tmp_path / "other", _hu_slices(n_slices=4))
+    for path in (tmp_path / "other").iterdir():
+        shutil.move(str(path), str(tmp_path / "both" / f"second_{path.name}"))
+    with pytest.raises(InputFileError, match="holds 2 DICOM series"):
+        read_source_headers(tmp_path / "both")
+    series_uid = str(pydicom.dcmread(first[0], stop_before_pixels=True).SeriesInstanceUID)
+    headers = read_source_headers(tmp_path / "both", series_uid)
+    assert [Path(h.filename).name for h in headers] == [p.name for p in first]  # slice order, this series only
