@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_series import write_dicom_series
+from dicom_series import write_ct_series, write_dicom_series
 from fseft.cli import main
 
 
@@ -133,6 +133,22 @@ def predict_dicom_unknown_series_id(ws):
     write_dicom_series(folder, _ct_block(), "1.2.826.0.1.3680043.9.4")
     argv = _predict(folder, ws.tmp / "out", "--series-id", "1.2.3")
     return argv, [str(folder), "no DICOM series '1.2.3'"], ws.tmp / "out"
+
+
+def predict_dicom_seg_of_a_nifti_scan(ws):
+    argv = _predict(ws.scan, ws.tmp / "out", "--output-type", "dicom-seg")
+    return argv, [str(ws.scan), "not a DICOM series", "--output-type nifti"], ws.tmp / "out"
+
+
+def predict_dicom_seg_of_a_series_without_uids(ws):
+    import pydicom
+
+    files = write_ct_series(ws.tmp / "series", _ct_block())
+    header = pydicom.dcmread(files[2])
+    header.SOPInstanceUID = ""  # as an anonymiser that drops UIDs leaves it
+    header.save_as(files[2])
+    argv = _predict(ws.tmp / "series", ws.tmp / "out", "--output-type", "dicom-seg")
+    return argv, [str(files[2]), "SOPInstanceUID", "--output-type nifti"], ws.tmp / "out"
 
 
 def predict_empty_folder(ws):
@@ -365,6 +381,7 @@ def inspect_missing_folder(ws):
 ROWS: list[Row] = [
     predict_missing_scan, predict_unsupported_file, predict_truncated_nifti, predict_2d_image, predict_4d_image,
     predict_nan_image, predict_dicom_missing_slice, predict_dicom_two_series, predict_dicom_unknown_series_id,
+    predict_dicom_seg_of_a_nifti_scan, predict_dicom_seg_of_a_series_without_uids,
     predict_empty_folder, predict_unknown_model, predict_junk_model_file, predict_window_the_model_cannot_take,
     predict_misspelt_structure, predict_cuda_without_cuda, predict_adapter_that_is_not_a_run,
     adapt_missing_dataset, adapt_folder_of_no_layout, adapt_malformed_dataset_json, adapt_truncated_query_image,

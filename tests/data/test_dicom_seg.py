@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from dicom_series import write_ct_series
 from fseft.data.dicom_seg import (
     FALLBACK_CODES,
     SEGMENT_CODES,
@@ -49,9 +50,9 @@ def _frames_by_uid(seg, uids):
 
 
 @pytest.mark.parametrize("orientation", [AXIAL, CORONAL], ids=["axial", "coronal"])
-def test_seg_frames_match_each_source_slice_whatever_the_file_order(orientation, ct_series, tmp_path):
+def test_seg_frames_match_each_source_slice_whatever_the_file_order(orientation, tmp_path):
     hu = _hu_slices()
-    files = ct_series(tmp_path / "series", hu, orientation=orientation, file_order=[3, 0, 5, 1, 4, 2])
+    files = write_ct_series(tmp_path / "series", hu, orientation=orientation, file_order=[3, 0, 5, 1, 4, 2])
     volume = read_image(tmp_path / "series")  # fseft's voxel order: sorted, rows flipped
     labels = _expected_labels(volume.array).astype(np.uint8)
     out = write_dicom_seg(labels, volume, {1: "kidney_left", 2: "body wall"}, tmp_path / "series",
@@ -77,8 +78,8 @@ def test_seg_frames_match_each_source_slice_whatever_the_file_order(orientation,
     assert seg.SegmentationType == "BINARY" and seg.PatientID == "FSEFT-1"
 
 
-def test_segments_carry_name_snomed_codes_algorithm_and_colour(ct_series, tmp_path):
-    ct_series(tmp_path / "series", _hu_slices())
+def test_segments_carry_name_snomed_codes_algorithm_and_colour(tmp_path):
+    write_ct_series(tmp_path / "series", _hu_slices())
     volume = read_image(tmp_path / "series")
     labels = _expected_labels(volume.array).astype(np.uint8)
     labels[labels == 2] = 3  # a third, empty structure
@@ -122,8 +123,8 @@ def test_every_catalogue_code_resolves_in_pydicom():
     assert segment_codes("prostate_or_uterus") == FALLBACK_CODES
 
 
-def test_series_without_uids_is_refused_naming_the_file(ct_series, tmp_path):
-    files = ct_series(tmp_path / "series", _hu_slices(n_slices=3))
+def test_series_without_uids_is_refused_naming_the_file(tmp_path):
+    files = write_ct_series(tmp_path / "series", _hu_slices(n_slices=3))
     ds = pydicom.dcmread(files[1])
     ds.SOPInstanceUID = ""
     ds.save_as(files[1])
@@ -132,8 +133,8 @@ def test_series_without_uids_is_refused_naming_the_file(ct_series, tmp_path):
     assert str(files[1]) in str(err.value)
 
 
-def test_a_label_map_of_another_grid_is_refused(ct_series, tmp_path):
-    ct_series(tmp_path / "series", _hu_slices())
+def test_a_label_map_of_another_grid_is_refused(tmp_path):
+    write_ct_series(tmp_path / "series", _hu_slices())
     volume = read_image(tmp_path / "series")
     shifted = type(volume)(volume.array, volume.affine.copy(), volume.source)
     shifted.affine[:3, 3] += 0.5 * volume.affine[:3, 0]  # half a voxel along X
@@ -195,9 +196,9 @@ def test_real_series_seg_matches_its_nifti_label_on_every_slice(totalseg_example
         np.testing.assert_array_equal(frames[uid], expected, err_msg=path.name)
 
 
-def test_source_headers_of_the_chosen_series_in_a_folder_of_two(ct_series, tmp_path):
-    first = ct_series(tmp_path / "both", _hu_slices(n_slices=3))
-    ct_series(tmp_path / "other", _hu_slices(n_slices=4))
+def test_source_headers_of_the_chosen_series_in_a_folder_of_two(tmp_path):
+    first = write_ct_series(tmp_path / "both", _hu_slices(n_slices=3))
+    write_ct_series(tmp_path / "other", _hu_slices(n_slices=4))
     for path in (tmp_path / "other").iterdir():
         shutil.move(str(path), str(tmp_path / "both" / f"second_{path.name}"))
     with pytest.raises(InputFileError, match="holds 2 DICOM series"):

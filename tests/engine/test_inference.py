@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from dicom_series import write_ct_series
 from fseft.data.io import Volume, read_image
 from fseft.data.preprocessing import PreprocessConfig
 from fseft.data.structures import UnknownStructureError
@@ -318,7 +319,7 @@ def _two_organ_model():
     return model
 
 
-def test_predict_dicom_seg_frames_match_the_nifti_mask_and_reference_the_series(ct_series, tmp_path):
+def test_predict_dicom_seg_frames_match_the_nifti_mask_and_reference_the_series(tmp_path):
     import highdicom as hd
     import nibabel as nib
     import pydicom
@@ -326,7 +327,7 @@ def test_predict_dicom_seg_frames_match_the_nifti_mask_and_reference_the_series(
 
     from fseft.engine.inference import predict_path
 
-    files = ct_series(tmp_path / "series", _series_hu(), file_order=[5, 2, 7, 0, 3, 6, 1, 4])
+    files = write_ct_series(tmp_path / "series", _series_hu(), file_order=[5, 2, 7, 0, 3, 6, 1, 4])
     model = _two_organ_model()
     nifti = predict_path(tmp_path / "series", tmp_path / "nifti", model, cfg=_cfg(), statistics=True)
     seg_run = predict_path(tmp_path / "series", tmp_path / "seg.dcm", model, cfg=_cfg(), output_type="dicom-seg",
@@ -381,8 +382,7 @@ def test_predict_statistics_of_an_empty_structure_are_zero_and_null(tmp_path):
     assert (tmp_path / "out" / "scan.ctbl").is_file()
 
 
-def test_dicom_seg_for_a_nifti_input_fails_before_any_model_is_loaded(model_file, ct_series, tmp_path, capsys,
-                                                                       monkeypatch):
+def test_dicom_seg_for_a_nifti_input_fails_before_any_model_is_loaded(model_file, tmp_path, capsys, monkeypatch):
     from fseft.cli import main
     from fseft.engine import inference
 
@@ -391,7 +391,7 @@ def test_dicom_seg_for_a_nifti_input_fails_before_any_model_is_loaded(model_file
 
     monkeypatch.setattr(inference, "_load_for_inference", no_loading)
     _write_scan(tmp_path / "in" / "a.nii.gz")
-    ct_series(tmp_path / "in" / "b_series", _series_hu())
+    write_ct_series(tmp_path / "in" / "b_series", _series_hu())
     for source in (tmp_path / "in" / "a.nii.gz", tmp_path / "in"):  # the file alone, or among DICOM series
         assert main(["predict", "-i", str(source), "-o", str(tmp_path / "out"), "--model", str(model_file),
                      "--output-type", "dicom-seg"]) == 2
@@ -407,12 +407,12 @@ def test_dicom_seg_for_a_nifti_input_fails_before_any_model_is_loaded(model_file
     assert "a .dcm output is a DICOM SEG" in capsys.readouterr().err
 
 
-def test_dicom_seg_without_highdicom_names_the_extra(model_file, ct_series, tmp_path, capsys, monkeypatch):
+def test_dicom_seg_without_highdicom_names_the_extra(model_file, tmp_path, capsys, monkeypatch):
     import sys
 
     from fseft.cli import main
 
-    ct_series(tmp_path / "series", _series_hu())
+    write_ct_series(tmp_path / "series", _series_hu())
     monkeypatch.setitem(sys.modules, "highdicom", None)  # import highdicom -> ImportError
     assert main(["predict", "-i", str(tmp_path / "series"), "-o", str(tmp_path / "out"), "--model", str(model_file),
                  "--output-type", "dicom-seg"]) == 2
@@ -420,12 +420,12 @@ def test_dicom_seg_without_highdicom_names_the_extra(model_file, ct_series, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_predict_cli_dicom_seg_and_statistics(model_file, ct_series, tmp_path):
+def test_predict_cli_dicom_seg_and_statistics(model_file, tmp_path):
     import highdicom as hd
 
     from fseft.cli import main
 
-    ct_series(tmp_path / "cases" / "patient7", _series_hu())
+    write_ct_series(tmp_path / "cases" / "patient7", _series_hu())
     out = tmp_path / "out"
     assert main(["predict", "-i", str(tmp_path / "cases"), "-o", str(out), "--model", str(model_file),
                  "--roi-size", "64", "32", "32", "--output-type", "dicom-seg", "--statistics", "--no-progress"]) == 0
