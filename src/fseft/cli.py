@@ -295,6 +295,9 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-head-prior", dest="head_prior", action="store_false",
                    help="start the outputs of structures new to the model at p = 0.5 instead of the support's "
                    "foreground fraction (for comparison)")
+    p.add_argument("--head-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="network methods: start from a head fitted as a linear probe on the frozen model's "
+                   "features of the support (LP-FT; default: on, except scratch and --decoder new)")
     p.add_argument("--objective", choices=("sigmoid", "multiclass"), default="sigmoid",
                    help="independent sigmoids per structure, or softmax over background + structures")
     p.add_argument("--loss", choices=("bce+dice", "dice"), default="bce+dice",
@@ -361,7 +364,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
         roi_size=args.roi_size and tuple(args.roi_size), overlap=args.overlap, cache_dir=args.cache_dir,
         device=args.device, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing, encoder_cache=args.encoder_cache,
         augment=args.augment,
-        save_predictions=args.save_predictions, progress=not args.no_progress, head_prior=args.head_prior,
+        save_predictions=args.save_predictions, progress=not args.no_progress, head_prior=args.head_prior, head_warmup=args.head_warmup,
     )
     if args.dry_run:
         counts = count_parameters(args.model, args.structures, cfg)
@@ -372,8 +375,9 @@ def _run_adapt(args: argparse.Namespace) -> int:
             if isinstance(value, int):
                 print(f"  {key:<16} {value:>12,}")
         run = cfg.resolved()
+        warmup = ", head warmed up as a linear probe (LP-FT)" if counts["kind"] == "network" and run.head_warmup else ""
         print(f"protocol: lr {run.lr:g}, {run.epochs} epochs, {run.batch_size} volume(s) x "
-              f"{run.patches_per_volume} patches per step, loss {run.loss}")
+              f"{run.patches_per_volume} patches per step, loss {run.loss}{warmup}")
         return 0
     missing = [f"--{name}" for name in ("data", "k", "out") if getattr(args, name) is None]
     if missing:

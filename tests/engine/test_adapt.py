@@ -559,3 +559,29 @@ def test_cli_adapt_refuses_an_earlier_run_without_overwrite(swin12_file, data_ro
     assert "already holds a run" in capsys.readouterr().err and stale.exists()
     assert main([*base, "--overwrite"]) == 0
     assert not stale.exists() and (run / "metrics.json").is_file()
+
+
+def test_network_methods_start_from_the_linear_probe_head_unless_told_not_to(data_root, tmp_path):
+    # LP-FT: with --head-warmup (the default for network methods on a pre-trained base) the
+    # network's head starts as the `lp` run on the same support would end; lr 1e-12 keeps it there
+    probe = adapt(tiny_model(), data_root, "liver,gallbladder", 2, 0, tmp_path / "lp",
+                  _cfg(tmp_path, method="lp", patches_per_volume=None))  # the probe takes lp's own protocol
+    lp_head = load_file(str(tmp_path / "lp" / "adapter_model.safetensors"))
+    heads = {}
+    for warmup in (None, False):
+        out = tmp_path / f"ft-last-{warmup}"
+        adapt(tiny_model(), data_root, "liver,gallbladder", 2, 0, out,
+              _cfg(tmp_path, method="ft-last", epochs=1, lr=1e-12, head_warmup=warmup))
+        tensors = load_file(str(out / "adapter_model.safetensors"))
+        heads[warmup] = {k.rsplit(".", 1)[-1]: v for k, v in tensors.items() if k.rsplit(".", 2)[-2] == "head"}
+        recorded = json.loads((out / "adapter_config.json").read_text())
+        assert "head_warmup" in json.dumps(recorded)
+    assert probe["mean"]["gallbladder"]["dice"] >= 0.0
+    torch.testing.assert_close(heads[None]["weight"], lp_head["head.weight"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(heads[None]["bias"], lp_head["head.bias"], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(heads[False]["weight"], lp_head["head.weight"], atol=1e-3)
+    from fseft.methods import get_method
+
+    assert not get_method("scratch").make_config().warms_up_head()
+    assert not get_method("lora").make_config(decoder="new").warms_up_head()
+    assert get_method("decoder").make_config().warms_up_head()

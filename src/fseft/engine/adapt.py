@@ -88,6 +88,9 @@ class AdaptConfig:
     transductive / ti: the organ-size constraint on the unlabelled queries (`TransductiveConfig`).
     head_prior: outputs of structures new to the base model start at the support's foreground
         fraction (`fseft.methods.init_head_prior`) instead of p = 0.5.
+    head_warmup: network methods start from a head fitted as a linear probe on the base's
+        frozen features of the support (LP-FT, `probe_head`); None: the method's default
+        (`MethodConfig.warms_up_head`: on for pre-trained bases, off for scratch and a new decoder).
     n_query: number of query cases (None: every eligible case not in the support set).
     roi_size / overlap / sw_batch_size: sliding window that computes the cached features.
     threshold / largest_component: post-processing of the query predictions.
@@ -122,7 +125,7 @@ class AdaptConfig:
     transductive: bool = False
     ti: TransductiveConfig = field(default_factory=TransductiveConfig)
     head_prior: bool = True
-    head_warmup: bool = False
+    head_warmup: bool | None = None
     n_query: int | None = None
     roi_size: tuple[int, int, int] | None = None  # None: the model's recommended window
     overlap: float = 0.25
@@ -164,7 +167,8 @@ class AdaptConfig:
 
     def resolved(self) -> AdaptConfig:
         """This config with every protocol field left at None (epochs, lr, batch_size,
-        patches_per_volume) set to the method's default (`MethodConfig.default_*`)."""
+        patches_per_volume) set to the method's default (`MethodConfig.default_*`), and
+        `head_warmup` to `MethodConfig.warms_up_head`."""
         from fseft.methods import get_method
 
         protocol = get_method(self.method).config_cls
@@ -172,6 +176,8 @@ class AdaptConfig:
                     "batch_size": protocol.default_batch_size,
                     "patches_per_volume": protocol.default_patches_per_volume}
         missing = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if self.head_warmup is None:
+            missing["head_warmup"] = get_method(self.method).make_config(**self.method_options).warms_up_head()
         return dataclasses.replace(self, **missing) if missing else self
 
     def to_dict(self) -> dict[str, Any]:
@@ -1022,8 +1028,10 @@ def _adapt_network(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task
             pre = preprocess(image, labels, preprocess_cfg)
             support.append({"image": pre.image, "label": pre.label})
     if probe is not None:
-        with torch.no_grad():
-            unwrap(model).head.load_state_dict(probe.head.state_dict())
+        with torch.no_grad():  # every copy of the head (peft keeps the original beside the trained one)
+            for conv in (m for m in unwrap(model).head.modules() if isinstance(m, nn.Conv3d)):
+                conv.weight.copy_(probe.head.weight)
+                conv.bias.copy_(probe.head.bias)
     elif support and cfg.head_prior:
         init_head_prior(unwrap(model).head, model.fseft_method["head_rows"],
                         foreground_fractions([plain_tensor(v["label"]).numpy() for v in support]), multiclass)

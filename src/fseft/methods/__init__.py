@@ -64,6 +64,12 @@ class MethodConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def warms_up_head(self) -> bool:
+        """Whether `fseft adapt` fits the head as a linear probe on the base's frozen features
+        before training by default (LP-FT, `fseft.engine.adapt.probe_head`): for network
+        methods whose head, at step 0, reads the pre-trained features unchanged."""
+        return False
+
 
 class FeatureAdapter(nn.Module):
     """A module on frozen features: ``forward(z (B, C, X, Y, Z)) -> logits (B, O, X, Y, Z)``.

@@ -132,6 +132,9 @@ class FullModelConfig(MethodConfig):
     protocol_source: ClassVar[str] = ("FSEFT run commands: lr 1e-4, batch 2 volumes, 3 patches (150 epochs in "
                                       "their k = 30 runs; 100 here, as every other method)")
 
+    def warms_up_head(self) -> bool:
+        return True
+
 
 @dataclass
 class EncoderMethodConfig(MethodConfig):
@@ -145,6 +148,9 @@ class EncoderMethodConfig(MethodConfig):
     default_lr: ClassVar[float] = 1e-3
     decoder: str = "frozen"
     include_skip_blocks: bool = False
+
+    def warms_up_head(self) -> bool:
+        return self.decoder != "new"  # a re-initialised decoder's features are not the probe's
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODER_MODES:
@@ -391,6 +397,9 @@ class ScratchConfig(FullModelConfig):
 
     init_from_head: bool = False
 
+    def warms_up_head(self) -> bool:
+        return False  # no pre-trained features to probe
+
 
 @register_method("ft", FineTuneConfig, "fine-tune all weights", kind="network")
 def _prepare_ft(model: nn.Module, cfg: FineTuneConfig, parts: ModelParts) -> nn.Module:
@@ -427,6 +436,9 @@ class DecoderConfig(MethodConfig):
                                       "patches of the reference runs")
     decoder: str = "fine-tuned"
     include_skip_blocks: bool = False
+
+    def warms_up_head(self) -> bool:
+        return self.decoder != "new"
 
     def __post_init__(self) -> None:
         if self.decoder not in ("fine-tuned", "new"):
