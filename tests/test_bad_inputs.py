@@ -61,9 +61,13 @@ def _image_of(data: Path, case: str = "phantom_003") -> Path:
     return data / "imagesTr" / f"{case}_0000.nii.gz"
 
 
-def _adapt(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["adapt", "--model", "phantom", "--data", str(data), "--structures", "liver", "--k", "2",
+def _adapt(data: Path, out: Path, *extra: str, **options: str) -> list[str]:
+    """A sound `fseft adapt` command line, with `options` (``k="0"``) replacing its values."""
+    argv = ["adapt", "--model", "phantom", "--data", str(data), "--structures", "liver", "--k", "2",
             "--method", "lp", "--epochs", "1", "--out", str(out), "--no-progress", *extra]
+    for name, value in options.items():
+        argv[argv.index(f"--{name}") + 1] = value
+    return argv
 
 
 def _predict(scan: Path, out: Path, *extra: str) -> list[str]:
@@ -254,15 +258,11 @@ def adapt_label_values_the_map_lacks(ws):
 
 
 def adapt_k_zero(ws):
-    argv = _adapt(ws.data, ws.tmp / "run")
-    argv[argv.index("--k") + 1] = "0"
-    return argv, ["k"], ws.tmp / "run"
+    return _adapt(ws.data, ws.tmp / "run", k="0"), ["k"], ws.tmp / "run"
 
 
 def adapt_k_larger_than_the_dataset(ws):
-    argv = _adapt(ws.data, ws.tmp / "run")
-    argv[argv.index("--k") + 1] = "9"
-    return argv, ["k=9"], ws.tmp / "run"
+    return _adapt(ws.data, ws.tmp / "run", k="9"), ["k=9"], ws.tmp / "run"
 
 
 def adapt_overflowing_lr(ws):
@@ -270,15 +270,11 @@ def adapt_overflowing_lr(ws):
 
 
 def adapt_unknown_structure(ws):
-    argv = _adapt(ws.data, ws.tmp / "run")
-    argv[argv.index("--structures") + 1] = "gallbladdr"
-    return argv, ["gallbladdr", "gallbladder"], ws.tmp / "run"
+    return _adapt(ws.data, ws.tmp / "run", structures="gallbladdr"), ["gallbladdr", "gallbladder"], ws.tmp / "run"
 
 
 def adapt_unknown_method(ws):
-    argv = _adapt(ws.data, ws.tmp / "run")
-    argv[argv.index("--method") + 1] = "lora2"
-    return argv, ["lora2"], ws.tmp / "run"
+    return _adapt(ws.data, ws.tmp / "run", method="lora2"), ["lora2"], ws.tmp / "run"
 
 
 def adapt_cuda_without_cuda(ws):
