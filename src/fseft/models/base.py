@@ -7,12 +7,30 @@ wrap `features`, or add modules between the two, without knowing the architectur
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from fseft.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """Top-level module names of an architecture's encoder, decoder, last decoder block and
+    (Swin-UNETR) the convolutional blocks on its skip connections: what the fine-tuning methods
+    mean by "encoder", "decoder" and "last block"."""
+
+    encoder: tuple[str, ...]
+    decoder: tuple[str, ...]
+    last_block: tuple[str, ...]
+    skip_blocks: tuple[str, ...] = ()
+    head: str = "head"
+
+    def decoder_modules(self, include_skip_blocks: bool = False) -> tuple[str, ...]:
+        """What ``--decoder`` acts on."""
+        return self.decoder + (self.skip_blocks if include_skip_blocks else ())
 
 
 class SegmentationModel(nn.Module):
@@ -24,10 +42,16 @@ class SegmentationModel(nn.Module):
         feature_channels: channels of the map `features` returns.
         head: ``nn.Conv3d(feature_channels, len(class_names), kernel_size=1)``.
         arch_kwargs: the keyword arguments that rebuild this architecture (JSON-serialisable).
-        split_points: see the class attribute.
+        split_points, parts, peft_targets: see the class attributes.
     """
 
     arch: ClassVar[str] = ""
+    #: The encoder / decoder split the fine-tuning methods work on (None: they cannot adapt it).
+    parts: ClassVar[ModelParts | None] = None
+    #: The layers the encoder PEFT methods adapt, by kind: ``"attention"`` (projections),
+    #: ``"mlp"`` (transformer MLP blocks), ``"conv"`` (encoder convolutions); each in peft's
+    #: ``target_modules`` form (module-name suffixes, or one regular expression on full names).
+    peft_targets: ClassVar[dict[str, list[str] | str]] = {}
     #: Optional frozen-prefix split (``point -> top-level modules computed after it``); an
     #: architecture that has one implements ``encode(x, point) -> dict`` and
     #: ``decode(tensors, point) -> features`` (`fseft.engine.encoder_cache` caches the prefix).

@@ -409,7 +409,7 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu",
     The returned model carries ``model.preprocess`` (dict or None) and ``model.model_config``
     (the whole JSON config).
     """
-    from fseft.models.zoo import create_model
+    from fseft.models.architectures import create_model
 
     path = Path(path)
     tensors, metadata = read_checkpoint(path, map_location="cpu")

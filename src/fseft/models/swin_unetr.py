@@ -14,7 +14,7 @@ import torch
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import WindowAttention
 
-from fseft.models.base import SegmentationModel, check_divisible
+from fseft.models.base import ModelParts, SegmentationModel, check_divisible
 
 
 class SwinUNETRSegmenter(SegmentationModel):
@@ -38,6 +38,18 @@ class SwinUNETRSegmenter(SegmentationModel):
     """
 
     arch = "swin_unetr"
+    #: encoder = the Swin transformer; decoder = ``decoder1..5`` (what the FSEFT code unfreezes as
+    #: "decoder"); the UNETR skip-connection blocks and bottleneck ``encoder1..4``, ``encoder10``
+    #: (named "encoder" by MONAI) are skip blocks, frozen with the encoder unless asked for.
+    parts = ModelParts(
+        encoder=("swinViT",),
+        decoder=("decoder5", "decoder4", "decoder3", "decoder2", "decoder1"),
+        last_block=("decoder1",),
+        skip_blocks=("encoder1", "encoder2", "encoder3", "encoder4", "encoder10"),
+    )
+    #: the fused ``qkv`` projection (``nn.Linear(C, 3C)``) of every Swin block's attention, and
+    #: the blocks' MLPs
+    peft_targets = {"attention": ["qkv"], "mlp": ["mlp"]}
 
     def __init__(
         self,

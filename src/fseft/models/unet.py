@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fseft.errors import ConfigError
-from fseft.models.base import SegmentationModel, check_divisible
+from fseft.models.base import ModelParts, SegmentationModel, check_divisible
 
 
 class ConvBNAct(nn.Module):
@@ -83,6 +83,13 @@ class UNet3DSegmenter(SegmentationModel):
     """
 
     arch = "unet3d"
+    parts = ModelParts(
+        encoder=("down_tr64", "down_tr128", "down_tr256", "down_tr512"),
+        decoder=("up_tr256", "up_tr128", "up_tr64"),
+        last_block=("up_tr64",),
+    )
+    #: the encoder's 3x3x3 convolutions (the U-Net has no attention or MLP)
+    peft_targets = {"conv": r"down_tr\d+\.ops\.\d+\.conv1"}
 
     def __init__(
         self,

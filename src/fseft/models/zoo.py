@@ -8,7 +8,7 @@ when absent, says where the weights are published and where fseft looked.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -24,6 +24,7 @@ from fseft.data.structures import (
     SUPREM_CLASSES,
 )
 from fseft.errors import ConfigError, InputFileError
+from fseft.models.architectures import ARCH_ALIASES, ARCHITECTURES, check_window, create_model
 from fseft.models.base import SegmentationModel
 from fseft.models.checkpoint import (
     KeyRules,
@@ -33,14 +34,8 @@ from fseft.models.checkpoint import (
     read_checkpoint,
     read_model_file_config,
 )
-from fseft.models.swin_unetr import SwinUNETRSegmenter
-from fseft.models.unet import UNet3DSegmenter
 
-ARCHITECTURES: dict[str, type[SegmentationModel]] = {
-    SwinUNETRSegmenter.arch: SwinUNETRSegmenter,
-    UNet3DSegmenter.arch: UNet3DSegmenter,
-}
-ARCH_ALIASES = {"swinunetr": "swin_unetr", "swin-unetr": "swin_unetr", "unet": "unet3d", "unet_3d": "unet3d"}
+__all__ = ["ARCHITECTURES", "ARCH_ALIASES", "MODEL_SPECS", "ModelSpec", "check_window", "create_model", "load_model"]
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 WEIGHTS_DIR_ENV = "FSEFT_WEIGHTS_DIR"
@@ -64,36 +59,6 @@ _SWIN_RENAMES: tuple[tuple[str, str], ...] = (
 # The CLIP-Driven / SuPreM text-driven dynamic head (controller generating per-class conv
 # weights from organ embeddings) is not a 1x1x1 conv: dropped, the head is new.
 _DYNAMIC_HEAD = r"^module\.(precls_conv|GAP|controller|text_to_vision|organ_embedding)(\.|$)"
-
-
-def create_model(arch: str, class_names: Sequence[str], **arch_kwargs: Any) -> SegmentationModel:
-    """Build an architecture with random weights.
-
-    Args:
-        arch: ``"swin_unetr"`` or ``"unet3d"`` (aliases ``swinunetr``, ``unet``).
-        class_names: one sigmoid output channel per structure.
-        **arch_kwargs: architecture options, e.g. ``feature_size=12`` (Swin-UNETR),
-            ``base_channels=8`` (U-Net), ``use_checkpoint=True``.
-    """
-    name = ARCH_ALIASES.get(arch.lower(), arch.lower())
-    if name not in ARCHITECTURES:
-        raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    try:
-        return ARCHITECTURES[name](class_names, **arch_kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"invalid options for architecture {name!r}: {exc}") from exc
-
-
-def check_window(arch: str, size: Sequence[int]) -> None:
-    """`ConfigError` when a window of `size` voxels cannot pass through architecture `arch`
-    (its class's `check_window`), without building the model."""
-    name = ARCH_ALIASES.get(arch.lower(), arch.lower())
-    if name not in ARCHITECTURES:
-        raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    try:
-        ARCHITECTURES[name].check_window(size)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -365,6 +330,47 @@ def _load_spec_model_file(
     net = load_model_file(path, device=device, **overrides)
     net.model_config = {**net.model_config, "model_id": spec.model_id, "weights": str(path)}
     return net
+
+
+def weights_file(model: str) -> Path | None:
+    """The weights file of a model reference: a zoo id's (`find_weights`: the one `load_model`
+    reads when no ``weights`` is given), or the path itself; None when a zoo id has none."""
+    return find_weights(MODEL_SPECS[model]) if model in MODEL_SPECS else Path(model)
+
+
+def model_reference(model: str) -> dict[str, Any]:
+    """How a run finds its base model again: ``{"id": zoo id or None, "path": the weights file
+    (resolved) or None, "file_sha256": its SHA-256, or None when it is not a file}``."""
+    from fseft.utils import file_sha256
+
+    weights = weights_file(model)
+    path = weights.expanduser().resolve() if weights is not None else None
+    return {"id": model if model in MODEL_SPECS else None, "path": str(path) if path else None,
+            "file_sha256": file_sha256(path) if path and path.is_file() else None}
+
+
+def describe_model(model: str | os.PathLike | torch.nn.Module) -> tuple[str, dict[str, Any], tuple[str, ...]]:
+    """``(arch, arch_kwargs, class_names)`` of a model without reading its weights: from a
+    model object, an fseft model file's metadata, or the zoo (the metadata of the id's weights
+    file when that is an fseft model file, else the zoo's spec)."""
+    if isinstance(model, torch.nn.Module):
+        return str(model.arch), dict(model.arch_kwargs), tuple(model.class_names)
+    text = str(model)
+    if text in MODEL_SPECS:
+        spec = MODEL_SPECS[text]
+        weights = find_weights(spec)
+        config = read_model_file_config(weights) if weights is not None and weights.suffix == ".safetensors" else None
+        if config is None:
+            if spec.class_names is None:
+                raise InputFileError(f"model {text!r}: its weights file (which gives its classes) is not there; see `fseft models`")
+            return spec.arch, dict(spec.arch_kwargs), tuple(spec.class_names)
+    else:
+        if not Path(text).exists():
+            get_spec(text)  # ConfigError: neither a zoo id nor a file
+        config = read_model_file_config(text)
+        if config is None:
+            raise InputFileError(f"{text}: a safetensors file without fseft metadata (not written by save_model_file)")
+    return str(config["arch"]), dict(config["arch_kwargs"]), tuple(config["class_names"])
 
 
 # ------------------------------------------------------------------------------ listing
