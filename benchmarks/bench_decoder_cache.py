@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="where the cache goes (default: a temporary folder)")
     args = parser.parse_args(argv)
 
-    from fseft.engine.adapt import AdaptConfig, supervised_loss
+    from fseft.engine.adapt import AdaptConfig
+    from fseft.engine.training import supervised_loss
     from fseft.engine.encoder_cache import EncoderCache, PatchPool, split_point_for
     from fseft.methods.peft_methods import apply_method, count_trainable, method_train_mode
     from fseft.models.zoo import create_model

@@ -45,12 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     from fseft.data.io import read_image
     from fseft.data.phantom import write_phantom_dataset
     from fseft.data.preprocessing import PreprocessConfig, preprocess
-    from fseft.engine.adapt import (
-        AdaptConfig, _patch_batch, _support_volume, build_method_adapter, sample_patch_slices, supervised_loss,
-    )
+    from fseft.engine.sampling import feature_patch_batch, feature_volume, sample_patch_slices
+    from fseft.engine.training import supervised_loss
     from fseft.engine.feature_cache import FeatureCache
     from fseft.engine.inference import InferenceConfig
-    from fseft.methods import count_trainable_parameters
+    from fseft.methods import adapter_on, count_trainable_parameters
     from fseft.models.zoo import create_model
 
     torch.manual_seed(0)
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in cases:
         image, labels = c.load(structures)
         images.append(preprocess(image, labels, pre_cfg).image.as_tensor())
-    volumes = [_support_volume(c.features, c.labels) for c in cached]
+    volumes = [feature_volume(c.features, c.labels) for c in cached]
     shapes = [tuple(c.spatial_shape) for c in cached]
 
     # the same patch windows for every protocol and method: (epoch, volume) -> windows
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         for i, wins in enumerate(epoch_windows):
             if source == "cache":
-                feats, labels = _patch_batch(volumes[i], wins, device, torch.bfloat16 if args.bf16 else torch.float32)
+                feats, labels = feature_patch_batch(volumes[i], wins, device, torch.bfloat16 if args.bf16 else torch.float32)
             else:
                 feats, labels = reference_batch(i, wins, fused=source == "ref-fused")
             opt.zero_grad(set_to_none=True)
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = {}
         for source in sources:
             torch.manual_seed(0)
-            adapter = build_method_adapter(AdaptConfig(method=method), model, structures)
+            adapter, _ = adapter_on(model, method, {}, structures, multiclass=False)
             adapter = adapter.to(device, memory_format=torch.channels_last_3d).train()
             opt = torch.optim.AdamW([p for p in adapter.parameters() if p.requires_grad], lr=1e-3)
             runs[source] = (adapter, opt, [])

@@ -1,7 +1,9 @@
 """The `fseft` command line. Each sub-command maps onto one Python API function and holds no
 logic of its own; imports are lazy so that `fseft --help` answers at once.
 
-Each sub-command is declared by its own `_add_<name>(subparsers)` function below.
+Each sub-command is declared by its own `_add_<name>(subparsers)` function below. The method
+options of `fseft adapt` and its `--method` help are made from the registered methods
+(`fseft.methods.registry.cli_options`) when `adapt` is parsed or its help printed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,28 @@ from pathlib import Path
 
 from fseft import __version__
 from fseft.errors import FseftError
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose `complete` callbacks add arguments the first time it parses or
+    formats its help: `fseft adapt`'s method options come from the method registry, which
+    imports torch, and `fseft --help` must not."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.complete: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def _completed(self) -> None:
+        while self.complete:
+            self.complete.pop(0)(self)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
+        self._completed()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._completed()
+        return super().format_help()
 
 
 def _csv(value: str) -> list[str]:
@@ -267,24 +291,14 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "adapt",
         help="few-shot adaptation: black-box adapters on cached features, or (PEFT) fine-tuning of the network",
-        description="Adapt a model to STRUCTURES with K labelled support cases of DATA "
-        "(FewShotTask.sample with SEED; the other eligible cases are the queries) and evaluate "
-        "on the queries in native geometry. Feature methods (generalization, lp, "
-        "spatial-adapter) train a small adapter on the frozen model's cached features; network "
-        "methods (ft, ft-last, scratch, decoder, bitfit, affine, lora, adaptformer, arena) train on image "
-        "patches through the network. RUN receives adapter_model.safetensors, "
-        "adapter_config.json (peft's format for lora), metrics.json (and predictions/ with "
-        "--save-predictions). --dry-run prints the method's trainable parameters and stops.",
+        description=_ADAPT_DESCRIPTION,
     )
     p.add_argument("--model", required=True, metavar="ID|PATH", help="model zoo id or fseft model file (.safetensors)")
     p.add_argument("--data", metavar="DIR", help="dataset folder (nnU-Net, TotalSegmentator, FLARE22); not with --dry-run")
     p.add_argument("--structures", required=True, type=_csv, metavar="A,B", help="structures to adapt to")
     p.add_argument("--k", type=int, help="number of labelled support cases (not with --dry-run)")
     p.add_argument("--seed", type=int, default=0, help="task sampling and training seed (default: 0)")
-    p.add_argument("--method", default="lp", metavar="NAME",
-                   help="generalization, lp, spatial-adapter (on cached features), ft, ft-last, scratch, "
-                   "decoder, bitfit, affine, lora, adaptformer, arena (through the network; decoder and ft-last "
-                   "on cached encoder outputs) (default: lp)")
+    p.add_argument("--method", default="lp", metavar="NAME", help="an adaptation method (default: lp)")
     p.add_argument("--out", metavar="RUN", help="run folder (not with --dry-run)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the method's trainable parameters for MODEL and STRUCTURES; no data, no training")
@@ -303,17 +317,6 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", choices=("bce+dice", "dice"), default="bce+dice",
                    help="BCE / cross-entropy plus soft Dice, or soft Dice alone (the FSEFT runs' loss, which "
                    "collapsed a small new structure more often here) (default: bce+dice)")
-    options = p.add_argument_group("method options (each only for the methods that have it)")
-    options.add_argument("--kernel-size", type=int, help="spatial-adapter kernel size (1 = MLP adapter; default: 3)")
-    options.add_argument("--decoder", metavar="frozen|fine-tuned|new",
-                         help="encoder PEFT methods: the decoder is frozen, fine-tuned, or re-initialised "
-                         "and trained (default: frozen; the decoder method: fine-tuned or new, default fine-tuned)")
-    options.add_argument("--include-skip-blocks", action="store_true", default=None,
-                         help="--decoder also applies to Swin-UNETR's encoder1..4 / encoder10 skip blocks")
-    options.add_argument("--rank", type=int, help="lora / arena rank (default: 4 lora, 16 arena)")
-    options.add_argument("--alpha", type=float, help="lora / arena scaling numerator (default: 8 lora, 16 arena)")
-    options.add_argument("--bottleneck", type=int, help="adaptformer bottleneck width (default: 16)")
-    options.add_argument("--l1", type=float, help="arena L1 penalty on the rank gates, in (0, 1) (default: 0.5)")
     p.add_argument("--epochs", type=int, help="maximum epochs (default: the method's protocol: 50 lp, 100 the others)")
     p.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs, 0 = off (default: 20)")
     p.add_argument("--lr", type=float, help="learning rate (default: the method's protocol: 1e-1 lp, 1e-2 spatial-adapter "
@@ -341,20 +344,52 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-encoder-cache", dest="encoder_cache", action="store_false",
                    help="decoder and ft-last: train through the whole network instead of on cached encoder outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_adapt)
+    p.set_defaults(func=_run_adapt, method_options=())
+    if isinstance(p, _Parser):
+        p.complete.append(_add_method_options)
 
 
-_METHOD_OPTIONS = ("kernel_size", "decoder", "include_skip_blocks", "rank", "alpha", "bottleneck", "l1")
+_ADAPT_DESCRIPTION = (
+    "Adapt a model to STRUCTURES with K labelled support cases of DATA (FewShotTask.sample with SEED; the "
+    "other eligible cases are the queries) and evaluate on the queries in native geometry. Feature methods "
+    "({features}) train a small adapter on the frozen model's cached features; network methods ({network}) "
+    "train on image patches through the network. RUN receives adapter_model.safetensors, adapter_config.json "
+    "(peft's format for {peft}), metrics.json (and predictions/ with --save-predictions). --dry-run "
+    "prints the method's trainable parameters and stops."
+)
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """`fseft adapt`'s method options, one per config field with help text of the registered
+    methods (`fseft.methods.registry.cli_options`), and the method lists of its help."""
+    from fseft.methods.registry import available_methods, cli_options, get_method, methods_in_words
+
+    network = available_methods("network")
+    p.description = _ADAPT_DESCRIPTION.format(features=", ".join(available_methods("features")), network=", ".join(network),
+                                              peft=", ".join(n for n in network if get_method(n).uses_peft))
+    method = next(a for a in p._actions if a.dest == "method")
+    method.help = f"{methods_in_words()} (default: {method.default})"
+    group = p.add_argument_group("method options (each only for the methods that have it)")
+    names = []
+    for option in cli_options():
+        help_text = option.help.replace("%", "%%")
+        if option.type is bool:
+            group.add_argument(option.flag, dest=option.name, action="store_true", default=None, help=help_text)
+        else:
+            group.add_argument(option.flag, dest=option.name, type=option.type, metavar=option.metavar, help=help_text)
+        names.append(option.name)
+    p.set_defaults(method_options=tuple(names))
 
 
 def _run_adapt(args: argparse.Namespace) -> int:
     from fseft.engine.adapt import AdaptConfig, adapt, count_parameters
     from fseft.errors import ConfigError
+    from fseft.methods import get_method
     from fseft.methods.transductive import TransductiveConfig
 
     cfg = AdaptConfig(
         method=args.method,
-        method_options={k: getattr(args, k) for k in _METHOD_OPTIONS if getattr(args, k) is not None},
+        method_options={k: getattr(args, k) for k in args.method_options if getattr(args, k) is not None},
         objective=args.objective, loss=args.loss, epochs=args.epochs, patience=args.patience, lr=args.lr,
         weight_decay=args.weight_decay, max_steps=args.max_steps, batch_size=args.batch_size,
         patch_size=None if args.patch_size is None else tuple(args.patch_size),
@@ -387,10 +422,9 @@ def _run_adapt(args: argparse.Namespace) -> int:
     for name, row in metrics["mean"].items():
         cells = "  ".join(f"{m} {'n/a' if v is None else f'{v:.4f}'}" for m, v in row.items())
         print(f"{name:<32} {cells}")
-    if "effective_ranks" in metrics:
-        print("effective ranks after training:")
-        for layer, rank in metrics["effective_ranks"].items():
-            print(f"  {layer:<48} {rank}")
+    lines = get_method(cfg.method).metrics_lines
+    for line in lines(metrics) if lines is not None else ():
+        print(line)
     print(f"{len(metrics['queries'])} query case(s), {metrics['trainable_params']} trainable parameters, "
           f"{metrics['train_seconds']:.1f} s training; run written to {args.out}")
     return 0
@@ -466,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Few-shot, parameter-efficient fine-tuning of volumetric CT segmentation models.",
     )
     parser.add_argument("--version", action="version", version=f"fseft {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for add in SUBCOMMANDS:
         add(sub)
     return parser

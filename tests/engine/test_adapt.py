@@ -14,15 +14,12 @@ from test_feature_cache import tiny_model, write_tiny_dataset
 from fseft.cli import main
 from fseft.data.datasets import open_dataset
 from fseft.data.structures import UnknownStructureError
-from fseft.engine.adapt import (
-    AdaptConfig,
-    adapt,
-    build_method_adapter,
-    load_adapted_model,
-    predict_cached,
-    sample_patch_slices,
-)
+from fseft.engine.adapt import AdaptConfig, adapt
+from fseft.engine.runs import load_adapted_model
+from fseft.engine.sampling import sample_patch_slices
 from fseft.errors import ConfigError
+from fseft.methods import adapter_on, predict_cached
+from fseft.methods.adapter_io import read_run_record
 from fseft.models.base import SegmentationModel
 
 SMALL = dict(patch_size=(16, 16, 16), roi_size=(16, 16, 16), patches_per_volume=2, progress=False)
@@ -51,6 +48,11 @@ def data_root(tmp_path_factory):
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny"), n_cases=4)
 
 
+def _record(run):
+    """The run's information in its record (`read_run_record`, ``extra``)."""
+    return read_run_record(run)["extra"]
+
+
 def _cfg(tmp_path, **kw):
     return AdaptConfig(cache_dir=str(tmp_path / "cache"), **{**SMALL, **kw})
 
@@ -64,18 +66,18 @@ def test_lp_learns_a_new_structure_from_two_shots(data_root, tmp_path):
     assert len(metrics["queries"]) == 2
     assert metrics["mean"]["liver"]["dice"] > 0.9
     assert metrics["mean"]["gallbladder"]["dice"] > 0.9
-    training = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["training"]
+    training = _record(tmp_path / "run")["training"]
     assert training["losses"][-1] < 0.7 * training["losses"][0]
 
 
 def test_bf16_adapters_train_on_bf16_patches_and_still_learn(data_root, tmp_path):
     """With bf16 the cached patches are read as bf16 (no mixed-precision sums); lp still learns
     and the spatial adapter's size constraint runs on bf16 query slabs."""
-    from fseft.engine.adapt import _patch_batch, _support_volume
+    from fseft.engine.sampling import feature_patch_batch, feature_volume
 
     features = np.random.rand(4, 10, 10, 10).astype(np.float16)
-    volume = _support_volume(features, np.ones((1, 10, 10, 10), np.uint8))
-    feats, _ = _patch_batch(volume, [(slice(0, 4), slice(0, 4), slice(0, 4))], torch.device("cpu"), torch.bfloat16)
+    volume = feature_volume(features, np.ones((1, 10, 10, 10), np.uint8))
+    feats, _ = feature_patch_batch(volume, [(slice(0, 4), slice(0, 4), slice(0, 4))], torch.device("cpu"), torch.bfloat16)
     assert feats.dtype == torch.bfloat16 and feats.is_contiguous(memory_format=torch.channels_last_3d)
     assert torch.equal(feats[0].float(), torch.from_numpy(features[:, :4, :4, :4]).bfloat16().float())
     cfg = _cfg(tmp_path, method="lp", epochs=20, lr=1e-1, patience=0, bf16=True)
@@ -83,7 +85,7 @@ def test_bf16_adapters_train_on_bf16_patches_and_still_learn(data_root, tmp_path
     assert metrics["mean"]["liver"]["dice"] > 0.9
     cfg = _cfg(tmp_path, method="spatial-adapter", epochs=2, transductive=True, patience=0, bf16=True)
     adapt(tiny_model(), data_root, "liver", 2, 0, tmp_path / "run_ti", cfg)
-    ti = json.loads((tmp_path / "run_ti" / "adapter_config.json").read_text())["training"]["ti_losses"]
+    ti = _record(tmp_path / "run_ti")["training"]["ti_losses"]
     assert ti[0] == 0.0 and ti[1] > 0
 
 
@@ -137,7 +139,7 @@ def test_patches_follow_the_positive_ratio():
 def test_transductive_constraint_only_in_the_last_half(data_root, tmp_path):
     cfg = _cfg(tmp_path, method="spatial-adapter", epochs=4, transductive=True, patience=0)
     adapt(tiny_model(), data_root, "liver", 2, 0, tmp_path / "run", cfg)
-    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    saved = _record(tmp_path / "run")
     assert saved["transductive"] == {"gamma": 0.3, "weight": 0.1, "start_fraction": 0.5}
     ti = saved["training"]["ti_losses"]
     assert ti[:2] == [0.0, 0.0] and all(v > 0 for v in ti[2:])  # random head: sizes far off
@@ -147,7 +149,7 @@ def test_max_steps_caps_the_epochs_for_larger_k(data_root, tmp_path):
     # k = 2 support volumes, one volume per step: 5 steps fit in 3 epochs (ceil(5 / 2))
     cfg = _cfg(tmp_path, method="spatial-adapter", epochs=10, max_steps=5, patience=0)
     adapt(tiny_model(), data_root, "liver", 2, 0, tmp_path / "run", cfg)
-    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    saved = _record(tmp_path / "run")
     assert saved["training"]["epochs_run"] == 3
     assert saved["hyperparameters"]["max_steps"] == 5
     with pytest.raises(ConfigError, match="max_steps"):
@@ -199,7 +201,7 @@ def test_load_adapted_model_detects_changed_base_weights(data_root, tmp_path):
 
 def test_multiclass_head_starts_from_the_base_head():
     model = tiny_model(classes=("spleen", "liver"))
-    adapter = build_method_adapter(AdaptConfig(method="lp", objective="multiclass"), model, ["liver", "gallbladder"])
+    adapter, _ = adapter_on(model, "lp", {}, ["liver", "gallbladder"], multiclass=True)
     assert adapter.head.out_channels == 3
     assert torch.count_nonzero(adapter.head.weight[0]) == 0
     assert torch.equal(adapter.head.weight[1], model.head.weight[1])
@@ -232,9 +234,10 @@ def test_cli_adapt_on_phantom_cases_writes_the_run_folder(tmp_path, capsys):
     for scores in metrics["queries"].values():
         assert set(scores) == {"liver", "gallbladder"}
         assert set(scores["liver"]) == {"dice", "nsd", "hd95"}
-    config = json.loads((run / "adapter_config.json").read_text())
-    assert config["method"] == "spatial-adapter" and config["base_model"]["file_sha256"]
-    assert config["preprocess"]["spacing"] == [6.0, 6.0, 6.0]
+    config = json.loads((run / "adapter_config.json").read_text())  # the record, as in the safetensors metadata
+    assert config == read_run_record(run) and config["format"] == "fseft-run-v2"
+    assert config["method"] == "spatial-adapter" and config["extra"]["base_model"]["file_sha256"]
+    assert config["extra"]["preprocess"]["spacing"] == [6.0, 6.0, 6.0]
     assert (run / "adapter_model.safetensors").stat().st_size < 100_000  # kilobytes, not megabytes
     predictions = sorted(p.name for p in (run / "predictions").glob("*.nii.gz"))
     assert predictions == sorted(f"{c}.nii.gz" for c in metrics["queries"])
@@ -335,16 +338,16 @@ def test_network_method_trains_a_copy_of_an_in_memory_model(data_root, tmp_path)
     assert metrics["trainable_params"] == sum(p.numel() for p in model.up_tr64.parameters()) + 2 * (4 + 1)
     assert model.class_names == ("liver", "spleen") and getattr(model, "fseft_method", None) is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a copy was trained
-    assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["method"] == "ft-last"
+    assert read_run_record(tmp_path / "run")["method"] == "ft-last"
 
 
 @pytest.mark.slow
 def test_network_method_run_reloads_and_predict_reproduces_the_evaluation(data_root, tmp_path):
     import nibabel as nib
 
-    from fseft.engine.adapt import AdaptedNetwork, count_parameters
+    from fseft.engine.adapt import count_parameters
     from fseft.engine.inference import InferenceConfig, predict_path
-    from fseft.methods.adapter_io import read_adapter_record
+    from fseft.engine.runs import AdaptedNetwork
     from fseft.models.checkpoint import save_model_file
 
     model = tiny_model()
@@ -354,7 +357,7 @@ def test_network_method_run_reloads_and_predict_reproduces_the_evaluation(data_r
     metrics = adapt(str(model_file), data_root, "liver,gallbladder", 2, 0, tmp_path / "run", cfg)
     assert set(metrics) == METRICS_KEYS and len(metrics["queries"]) == 2
     assert metrics["trainable_params"] == count_parameters(str(model_file), "liver,gallbladder", cfg)["trainable"]
-    record = read_adapter_record(tmp_path / "run")
+    record = read_run_record(tmp_path / "run")
     assert record["method"] == "lora" and record["options"]["decoder"] == "fine-tuned"
     assert record["extra"]["base_model"]["file_sha256"] and record["extra"]["training"]["epochs_run"] == 2
     assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["peft_type"] == "LORA"
@@ -500,8 +503,7 @@ def test_new_structure_head_starts_at_the_support_prior_unless_no_head_prior(dat
                      "--k", "1", "--method", "lp", "--lr", "1e-9", "--epochs", "1", "--patch-size", "16", "16", "16",
                      "--roi-size", "16", "16", "16", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
                      "--no-progress", *flag]) == 0
-        config = json.loads((out / "adapter_config.json").read_text())
-        assert config["hyperparameters"]["head_prior"] is (not flag)
+        assert _record(out)["hyperparameters"]["head_prior"] is (not flag)
         biases[bool(flag)] = float(load_file(str(out / "adapter_model.safetensors"))["head.bias"][0])
     assert biases[False] < -2.0  # logit of a small foreground fraction (lr 1e-9: as initialised)
     assert abs(biases[True]) < 1.0  # PyTorch's default initialisation, around p = 0.5
@@ -509,7 +511,7 @@ def test_new_structure_head_starts_at_the_support_prior_unless_no_head_prior(dat
 
 @pytest.mark.parametrize("multiclass", [False, True])
 def test_dice_loss_is_the_bce_dice_loss_without_its_cross_entropy(multiclass):
-    from fseft.engine.adapt import supervised_loss
+    from fseft.engine.training import supervised_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 2 + int(multiclass), 6, 6, 6)

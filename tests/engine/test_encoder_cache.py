@@ -9,7 +9,8 @@ import pytest
 import torch
 from test_feature_cache import tiny_model
 
-from fseft.engine.adapt import AdaptConfig, train_network
+from fseft.engine.adapt import AdaptConfig
+from fseft.engine.adapt_network import train_network
 from fseft.engine.encoder_cache import EncoderCache, split_point_for
 from fseft.methods.peft_methods import apply_method, method_train_mode
 from fseft.models.zoo import create_model
@@ -58,7 +59,7 @@ def _support(n=2, shape=(20, 18, 16), seed=0):
 
 
 def test_a_step_on_the_cache_has_the_network_step_gradients(tmp_path):
-    from fseft.engine.adapt import supervised_loss
+    from fseft.engine.training import supervised_loss
 
     torch.manual_seed(0)
     x = torch.rand(2, 1, 16, 16, 16)

@@ -287,16 +287,16 @@ def test_window_defaults_to_the_one_the_model_file_records():
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch):
-    from fseft.engine import inference
+    from fseft.engine import sliding_window
 
-    assert inference.cpu_has_native_bf16() in (True, False, None)  # reads /proc/cpuinfo where there is one
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    assert sliding_window.cpu_has_native_bf16() in (True, False, None)  # reads /proc/cpuinfo where there is one
+    monkeypatch.setattr(sliding_window, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match="no bfloat16 instructions"):
-        inference.warn_if_bf16_is_emulated(torch.device("cpu"))
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: None)  # unknown: silent
+        sliding_window.warn_if_bf16_is_emulated(torch.device("cpu"))
+    monkeypatch.setattr(sliding_window, "cpu_has_native_bf16", lambda: None)  # unknown: silent
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        inference.warn_if_bf16_is_emulated(torch.device("cpu"))
+        sliding_window.warn_if_bf16_is_emulated(torch.device("cpu"))
 
 
 # ------------------------------------------------------------- outputs for hospital systems
@@ -384,12 +384,12 @@ def test_predict_statistics_of_an_empty_structure_are_zero_and_null(tmp_path):
 
 def test_dicom_seg_for_a_nifti_input_fails_before_any_model_is_loaded(model_file, tmp_path, capsys, monkeypatch):
     from fseft.cli import main
-    from fseft.engine import inference
+    from fseft.models import zoo
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(inference, "_load_for_inference", no_loading)
+    monkeypatch.setattr(zoo, "load_model", no_loading)
     _write_scan(tmp_path / "in" / "a.nii.gz")
     write_ct_series(tmp_path / "in" / "b_series", _series_hu())
     for source in (tmp_path / "in" / "a.nii.gz", tmp_path / "in"):  # the file alone, or among DICOM series

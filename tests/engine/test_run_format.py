@@ -67,7 +67,7 @@ def test_the_fixture_holds_both_v1_formats():
 
 @pytest.mark.parametrize("name", V1_RUNS)
 def test_a_v1_run_loads_and_predicts_what_it_predicted_then(v1_runs, name, tmp_path):
-    from fseft.engine.adapt import load_adapted_model
+    from fseft.engine.runs import load_adapted_model
 
     run = v1_runs / name
     adapted = load_adapted_model(run)

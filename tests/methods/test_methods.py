@@ -8,6 +8,7 @@ from fseft.methods import (
     build_adapter,
     count_trainable_parameters,
     get_method,
+    init_head,
     iter_slab_logits,
 )
 
@@ -79,7 +80,7 @@ def test_lp_init_copies_the_head_rows_of_known_structures_only():
     base = _head(6, 4)
     lp = build_adapter("lp", 6, 2)
     before = lp.head.weight[1].clone()
-    lp.init_head(base, [2, None])
+    init_head(lp.head, base, [2, None])
     assert torch.equal(lp.head.weight[0], base.weight[2])
     assert torch.equal(lp.head.bias[0], base.bias[2])
     assert torch.equal(lp.head.weight[1], before)  # unknown structure: random init kept
@@ -90,7 +91,7 @@ def test_lp_init_copies_the_head_rows_of_known_structures_only():
 def test_zero_init_spatial_adapter_reproduces_the_head_prediction_at_step_0():
     base = _head(6, 3)
     spatial = build_adapter("spatial-adapter", 6, 2)
-    spatial.init_head(base, [1, 0])
+    init_head(spatial.head, base, [1, 0])
     z = torch.randn(1, 6, 5, 6, 7)
     assert torch.allclose(spatial(z), base(z)[:, [1, 0]], atol=1e-5)
 

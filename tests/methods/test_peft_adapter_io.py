@@ -18,7 +18,7 @@ from fseft.methods.adapter_io import (
     load_adapted,
     merge,
     prepare_base_head,
-    read_adapter_record,
+    read_run_record,
     save_adapter,
 )
 from fseft.methods.peft_methods import apply_method, method_train_mode, post_step, trainable_parameters
@@ -93,7 +93,7 @@ def test_save_then_load_into_fresh_base_reproduces_outputs(tmp_path, swin_base, 
         got = loaded(x)
     assert loaded.class_names == ("liver", "gallbladder")
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-    record = read_adapter_record(tmp_path)
+    record = read_run_record(tmp_path)
     assert record["method"] == method and record["extra"] == {"base": "unit-test"}
 
 

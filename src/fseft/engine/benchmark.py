@@ -263,19 +263,10 @@ def plan_runs(exp: ExperimentConfig, class_names: Sequence[str]) -> tuple[list[P
     return runs, notes
 
 
-def _model_sha256(model: str) -> str | None:
-    """SHA-256 of the model's weights file (a zoo id's file, or the given path)."""
-    from fseft.engine.adapt import file_sha256
-    from fseft.models.zoo import MODEL_SPECS, find_weights
-
-    path = find_weights(MODEL_SPECS[model]) if model in MODEL_SPECS else Path(model)
-    return file_sha256(path) if path is not None and path.is_file() else None
-
-
 def _finished_metrics(folder: Path, spec: Mapping[str, Any]) -> dict[str, Any] | None:
     """A finished run's metrics: None when the folder has no run of this `spec`, or its
     ``metrics.json`` is unreadable (then the run is done again, with a warning)."""
-    from fseft.engine.adapt import METRICS_FILE
+    from fseft.engine.runs import METRICS_FILE
 
     try:
         if json.loads((folder / RUN_SPEC).read_text()) != json.loads(json.dumps(spec)):
@@ -329,8 +320,10 @@ def run_benchmark(
 
     from fseft.data.datasets import open_dataset
     from fseft.data.tasks import FewShotTask
-    from fseft.engine.adapt import adapt, describe_base
+    from fseft.engine.adapt import adapt
+    from fseft.engine.runs import METRICS_FILE
     from fseft.evaluation.tables import summarize
+    from fseft.models.zoo import describe_model, model_reference
     from fseft.utils import write_json
 
     start = time.perf_counter()
@@ -339,8 +332,8 @@ def run_benchmark(
     if "cache_dir" not in exp.adapt:
         exp = dataclasses.replace(exp, adapt={**exp.adapt, "cache_dir": str((out / "cache").resolve())})
     write_json(out / "experiment.json", exp.to_dict())
-    _, _, class_names = describe_base(exp.model)
-    model_sha256 = _model_sha256(exp.model)
+    _, _, class_names = describe_model(exp.model)
+    model_sha256 = model_reference(exp.model)["file_sha256"]
     dataset = open_dataset(exp.data)
     cache_dir = exp.adapt.get("cache_dir")
     partition = None
@@ -366,7 +359,7 @@ def run_benchmark(
         metrics = _finished_metrics(folder, spec)
         if metrics is None:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "metrics.json").unlink(missing_ok=True)
+            (folder / METRICS_FILE).unlink(missing_ok=True)
             write_json(folder / RUN_SPEC, spec)
             metrics = adapt(exp.model, exp.data, run.structure, run.k, run.seed, folder, cfg, partition=partition)
             done += 1

@@ -103,7 +103,7 @@ def compute_features(model: torch.nn.Module, image: torch.Tensor, cfg: Any = Non
     `predict_probabilities` blends logits; the head being a 1x1x1 convolution,
     ``head(features)`` equals the blended logits.
     """
-    from fseft.engine.inference import sliding_window_map
+    from fseft.engine.sliding_window import sliding_window_map
 
     return sliding_window_map(model, image, cfg, model.features)
 
@@ -224,7 +224,7 @@ class FeatureCache:
         inference: Any = None,
     ) -> None:
         from fseft.utils import default_cache_dir
-        from fseft.engine.inference import InferenceConfig
+        from fseft.engine.sliding_window import InferenceConfig
 
         self.model = model
         self.preprocess_config = preprocess

@@ -627,7 +627,7 @@ def validation_dice(model: torch.nn.Module, volumes: CachedVolumes, catalogue: S
                     roi_size: Sequence[int], device: torch.device, bf16: bool = False) -> dict[str, float]:
     """Mean Dice over `volumes` of each class they annotate: sigmoid > 0.5 of whole-volume
     sliding-window logits in model space (no largest-component step, no resampling)."""
-    from fseft.engine.inference import InferenceConfig, predict_probabilities
+    from fseft.engine.sliding_window import InferenceConfig, predict_probabilities
     from fseft.evaluation.metrics import dice
 
     cfg = InferenceConfig(roi_size=tuple(roi_size), device=str(device), bf16=bf16, progress=False)
@@ -747,10 +747,10 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
         _main_first(ctx, _check_label_values, sources, cache_dir, train.progress)
         # MONAI takes seconds to import: only once the assembly has passed every check
         from monai.data import list_data_collate
-        from monai.optimizers import WarmupCosineSchedule
 
         from fseft.engine.losses import check_finite_parameters
         from fseft.engine.sampling import EpochPatchDataset, class_balanced_group_weights, patch_transforms
+        from fseft.engine.training import make_optimizer
 
         volumes = prepare_cache(sources, catalogue, assembly.preprocess, cache_dir, ctx, train.progress)
         val_volumes = None if val_source is None else prepare_cache(
@@ -785,9 +785,8 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
                             num_workers=train.num_workers, pin_memory=ctx.device.type == "cuda",
                             persistent_workers=False)
         steps_per_epoch = len(loader)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-        scheduler = WarmupCosineSchedule(optimizer, warmup_steps=round(train.warmup_epochs * steps_per_epoch),
-                                         t_total=train.epochs * steps_per_epoch)
+        optimizer, scheduler = make_optimizer(model.parameters(), train.lr, train.weight_decay,
+                                              round(train.warmup_epochs * steps_per_epoch), train.epochs * steps_per_epoch)
 
         start_epoch = 0
         if resume:

@@ -4,12 +4,15 @@ the very same patches as an uninterrupted single-process one.
 
 A volume item is a dict ``{"image": (1, X, Y, Z) float in [0, 1], "label": (C, X, Y, Z) uint8,
 ...}`` in model space (see `fseft.data.preprocessing`); other keys (e.g. ``annotated``) are
-copied to every patch.
+copied to every patch. Feature methods train on patches of cached feature volumes instead
+(`FeatureVolume`, `sample_patch_slices`, `feature_patch_batch`): windows drawn as MONAI draws
+them, read from the memory-mapped cache patch by patch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -229,3 +232,75 @@ class EpochPatchDataset(torch.utils.data.Dataset):
         self.transform.set_random_state(seed=item_seed(self.seed, self.epoch, index))
         patches = self.transform(volume)
         return patches if isinstance(patches, list) else [patches]
+
+
+# ---------------------------------------------------------------------------- cached features
+
+
+@dataclass
+class FeatureVolume:
+    """A support volume of cached features: ``features (C, X, Y, Z)`` float16 (a memmap, read
+    patch by patch), ``labels (S, X, Y, Z)`` uint8, and the flat indices of its foreground
+    (any structure) and background voxels."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    fg: np.ndarray
+    bg: np.ndarray
+
+
+def feature_volume(features: np.ndarray, labels: np.ndarray) -> FeatureVolume:
+    from monai.transforms.utils import map_binary_to_indices
+
+    fg, bg = map_binary_to_indices(labels.any(axis=0)[None])
+    return FeatureVolume(features, np.ascontiguousarray(labels), np.asarray(fg), np.asarray(bg))
+
+
+def sample_patch_slices(
+    label_shape: Sequence[int],
+    fg_indices: np.ndarray,
+    bg_indices: np.ndarray,
+    patch_size: Sequence[int],
+    num: int,
+    pos_ratio: float,
+    rng: np.random.RandomState,
+) -> list[tuple[slice, slice, slice]]:
+    """Crop windows of a volume, centred on foreground with probability `pos_ratio`.
+
+    The centres are MONAI's (`generate_pos_neg_label_crop_centers`, as
+    `RandCropByPosNegLabeld` draws them) and the windows its `SpatialCrop` slices; windows are
+    returned rather than crops so that a memory-mapped feature volume is read patch by patch
+    (`patch_transforms` crops in-memory arrays, which would read the whole feature volume for
+    every draw). A patch is smaller than `patch_size` along an axis where the volume is.
+    """
+    from monai.transforms import SpatialCrop
+    from monai.transforms.utils import generate_pos_neg_label_crop_centers
+
+    size = [min(int(p), int(s)) for p, s in zip(patch_size, label_shape)]
+    centers = generate_pos_neg_label_crop_centers(
+        size, num, pos_ratio, list(label_shape), fg_indices, bg_indices, rng, allow_smaller=True
+    )
+    return [tuple(SpatialCrop(roi_center=[int(c) for c in center], roi_size=size).slices) for center in centers]
+
+
+def feature_patch_batch(
+    volume: FeatureVolume,
+    windows: Sequence[tuple[slice, slice, slice]],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features ``(N, C, *patch)`` of `dtype` in ``channels_last_3d`` layout (the cache's own,
+    and the fast one for CPU 3D convolutions) and labels ``(N, S, *patch)`` of the windows.
+
+    Under bf16 autocast, pass ``dtype=torch.bfloat16``: the adapter's residual sum and head then
+    stay in bf16 instead of mixing precisions (measured on 2 CPU cores, a 48-channel
+    spatial-adapter step on six 96^3 patches: 6.2 s instead of 10.2 s)."""
+    size = tuple(s.stop - s.start for s in windows[0])
+    feats = torch.empty(
+        (len(windows), volume.features.shape[0], *size), dtype=dtype, memory_format=torch.channels_last_3d
+    )
+    for n, w in enumerate(windows):
+        # (C, x, y, z) view of channels-last storage: copying keeps the layout, then one cast
+        feats[n].copy_(torch.from_numpy(np.array(volume.features[(slice(None), *w)])))
+    labels = np.stack([volume.labels[(slice(None), *w)] for w in windows])
+    return feats.to(device), torch.from_numpy(labels).to(device)

@@ -18,7 +18,7 @@ gradient checkpointing (``use_checkpoint=True``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils import checkpoint
 
 from fseft.errors import ConfigError
-from fseft.methods import register_method
-from fseft.methods.peft_methods import EncoderMethodConfig, ModelParts, unwrap
+from fseft.methods.peft_methods import EncoderMethodConfig, ModelParts, matches_targets, peft_targets
+from fseft.methods.registry import register_method
 
 
 @dataclass
@@ -36,7 +36,7 @@ class AdaptFormerConfig(EncoderMethodConfig):
     `learnable_scale` (False: ``s`` fixed, as in AdaptFormer)."""
 
     default_lr: ClassVar[float] = 1e-3
-    bottleneck: int = 16
+    bottleneck: int = field(default=16, metadata={"help": "bottleneck width d of the adapters"})
     scale_init: float = 0.1
     learnable_scale: bool = True
 
@@ -102,13 +102,20 @@ class SwinBlockWithAdapter(nn.Module):
 def _prepare_adaptformer(model: nn.Module, cfg: AdaptFormerConfig, parts: ModelParts) -> nn.Module:
     from monai.networks.nets.swin_unetr import SwinTransformerBlock
 
-    if unwrap(model).arch != "swin_unetr":
+    targets = peft_targets(model, "mlp")
+    if not targets:
         raise ConfigError("adaptformer adapts the MLPs of Swin blocks; use it with a Swin-UNETR model")
-    block_lists = [m for top in parts.encoder for m in getattr(model, top).modules()
-                   if isinstance(m, nn.ModuleList) and any(isinstance(b, SwinTransformerBlock) for b in m)]
-    for blocks in block_lists:
-        for i, block in enumerate(blocks):
-            ref = block.mlp.linear1.weight
-            adapter = BottleneckAdapter(block.dim, int(cfg.bottleneck), float(cfg.scale_init), bool(cfg.learnable_scale))
-            blocks[i] = SwinBlockWithAdapter(block, adapter.to(device=ref.device, dtype=ref.dtype))
+    blocks = []  # the blocks holding the MLPs the architecture offers, in the encoder, in module order
+    for top in parts.encoder:
+        for name, _ in getattr(model, top).named_modules():
+            if name and matches_targets(f"{top}.{name}", targets):
+                blocks.append(f"{top}.{name}".rpartition(".")[0])
+    for name in blocks:
+        block = model.get_submodule(name)
+        if not isinstance(block, SwinTransformerBlock):
+            raise ConfigError(f"adaptformer wraps MONAI Swin transformer blocks; {name} is a {type(block).__name__}")
+        ref = block.mlp.linear1.weight
+        adapter = BottleneckAdapter(block.dim, int(cfg.bottleneck), float(cfg.scale_init), bool(cfg.learnable_scale))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, SwinBlockWithAdapter(block, adapter.to(device=ref.device, dtype=ref.dtype)))
     return model

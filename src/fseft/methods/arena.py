@@ -27,33 +27,28 @@ Targets: the Swin attention ``qkv`` (``nn.Linear``), or the U-Net encoder's 3x3x
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from fseft.errors import ConfigError
-from fseft.methods import register_method
-from fseft.methods.peft_methods import EncoderMethodConfig, ModelParts, unwrap
-
-DEFAULT_TARGETS: dict[str, list[str] | str] = {
-    "swin_unetr": ["qkv"],
-    "unet3d": r"down_tr\d+\.ops\.\d+\.conv1",
-}
+from fseft.methods.peft_methods import EncoderMethodConfig, ModelParts, low_rank_targets, matches_targets
+from fseft.methods.registry import register_method
 
 
 @dataclass
 class ArenaConfig(EncoderMethodConfig):
     """Options of `arena`: `rank` (maximum rank ``r``), `alpha` (``alpha / r`` scales the
     update), `l1` (penalty on the gates; with AdamW, in ``(0, 1)``), `target_modules` (as peft's: name suffixes, or one
-    regular expression matched against full names; None: the architecture's default)."""
+    regular expression matched against full names; None: the architecture's attention projections, or its encoder
+    convolutions)."""
 
     default_lr: ClassVar[float] = 1e-3
-    rank: int = 16
-    alpha: float = 16.0
-    l1: float = 0.5
+    rank: int = field(default=16, metadata={"help": "rank r of the low-rank update (arena: its maximum)"})
+    alpha: float = field(default=16.0, metadata={"help": "scaling numerator (alpha / r scales the update)"})
+    l1: float = field(default=0.5, metadata={"help": "L1 penalty on the rank gates, in (0, 1)"})
     target_modules: list[str] | str | None = None
 
     def __post_init__(self) -> None:
@@ -122,29 +117,6 @@ class AdaptiveRankLayer(nn.Module):
         return self.base
 
 
-def _matches(name: str, targets: list[str] | str) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-@register_method("arena", ArenaConfig, "LoRA with an adaptive (L1-gated) rank per layer", kind="network")
-def _prepare_arena(model: nn.Module, cfg: ArenaConfig, parts: ModelParts) -> nn.Module:
-    targets = cfg.target_modules if cfg.target_modules is not None else DEFAULT_TARGETS[unwrap(model).arch]
-    chosen = [(name, m) for name, m in model.named_modules()
-              if name and _matches(name, targets) and isinstance(m, (nn.Linear, nn.Conv3d))]
-    if not chosen:
-        raise ConfigError(f"arena: no nn.Linear / nn.Conv3d module matches target_modules={targets!r}")
-    for name, module in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = AdaptiveRankLayer(module, int(cfg.rank), float(cfg.alpha), float(cfg.l1))
-        layer.down.requires_grad_(True)
-        layer.up.requires_grad_(True)
-        setattr(parent, child, layer)
-    return model
-
-
 def arena_layers(model: nn.Module) -> list[tuple[str, AdaptiveRankLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptiveRankLayer)]
 
@@ -181,4 +153,28 @@ def merge_arena(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.merged())
+    return model
+
+
+def _rank_lines(metrics: dict[str, Any]) -> list[str]:
+    ranks = metrics.get("effective_ranks") or {}
+    return ["effective ranks after training:", *(f"  {layer:<48} {rank}" for layer, rank in ranks.items())] if ranks else []
+
+
+@register_method("arena", ArenaConfig, "LoRA with an adaptive (L1-gated) rank per layer", kind="network",
+                 after_step=proximal_step, merge=merge_arena,
+                 extra_metrics=lambda model: {"effective_ranks": effective_ranks(model)}, metrics_lines=_rank_lines)
+def _prepare_arena(model: nn.Module, cfg: ArenaConfig, parts: ModelParts) -> nn.Module:
+    targets = cfg.target_modules if cfg.target_modules is not None else low_rank_targets(model, "arena")
+    chosen = [(name, m) for name, m in model.named_modules()
+              if name and matches_targets(name, targets) and isinstance(m, (nn.Linear, nn.Conv3d))]
+    if not chosen:
+        raise ConfigError(f"arena: no nn.Linear / nn.Conv3d module matches target_modules={targets!r}")
+    for name, module in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = AdaptiveRankLayer(module, int(cfg.rank), float(cfg.alpha), float(cfg.l1))
+        layer.down.requires_grad_(True)
+        layer.up.requires_grad_(True)
+        setattr(parent, child, layer)
     return model

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fseft.methods import FeatureAdapter, MethodConfig, register_method
+from fseft.methods.features import FeatureAdapter
+from fseft.methods.registry import MethodConfig, register_method
 
 
 @dataclass

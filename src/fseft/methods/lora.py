@@ -19,19 +19,14 @@ it once the base has the run's head, see `fseft.methods.adapter_io.load_adapted`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import nn
 
 from fseft.errors import ConfigError
-from fseft.methods import register_method
-from fseft.methods.peft_methods import EncoderMethodConfig, ModelParts, unwrap
-
-DEFAULT_TARGETS: dict[str, list[str] | str] = {
-    "swin_unetr": ["qkv"],
-    "unet3d": r"down_tr\d+\.ops\.\d+\.conv1",
-}
+from fseft.methods.peft_methods import EncoderMethodConfig, ModelParts, low_rank_targets
+from fseft.methods.registry import register_method
 
 
 @dataclass
@@ -40,12 +35,13 @@ class LoraMethodConfig(EncoderMethodConfig):
 
     rank: ``r``; alpha: scaling numerator (``alpha / r`` multiplies ``B A``); dropout: on the
     LoRA branch input; target_modules: peft's ``target_modules`` (module-name suffixes, or one
-    regular expression matched against full names); None takes the architecture's default.
+    regular expression matched against full names); None takes the architecture's attention
+    projections, or its encoder convolutions (``SegmentationModel.peft_targets``).
     """
 
     default_lr: ClassVar[float] = 1e-3
-    rank: int = 4
-    alpha: float = 8.0
+    rank: int = field(default=4, metadata={"help": "rank r of the low-rank update"})
+    alpha: float = field(default=8.0, metadata={"help": "scaling numerator (alpha / r scales the update)"})
     dropout: float = 0.0
     target_modules: list[str] | str | None = None
 
@@ -61,7 +57,7 @@ def lora_config(model: nn.Module, cfg: LoraMethodConfig, parts: ModelParts):
     """The ``peft.LoraConfig`` of `cfg` for `model`'s architecture."""
     from peft import LoraConfig
 
-    targets = cfg.target_modules if cfg.target_modules is not None else DEFAULT_TARGETS[unwrap(model).arch]
+    targets = cfg.target_modules if cfg.target_modules is not None else low_rank_targets(model, "lora")
     decoder = parts.decoder_modules(cfg.include_skip_blocks) if cfg.decoder != "frozen" else ()
     to_save = [parts.head, *decoder]
     return LoraConfig(
@@ -70,7 +66,14 @@ def lora_config(model: nn.Module, cfg: LoraMethodConfig, parts: ModelParts):
     )
 
 
-@register_method("lora", LoraMethodConfig, "LoRA on the encoder (HF peft)", kind="network", uses_peft=True)
+def merge_lora(model: nn.Module) -> nn.Module:
+    """peft's ``merge_and_unload``: ``W + (alpha / r) B A`` in the base layers, the trained
+    head / decoder copies in place of the originals; returns the `SegmentationModel`."""
+    return model.merge_and_unload()
+
+
+@register_method("lora", LoraMethodConfig, "LoRA on the encoder (HF peft)", kind="network", uses_peft=True,
+                 merge=merge_lora)
 def _prepare_lora(model: nn.Module, cfg: LoraMethodConfig, parts: ModelParts) -> nn.Module:
     from peft import get_peft_model
 

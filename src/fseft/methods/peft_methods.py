@@ -6,7 +6,7 @@ config dataclass (a `MethodConfig`) plus a `prepare` function registered by name
 
     model = apply_method(base, "lora", structures=["liver", "gallbladder"], decoder="fine-tuned", rank=4)
     params = [p for p in model.parameters() if p.requires_grad]      # what the optimiser gets
-    ... after each optimizer.step(): post_step(model, optimizer)     # ARENA's proximal step
+    ... after each optimizer.step(): post_step(model, optimizer)     # the method's after-step hook
     save_adapter(model, run_dir); load_adapted(fresh_base, run_dir)   # fseft.methods.adapter_io
 
 They are registered in the one method registry of `fseft.methods` with ``kind="network"``
@@ -14,7 +14,8 @@ They are registered in the one method registry of `fseft.methods` with ``kind="n
 their configs subclass `MethodConfig` (``default_lr``, ``to_dict``). `fseft adapt` trains them on
 image patches (`fseft.engine.adapt`), the ``"features"`` methods on cached features.
 
-The parts of each architecture (what "encoder", "decoder", "last block" mean):
+The parts of each architecture (what "encoder", "decoder", "last block" mean) are declared by
+the architecture class itself (`fseft.models.base.ModelParts`, ``SegmentationModel.parts``):
 
 - Swin-UNETR: encoder = ``swinViT`` (the Swin transformer, 8.06M parameters at feature_size
   48); decoder = ``decoder1..5`` (19.6M, the FSEFT paper's "decoder" count, and what its code
@@ -35,50 +36,26 @@ The parts of each architecture (what "encoder", "decoder", "last block" mean):
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from fseft.errors import ConfigError
-from fseft.methods import MethodConfig, available_methods, get_method, register_method
+from fseft.methods.head import head_rows, init_head
+from fseft.methods.registry import MethodConfig, get_method, register_method, spec_of_config
+from fseft.models.base import ModelParts
 
 DECODER_MODES = ("frozen", "fine-tuned", "new")
+DECODER_HELP = {"help": "the decoder is frozen, fine-tuned, or re-initialised and trained",
+                "metavar": "frozen|fine-tuned|new"}
+SKIP_BLOCKS_HELP = {"help": "--decoder also applies to Swin-UNETR's encoder1..4 / encoder10 skip blocks"}
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 # ---------------------------------------------------------------------------- model parts
-
-
-@dataclass(frozen=True)
-class ModelParts:
-    """Top-level module names of an architecture's encoder, decoder and last decoder block."""
-
-    encoder: tuple[str, ...]
-    decoder: tuple[str, ...]
-    last_block: tuple[str, ...]
-    skip_blocks: tuple[str, ...] = ()
-    head: str = "head"
-
-    def decoder_modules(self, include_skip_blocks: bool = False) -> tuple[str, ...]:
-        """What ``--decoder`` acts on."""
-        return self.decoder + (self.skip_blocks if include_skip_blocks else ())
-
-
-_PARTS: dict[str, ModelParts] = {
-    "swin_unetr": ModelParts(
-        encoder=("swinViT",),
-        decoder=("decoder5", "decoder4", "decoder3", "decoder2", "decoder1"),
-        last_block=("decoder1",),
-        skip_blocks=("encoder1", "encoder2", "encoder3", "encoder4", "encoder10"),
-    ),
-    "unet3d": ModelParts(
-        encoder=("down_tr64", "down_tr128", "down_tr256", "down_tr512"),
-        decoder=("up_tr256", "up_tr128", "up_tr64"),
-        last_block=("up_tr64",),
-    ),
-}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -88,14 +65,39 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def model_parts(model: nn.Module) -> ModelParts:
-    """The encoder / decoder split of `model`'s architecture (``model.arch``)."""
-    arch = getattr(unwrap(model), "arch", "")
-    try:
-        return _PARTS[arch]
-    except KeyError:
-        raise ConfigError(
-            f"encoder fine-tuning methods know the architectures {', '.join(_PARTS)}, not {arch!r}"
-        ) from None
+    """The encoder / decoder split `model`'s architecture declares (``SegmentationModel.parts``)."""
+    parts = getattr(unwrap(model), "parts", None)
+    if parts is None:
+        from fseft.models.architectures import ARCHITECTURES
+
+        known = ", ".join(name for name, cls in ARCHITECTURES.items() if cls.parts is not None)
+        raise ConfigError(f"encoder fine-tuning methods know the architectures {known}, not "
+                          f"{getattr(unwrap(model), 'arch', '')!r} (it declares no encoder / decoder parts)")
+    return parts
+
+
+def peft_targets(model: nn.Module, kind: str) -> list[str] | str | None:
+    """The layers of one `kind` (``"attention"``, ``"mlp"``, ``"conv"``) that `model`'s
+    architecture offers the encoder PEFT methods (``SegmentationModel.peft_targets``), or None."""
+    return dict(getattr(unwrap(model), "peft_targets", {}) or {}).get(kind)
+
+
+def matches_targets(name: str, targets: list[str] | str) -> bool:
+    """Whether module `name` is one of `targets` in peft's ``target_modules`` form: one regular
+    expression matched against the full name, or a list of names / name suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def low_rank_targets(model: nn.Module, method: str) -> list[str] | str:
+    """The default layers of the low-rank methods: the attention projections, or the encoder
+    convolutions of an architecture without attention."""
+    targets = peft_targets(model, "attention") or peft_targets(model, "conv")
+    if not targets:
+        raise ConfigError(f"{method}: the {getattr(unwrap(model), 'arch', '')!r} architecture declares no attention or "
+                          "convolution layers to adapt; give target_modules")
+    return targets
 
 
 def part_parameters(model: nn.Module, names: Sequence[str]) -> Iterator[tuple[str, nn.Parameter]]:
@@ -146,8 +148,8 @@ class EncoderMethodConfig(MethodConfig):
     """
 
     default_lr: ClassVar[float] = 1e-3
-    decoder: str = "frozen"
-    include_skip_blocks: bool = False
+    decoder: str = field(default="frozen", metadata=DECODER_HELP)
+    include_skip_blocks: bool = field(default=False, metadata=SKIP_BLOCKS_HELP)
 
     def warms_up_head(self) -> bool:
         return self.decoder != "new"  # a re-initialised decoder's features are not the probe's
@@ -167,8 +169,8 @@ def replace_head(model: nn.Module, structures: Sequence[str], multiclass: bool =
     background output 0 when `multiclass`).
 
     A structure in ``model.class_names`` starts from its pre-trained head row (when
-    `init_from_head`); a new one keeps PyTorch's random initialisation. Updates
-    ``model.class_names``. Returns, per output, the base row it was copied from (or None).
+    `init_from_head`); a new one keeps PyTorch's random initialisation (`init_head`). Updates
+    ``model.class_names``. Returns, per output, the base row of its structure (or None).
     """
     base = unwrap(model)
     old: nn.Conv3d = base.head
@@ -177,21 +179,9 @@ def replace_head(model: nn.Module, structures: Sequence[str], multiclass: bool =
         raise ConfigError("at least one structure is needed for the new head")
     if len(set(structures)) != len(structures):
         raise ConfigError(f"duplicate structures: {', '.join(structures)}")
-    rows: list[int | None] = [base.class_names.index(s) if s in base.class_names else None for s in structures]
-    if multiclass:
-        rows = [None, *rows]
+    rows = head_rows(base.class_names, structures, multiclass)
     head = nn.Conv3d(old.in_channels, len(rows), kernel_size=1).to(device=old.weight.device, dtype=old.weight.dtype)
-    if multiclass:
-        head.weight[0].zero_()
-        head.bias[0].zero_()
-    if init_from_head and old.weight.device.type != "meta":
-        for i, row in enumerate(rows):
-            if row is not None:
-                head.weight[i].copy_(old.weight[row])
-                if old.bias is not None:
-                    head.bias[i].copy_(old.bias[row])
-                else:
-                    head.bias[i].zero_()
+    init_head(head, old, rows if init_from_head else [None] * len(rows), multiclass)
     base.head = head
     base.class_names = structures
     return rows
@@ -224,10 +214,7 @@ def apply_method(
         record (name, options, structures) is kept as ``fseft_method`` for `save_adapter`.
     """
     if isinstance(method, MethodConfig):
-        spec = next((s for s in (get_method(n) for n in available_methods("network"))
-                     if type(method) is s.config_cls), None)
-        if spec is None:
-            raise ConfigError(f"{type(method).__name__} is not the config of a fine-tuning method")
+        spec = spec_of_config(method, "network")
         if options:
             raise ConfigError("pass options either in the config instance or as keywords, not both")
         cfg = method
@@ -303,11 +290,11 @@ def method_train_mode(model: nn.Module) -> nn.Module:
 
 
 def post_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Call after every ``optimizer.step()``: ARENA's proximal (soft-threshold) step on its
-    rank gates; nothing for the other methods."""
-    from fseft.methods.arena import proximal_step
-
-    proximal_step(model, optimizer)
+    """Call after every ``optimizer.step()``: the method's ``after_step`` hook (ARENA's proximal
+    step on its rank gates), if it has one."""
+    hook = get_method(model.fseft_method["method"], kind="network").after_step
+    if hook is not None:
+        hook(model, optimizer)
 
 
 # ---------------------------------------------------------------------------- counting
@@ -342,7 +329,7 @@ def count_method_parameters(
     scalars of the decoder (and skip blocks), "total_model": all scalars of the adapted
     network}``.
     """
-    from fseft.models.zoo import create_model
+    from fseft.models.architectures import create_model
 
     class_names = tuple(class_names) if class_names is not None else tuple(structures)
     with empty_weights():
@@ -434,8 +421,8 @@ class DecoderConfig(MethodConfig):
     default_lr: ClassVar[float] = 1e-3
     protocol_source: ClassVar[str] = ("fseft: the decoder's lr in the encoder PEFT runs (1e-3), the epochs and "
                                       "patches of the reference runs")
-    decoder: str = "fine-tuned"
-    include_skip_blocks: bool = False
+    decoder: str = field(default="fine-tuned", metadata=DECODER_HELP)
+    include_skip_blocks: bool = field(default=False, metadata=SKIP_BLOCKS_HELP)
 
     def warms_up_head(self) -> bool:
         return self.decoder != "new"
@@ -515,8 +502,11 @@ __all__ = [
     "count_method_parameters",
     "count_trainable",
     "empty_weights",
+    "low_rank_targets",
+    "matches_targets",
     "method_train_mode",
     "model_parts",
+    "peft_targets",
     "parameter_breakdown",
     "post_step",
     "replace_head",

@@ -13,13 +13,14 @@ paper's MLP-adapter ablation (a per-voxel two-layer MLP).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import nn
 
 from fseft.errors import ConfigError
-from fseft.methods import FeatureAdapter, MethodConfig, register_method
+from fseft.methods.features import FeatureAdapter
+from fseft.methods.registry import MethodConfig, register_method
 
 
 @dataclass
@@ -30,7 +31,7 @@ class SpatialAdapterConfig(MethodConfig):
     default_epochs: ClassVar[int] = 100
     protocol_source: ClassVar[str] = ("FSEFT run commands: lr 1e-2, 100 epochs (the workshop paper states an "
                                       "initial lr of 0.5)")
-    kernel_size: int = 3
+    kernel_size: int = field(default=3, metadata={"help": "kernel size of both convolutions (odd; 1 = MLP adapter)"})
 
     def __post_init__(self) -> None:
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:

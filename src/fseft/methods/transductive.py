@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fseft.errors import ConfigError
-from fseft.methods import FeatureAdapter, iter_slab_logits
+from fseft.methods.features import FeatureAdapter, foreground_probabilities, iter_slab_logits
 
 
 @dataclass
@@ -71,14 +71,6 @@ def size_constraint_loss(predicted: torch.Tensor, target: torch.Tensor, gamma: f
     target = target.to(predicted)
     scale = torch.maximum(predicted, target).clamp_min(1.0)
     return torch.relu((target - predicted).abs() / scale - gamma).mean()
-
-
-def foreground_probabilities(logits: torch.Tensor, multiclass: bool) -> torch.Tensor:
-    """Per-structure probabilities ``(B, S, ...)`` from logits: sigmoid, or softmax over
-    ``(background, structures...)`` with the background channel dropped."""
-    if multiclass:
-        return torch.softmax(logits.float(), dim=1)[:, 1:]
-    return torch.sigmoid(logits.float())
 
 
 def size_constraint_step(
