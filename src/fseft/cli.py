@@ -317,17 +317,17 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", choices=("bce+dice", "dice"), default="bce+dice",
                    help="BCE / cross-entropy plus soft Dice, or soft Dice alone (the FSEFT runs' loss, which "
                    "collapsed a small new structure more often here) (default: bce+dice)")
-    p.add_argument("--epochs", type=int, help="maximum epochs (default: the method's protocol: 50 lp, 100 the others)")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default: the method's protocol: {epochs})")
     p.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs, 0 = off (default: 20)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the method's protocol: 1e-1 lp, 1e-2 spatial-adapter "
-                   "and ft-last, 1e-4 ft and scratch, 1e-3 the others; README 'Default protocols')")
-    p.add_argument("--batch-size", type=int, help="support volumes per optimiser step (default: 2 ft and scratch, 1 the others)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the method's protocol: {lr}; README 'Default "
+                   "protocols')")
+    p.add_argument("--batch-size", type=int, help="support volumes per optimiser step (default: {batch_size})")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
     p.add_argument("--max-steps", type=int, help="cap on optimiser steps (the epochs shrink to fit; default: none)")
     p.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="training patch size in model-space voxels (default: the window the model was trained on, else 96 96 96)")
-    p.add_argument("--patches-per-volume", type=int, help="patches per support volume per iteration (default: 3 ft and "
-                   "scratch, 6 the others)")
+    p.add_argument("--patches-per-volume", type=int, help="patches per support volume per iteration (default: "
+                   "{patches_per_volume})")
     p.add_argument("--n-query", type=int, help="number of query cases (default: all other eligible cases)")
     p.add_argument("--roi-size", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="sliding window of the feature computation and of inference (default: the window the model was trained on, else 96 96 96)")
@@ -362,13 +362,15 @@ _ADAPT_DESCRIPTION = (
 def _add_method_options(p: argparse.ArgumentParser) -> None:
     """`fseft adapt`'s method options, one per config field with help text of the registered
     methods (`fseft.methods.registry.cli_options`), and the method lists of its help."""
-    from fseft.methods.registry import available_methods, cli_options, get_method, methods_in_words
+    from fseft.methods.registry import available_methods, cli_options, get_method, methods_in_words, protocol_defaults
 
     network = available_methods("network")
     p.description = _ADAPT_DESCRIPTION.format(features=", ".join(available_methods("features")), network=", ".join(network),
                                               peft=", ".join(n for n in network if get_method(n).uses_peft))
-    method = next(a for a in p._actions if a.dest == "method")
-    method.help = f"{methods_in_words()} (default: {method.default})"
+    actions = {a.dest: a for a in p._actions}
+    actions["method"].help = f"{methods_in_words()} (default: {actions['method'].default})"
+    for name in ("epochs", "lr", "batch_size", "patches_per_volume"):  # the protocols' numbers, per method
+        actions[name].help = actions[name].help.replace(f"{{{name}}}", protocol_defaults(name))
     group = p.add_argument_group("method options (each only for the methods that have it)")
     names = []
     for option in cli_options():

@@ -32,14 +32,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from fseft.engine.sliding_window import InferenceConfig
 from fseft.engine.training import LOSSES, FitSettings
 from fseft.errors import ConfigError
 from fseft.methods.transductive import TransductiveConfig
 
 OBJECTIVES = ("sigmoid", "multiclass")
+#: `InferenceConfig` fields an `AdaptConfig` takes and reads as its own (its `inference`)
+INFERENCE_OPTIONS = ("roi_size", "overlap", "sw_batch_size", "threshold", "largest_component", "device", "bf16",
+                     "progress")
 
 
-@dataclass
+@dataclass(init=False)
 class AdaptConfig:
     """Hyper-parameters of one adaptation run (defaults: the FSEFT reference protocol).
 
@@ -75,10 +79,13 @@ class AdaptConfig:
         the method's default (`MethodConfig.warms_up_head`: on for pre-trained bases, off for
         scratch and a new decoder).
     n_query: number of query cases (None: every eligible case not in the support set).
-    roi_size / overlap / sw_batch_size: sliding window that computes the cached features.
-    threshold / largest_component: post-processing of the query predictions.
+    inference: how the run computes features and predictions (an `InferenceConfig`): its
+        `roi_size` / `overlap` / `sw_batch_size` (the sliding window of the cached features and
+        of inference), `threshold` / `largest_component` (post-processing of the query
+        predictions), `device`, `bf16` (bfloat16 autocast, training too) and `progress` are
+        given and read as this config's own (``AdaptConfig(device="cuda")``, ``cfg.device``;
+        `INFERENCE_OPTIONS`); a CUDA device is checked when the run starts (`inference_config`).
     slab: slices per slab when an adapter runs over a whole cached volume.
-    bf16: bfloat16 autocast (training and inference).
     grad_checkpointing: network methods load a Swin-UNETR base with ``use_checkpoint=True``
         (less memory, slower).
     augment: network methods' patches get random intensity scaling (+-10 %, p = 0.1) and shifts
@@ -110,25 +117,34 @@ class AdaptConfig:
     head_prior: bool = True
     head_warmup: bool | None = None
     n_query: int | None = None
-    roi_size: tuple[int, int, int] | None = None  # None: the model's recommended window
-    overlap: float = 0.25
-    sw_batch_size: int = 1
-    threshold: float = 0.5
-    largest_component: bool = True
     slab: int = 32
     cache_dir: str | None = None
-    device: str = "cpu"
-    bf16: bool = False
     grad_checkpointing: bool = False
     augment: bool = False
     encoder_cache: bool = True
     encoder_pool_epochs: int = 2
     save_predictions: bool = False
-    progress: bool = True
+    inference: InferenceConfig = field(default_factory=lambda: InferenceConfig(check_device=False))
+
+    def __init__(self, **options: Any) -> None:
+        """Keyword options: the fields, and the `INFERENCE_OPTIONS` (into `inference`)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(options) - names - set(INFERENCE_OPTIONS))
+        if unknown:
+            raise TypeError(f"AdaptConfig got unexpected option(s) {', '.join(unknown)}")
+        for f in dataclasses.fields(self):
+            if f.name in options:
+                setattr(self, f.name, options[f.name])
+            else:
+                setattr(self, f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+        given = {k: options[k] for k in INFERENCE_OPTIONS if k in options}
+        if given.get("roi_size") is not None:
+            given["roi_size"] = _triple(given["roi_size"], "roi_size")
+        self.inference = dataclasses.replace(self.inference, check_device=False, **given)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         self.patch_size = None if self.patch_size is None else _triple(self.patch_size, "patch_size")
-        self.roi_size = None if self.roi_size is None else _triple(self.roi_size, "roi_size")
         if isinstance(self.ti, dict):
             self.ti = TransductiveConfig(**self.ti)
         if self.loss not in LOSSES:
@@ -163,8 +179,17 @@ class AdaptConfig:
             missing["head_warmup"] = get_method(self.method).make_config(**self.method_options).warms_up_head()
         return dataclasses.replace(self, **missing) if missing else self
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """Every keyword option (the fields but `inference`, then `INFERENCE_OPTIONS`): the keys
+        of an experiment file's ``adapt`` section and of ``hyperparameters`` in a run record."""
+        return [f.name for f in dataclasses.fields(cls) if f.name != "inference"] + list(INFERENCE_OPTIONS)
+
     def to_dict(self) -> dict[str, Any]:
+        """The options (`option_names`) as JSON values: what a run records of its settings."""
         out = dataclasses.asdict(self)
+        inference = out.pop("inference")
+        out.update({name: inference[name] for name in INFERENCE_OPTIONS})
         out["patch_size"] = None if self.patch_size is None else list(self.patch_size)
         out["roi_size"] = None if self.roi_size is None else list(self.roi_size)
         return out
@@ -179,14 +204,17 @@ class AdaptConfig:
             bf16=bool(cfg.bf16), device=str(cfg.device), progress=bool(cfg.progress), desc=f"adapt {cfg.method}",
         )
 
-    def inference_config(self) -> Any:
-        from fseft.engine.sliding_window import InferenceConfig
+    def inference_config(self) -> InferenceConfig:
+        """`inference`, its device checked (`ConfigError` when CUDA is asked for and absent)."""
+        return dataclasses.replace(self.inference)
 
-        return InferenceConfig(
-            roi_size=self.roi_size, overlap=self.overlap, sw_batch_size=self.sw_batch_size,
-            bf16=self.bf16, threshold=self.threshold, largest_component=self.largest_component,
-            device=self.device, progress=self.progress,
-        )
+
+def _inference_option(name: str) -> property:
+    return property(lambda self: getattr(self.inference, name), doc=f"``inference.{name}``")
+
+
+for _name in INFERENCE_OPTIONS:
+    setattr(AdaptConfig, _name, _inference_option(_name))
 
 
 def _triple(value: Any, name: str) -> tuple[int, int, int]:
@@ -199,7 +227,7 @@ def _triple(value: Any, name: str) -> tuple[int, int, int]:
 def _check_windows(base: nn.Module, cfg: AdaptConfig, network: bool) -> None:
     """The sliding window (and, for network methods, the training patch) against the
     architecture, before any data is read."""
-    windows = [("--roi-size", cfg.inference_config().for_model(base).roi_size)]
+    windows = [("--roi-size", cfg.inference.for_model(base).roi_size)]
     if network:
         windows.append(("--patch-size", cfg.patch_size))
     check = getattr(type(base), "check_window", None)
@@ -212,14 +240,16 @@ def _check_windows(base: nn.Module, cfg: AdaptConfig, network: bool) -> None:
 
 def _check_known_structures(spec: Any, structures: Sequence[str], class_names: Sequence[str]) -> None:
     from fseft.data.structures import UnknownStructureError
+    from fseft.methods import available_methods, get_method
 
     if spec.config_cls.needs_known_structures:
         unknown = [s for s in structures if s not in class_names]
         if unknown:
+            adapters = [n for n in available_methods("features") if get_method(n).config_cls.trainable]
             raise UnknownStructureError(
                 f"method {spec.name!r} evaluates the model's own head, which has no output for "
                 f"{', '.join(unknown)}; its classes are: {', '.join(class_names)}. "
-                "Train an adapter for new structures (--method lp or spatial-adapter)."
+                f"Train an adapter for new structures (--method {' or '.join(adapters)})."
             )
 
 

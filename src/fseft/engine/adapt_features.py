@@ -87,7 +87,7 @@ def run_features(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task: 
     spec = get_method(cfg.method)
     multiclass = cfg.objective == "multiclass"
     preprocess_cfg = model_preprocess(base, base_ref["path"] or base_ref["id"])
-    cache = FeatureCache(base, preprocess_cfg, cfg.cache_dir, cfg.inference_config())
+    cache = FeatureCache(base, preprocess_cfg, cfg.cache_dir, cfg.inference)
     trainable = spec.config_cls.trainable and cfg.epochs > 0
     support, queries = [], []
     if trainable:

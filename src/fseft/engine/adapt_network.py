@@ -98,7 +98,7 @@ def probe_head(base: nn.Module, preprocess_cfg: Any, dataset: Any, task: Any, na
     from fseft.engine.feature_cache import FeatureCache
     from fseft.methods import adapter_on, foreground_fractions, init_head_prior
 
-    cache = FeatureCache(base, preprocess_cfg, cfg.cache_dir, cfg.inference_config())
+    cache = FeatureCache(base, preprocess_cfg, cfg.cache_dir, cfg.inference)
     support = [(c.features, c.labels) for c in (cache.load(case, names) for case in task.support_cases(dataset))]
     lp_cfg = dataclasses.replace(cfg, method="lp", method_options={}, epochs=None, lr=None, batch_size=None,
                                  patches_per_volume=None, max_steps=None, transductive=False).resolved()

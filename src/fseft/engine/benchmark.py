@@ -113,7 +113,7 @@ def _int_list(value: Any, key: str, source: str) -> tuple[int, ...]:
 def _adapt_fields() -> list[str]:
     from fseft.engine.adapt import AdaptConfig
 
-    return [f.name for f in dataclasses.fields(AdaptConfig) if f.name not in ("method", "method_options")]
+    return [name for name in AdaptConfig.option_names() if name not in ("method", "method_options")]
 
 
 def _parse_entry(raw: Any, i: int, source: str) -> MethodEntry:

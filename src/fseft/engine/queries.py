@@ -84,7 +84,7 @@ def network_probabilities(model: nn.Module, cfg: Any) -> Callable[[Any, Any], to
     project's sliding-window inference (`predict_probabilities`), as `fseft predict` runs it."""
     from fseft.engine.inference import predict_probabilities
 
-    inference = cfg.inference_config()
+    inference = cfg.inference
     return lambda case, pre: predict_probabilities(model, pre.image[None], inference)[0]
 
 

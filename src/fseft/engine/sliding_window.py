@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +44,8 @@ class InferenceConfig:
         structures such as the vertebral column excepted, see `fseft.evaluation.postprocess`).
     device: "cpu", "cuda" or "cuda:N".
     progress: tqdm progress bars.
+    check_device: whether a CUDA device must be there now (construction argument; False for a
+        config that only describes a run, such as `AdaptConfig.inference`, checked when it runs).
     """
 
     roi_size: tuple[int, int, int] | None = None
@@ -55,8 +57,9 @@ class InferenceConfig:
     largest_component: bool = True
     device: str = "cpu"
     progress: bool = True
+    check_device: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check_device: bool = True) -> None:
         if self.roi_size is not None:
             roi = tuple(int(v) for v in (self.roi_size if isinstance(self.roi_size, Sequence) else [self.roi_size] * 3))
             if len(roi) != 3 or min(roi) < 1:
@@ -74,9 +77,8 @@ class InferenceConfig:
             device = torch.device(self.device)
         except RuntimeError as exc:
             raise ConfigError(f"device: {exc}") from exc
-        if device.type == "cuda" and not torch.cuda.is_available():
+        if check_device and device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
-
 
     def for_model(self, model: nn.Module) -> InferenceConfig:
         """This config with `roi_size` resolved for `model` (None -> its recommended window)."""

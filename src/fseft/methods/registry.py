@@ -200,6 +200,22 @@ def methods_in_words() -> str:
     return "; ".join(f"{', '.join(available_methods(k))} ({KIND_WORDS[k]})" for k in METHOD_KINDS if available_methods(k))
 
 
+def protocol_defaults(name: str) -> str:
+    """A protocol default (``"lr"``, ``"epochs"``, ``"batch_size"``, ``"patches_per_volume"``:
+    `MethodConfig.default_<name>`) over the methods, for help texts: ``"1e-1 lp, 1e-2
+    spatial-adapter and ft-last, ..., 1e-3 the others"`` (the commonest value last)."""
+    values: dict[Any, list[str]] = {}
+    for method in available_methods():
+        values.setdefault(getattr(get_method(method).config_cls, f"default_{name}"), []).append(method)
+    commonest = max(values, key=lambda v: len(values[v]))
+    text = [f"{_number(v)} {' and '.join(ms) if len(ms) < 3 else ', '.join(ms)}" for v, ms in values.items() if v != commonest]
+    return ", ".join([*text, f"{_number(commonest)} the others"])
+
+
+def _number(value: Any) -> str:
+    return f"{value:.0e}".replace("e-0", "e-") if isinstance(value, float) and value < 0.1 + 1e-12 else f"{value:g}"
+
+
 # ---------------------------------------------------------------------------- command line
 
 
