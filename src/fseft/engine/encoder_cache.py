@@ -6,7 +6,7 @@ or ``ft-last``, which trains the last decoder block) computes the same encoder o
 patch at every epoch. `split_point_for` finds the deepest such point; `EncoderCache` runs the
 frozen prefix (``model.encode(patch, point)``) once per distinct training patch and stores its
 multi-scale outputs as float16 ``.npy`` files read back through memory maps; training then runs
-``model.decode`` and the head only (`fseft.engine.adapt.train_network`).
+``model.decode`` and the head only (`fseft.engine.adapt_network.train_network`).
 
 Patches come from a fixed pool per support volume (`PatchPool`): the first
 ``pool_epochs`` epochs of the very patch draws the through-network training would make
