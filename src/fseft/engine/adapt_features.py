@@ -67,7 +67,8 @@ def train_adapter(
         query = queries[step % len(queries)]
         return size_constraint_step(adapter, query, target, cfg.ti, multiclass, cfg.slab, device, amp_dtype)
 
-    # without --ti the constraint never starts (its losses are recorded as zeros)
+    # without --ti the constraint never starts (its losses are recorded as zeros), and since early
+    # stopping waits for it, a feature method without --ti runs all its epochs (as before issue 16)
     start = (lambda epochs: math.floor(cfg.ti.start_fraction * epochs)) if cfg.transductive else (lambda epochs: epochs)
     return fit(adapter, len(volumes), batch, cfg.fit_settings(), seed, extra_loss=ExtraLoss(start, size_constraint))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,5 +212,5 @@ def fit(
     return TrainResult(len(losses), losses, extra_losses, time.perf_counter() - start, stopped)
 
 
-__all__: Sequence[str] = ("LOSSES", "EarlyStopping", "ExtraLoss", "FitSettings", "NOT_TRAINED", "TrainResult",
-                          "epoch_budget", "fit", "make_optimizer", "supervised_loss")
+__all__ = ["LOSSES", "NOT_TRAINED", "EarlyStopping", "ExtraLoss", "FitSettings", "TrainResult", "epoch_budget", "fit",
+           "make_optimizer", "supervised_loss"]
