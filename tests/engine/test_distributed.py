@@ -1,5 +1,7 @@
 import json
+import faulthandler
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -64,9 +66,14 @@ def _spawn_bounded(worker, args: tuple, nprocs: int, limit_s: float) -> None:
     deadline = time.monotonic() + limit_s
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
+            # each rank that is still running prints where it is (faulthandler, registered by
+            # the worker) before it is killed: the one hang seen in CI left no trace
+            alive = [p for p in context.processes if p.is_alive()]
+            for process in alive:
+                os.kill(process.pid, signal.SIGUSR1)
+            time.sleep(2)
+            for process in alive:
+                process.kill()
             pytest.fail(f"the {nprocs} DDP ranks did not finish within {limit_s:.0f} s "
                         f"(exit codes {[p.exitcode for p in context.processes]})")
 
@@ -81,6 +88,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, root: str, options: dict)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FSEFT_DDP_TIMEOUT_S="120")
     torch.set_num_threads(1)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `_spawn_bounded` asks a stuck rank where it is
     _register_tiny()
     from fseft.engine.pretrain import pretrain
 
