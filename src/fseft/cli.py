@@ -299,6 +299,11 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, help="number of labelled support cases (not with --dry-run)")
     p.add_argument("--seed", type=int, default=0, help="task sampling and training seed (default: 0)")
     p.add_argument("--method", default="lp", metavar="NAME", help="an adaptation method (default: lp)")
+    p.add_argument("--candidates", type=_csv, metavar="A,B",
+                   help="--method auto: the methods to choose among: method ids, METHOD+ti (size constraint), "
+                   "METHOD+dec (fine-tuned decoder) (default: spatial-adapter+ti,spatial-adapter,lp,lora+dec)")
+    p.add_argument("--auto-budget", type=int, metavar="STEPS",
+                   help="--method auto: optimiser steps shared by all candidates' leave-one-out runs (default: 2000)")
     p.add_argument("--out", metavar="RUN", help="run folder (not with --dry-run)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the method's trainable parameters for MODEL and STRUCTURES; no data, no training")
@@ -368,7 +373,8 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.description = _ADAPT_DESCRIPTION.format(features=", ".join(available_methods("features")), network=", ".join(network),
                                               peft=", ".join(n for n in network if get_method(n).uses_peft))
     actions = {a.dest: a for a in p._actions}
-    actions["method"].help = f"{methods_in_words()} (default: {actions['method'].default})"
+    actions["method"].help = (f"{methods_in_words()}; or auto: chosen among --candidates by leave-one-out on the "
+                              f"support (default: {actions['method'].default})")
     for name in ("epochs", "lr", "batch_size", "patches_per_volume"):  # the protocols' numbers, per method
         actions[name].help = actions[name].help.replace(f"{{{name}}}", protocol_defaults(name))
     group = p.add_argument_group("method options (each only for the methods that have it)")
@@ -385,6 +391,7 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
 
 def _run_adapt(args: argparse.Namespace) -> int:
     from fseft.engine.adapt import AdaptConfig, adapt, count_parameters
+    from fseft.engine.auto import metrics_lines as auto_lines
     from fseft.errors import ConfigError
     from fseft.methods import get_method
     from fseft.methods.transductive import TransductiveConfig
@@ -402,6 +409,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
         device=args.device, bf16=args.bf16, grad_checkpointing=args.grad_checkpointing, encoder_cache=args.encoder_cache,
         augment=args.augment,
         save_predictions=args.save_predictions, progress=not args.no_progress, head_prior=args.head_prior, head_warmup=args.head_warmup,
+        candidates=args.candidates, auto_budget=args.auto_budget,
     )
     if args.dry_run:
         counts = count_parameters(args.model, args.structures, cfg)
@@ -424,8 +432,8 @@ def _run_adapt(args: argparse.Namespace) -> int:
     for name, row in metrics["mean"].items():
         cells = "  ".join(f"{m} {'n/a' if v is None else f'{v:.4f}'}" for m, v in row.items())
         print(f"{name:<32} {cells}")
-    lines = get_method(cfg.method).metrics_lines
-    for line in lines(metrics) if lines is not None else ():
+    lines = get_method(metrics["method"]).metrics_lines
+    for line in [*(lines(metrics) if lines is not None else ()), *auto_lines(metrics)]:
         print(line)
     print(f"{len(metrics['queries'])} query case(s), {metrics['trainable_params']} trainable parameters, "
           f"{metrics['train_seconds']:.1f} s training; run written to {args.out}")

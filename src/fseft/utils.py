@@ -158,9 +158,14 @@ def unknown_key_error(key: str, valid: Sequence[str], where: str, source: str) -
     """`ConfigError` for a key no config section has, naming the closest valid one (typos)."""
     from fseft.errors import ConfigError
 
-    close = difflib.get_close_matches(str(key), list(valid), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{source}: unknown key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}")
+    return ConfigError(f"{source}: unknown key {key!r} in {where}{closest_hint(key, valid)}; "
+                       f"valid keys: {', '.join(valid)}")
+
+
+def closest_hint(name: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'lora'?)`` when `name` is a near-miss of one of `choices`, else ``""``."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_keys(mapping: Any, valid: Sequence[str], where: str, source: str) -> dict[str, Any]:

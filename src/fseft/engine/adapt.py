@@ -48,7 +48,8 @@ class AdaptConfig:
     """Hyper-parameters of one adaptation run (defaults: the FSEFT reference protocol).
 
     method / method_options: a registered method (`fseft.methods.available_methods()`) and
-        its config fields (e.g. ``{"kernel_size": 1}`` for the MLP-adapter ablation).
+        its config fields (e.g. ``{"kernel_size": 1}`` for the MLP-adapter ablation), or
+        ``"auto"``: chosen among `candidates` on the support set (`fseft.engine.auto`).
     objective: "sigmoid" (one independent sigmoid per structure) or "multiclass" (softmax over
         background + structures).
     loss: "bce+dice" (BCE / cross-entropy plus soft Dice per structure and patch) or "dice"
@@ -79,6 +80,9 @@ class AdaptConfig:
         the method's default (`MethodConfig.warms_up_head`: on for pre-trained bases, off for
         scratch and a new decoder).
     n_query: number of query cases (None: every eligible case not in the support set).
+    candidates / auto_budget: ``method="auto"`` only (`fseft.engine.auto`): the methods to choose
+        among (names such as ``lp``, ``spatial-adapter+ti``, ``lora+dec``; None: the default four)
+        and the optimiser steps all their leave-one-out runs share (None: 2,000).
     inference: how the run computes features and predictions (an `InferenceConfig`): its
         `roi_size` / `overlap` / `sw_batch_size` (the sliding window of the cached features and
         of inference), `threshold` / `largest_component` (post-processing of the query
@@ -124,6 +128,8 @@ class AdaptConfig:
     encoder_cache: bool = True
     encoder_pool_epochs: int = 2
     save_predictions: bool = False
+    candidates: tuple[Any, ...] | None = None
+    auto_budget: int | None = None
     inference: InferenceConfig = field(default_factory=lambda: InferenceConfig(check_device=False))
 
     def __init__(self, **options: Any) -> None:
@@ -163,6 +169,12 @@ class AdaptConfig:
             raise ConfigError(f"lr must be > 0 and a finite float32 number (the optimiser's), got {self.lr}")
         if not 0.0 <= self.pos_ratio <= 1.0:
             raise ConfigError(f"pos_ratio must be in [0, 1], got {self.pos_ratio}")
+        if self.method != "auto" and (self.candidates is not None or self.auto_budget is not None):
+            raise ConfigError("--candidates and --auto-budget are options of --method auto")
+        if self.candidates is not None:
+            self.candidates = tuple(self.candidates)
+        if self.auto_budget is not None and (isinstance(self.auto_budget, bool) or int(self.auto_budget) < 1):
+            raise ConfigError(f"--auto-budget must be a number of optimiser steps >= 1, got {self.auto_budget!r}")
 
     def resolved(self) -> AdaptConfig:
         """This config with every protocol field left at None (epochs, lr, batch_size,
@@ -170,6 +182,8 @@ class AdaptConfig:
         `head_warmup` to `MethodConfig.warms_up_head`."""
         from fseft.methods import get_method
 
+        if self.method == "auto":  # each candidate resolves its own protocol
+            return self
         protocol = get_method(self.method).config_cls
         defaults = {"epochs": protocol.default_epochs, "lr": protocol.default_lr,
                     "batch_size": protocol.default_batch_size,
@@ -304,6 +318,10 @@ def adapt(
     from fseft.methods import get_method
     from fseft.utils import seed_everything
 
+    if cfg is not None and cfg.method == "auto":
+        from fseft.engine.auto import adapt_auto
+
+        return adapt_auto(model, data, structures, k, seed, out, cfg, partition=partition, overwrite=overwrite)
     cfg = (cfg or AdaptConfig()).resolved()
     spec = get_method(cfg.method)
     spec.make_config(**cfg.method_options)  # option errors before any heavy work
@@ -387,6 +405,9 @@ def count_parameters(
     from fseft.models.zoo import describe_model
 
     cfg = cfg or AdaptConfig()
+    if cfg.method == "auto":
+        raise ConfigError("--dry-run: --method auto chooses among its --candidates when it runs; "
+                          "dry-run a candidate's method instead")
     spec = get_method(cfg.method)
     mcfg = spec.make_config(**cfg.method_options)
     names = _structures(structures)

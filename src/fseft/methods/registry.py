@@ -171,7 +171,10 @@ def get_method(name: str, kind: str | None = None) -> MethodSpec:
     _load_methods()
     spec = _REGISTRY.get(name)
     if spec is None:
-        raise ConfigError(f"unknown adaptation method {name!r}; choose one of: {', '.join(available_methods())}")
+        from fseft.utils import closest_hint
+
+        raise ConfigError(f"unknown adaptation method {name!r}{closest_hint(name, available_methods())}; "
+                          f"choose one of: {', '.join(available_methods())}")
     if kind is not None and spec.kind != kind:
         raise ConfigError(
             f"method {name!r} is {KIND_WORDS[spec.kind]}, not {KIND_WORDS[kind]}; methods {KIND_WORDS[kind]}: "
