@@ -108,6 +108,29 @@ def test_benchmark_runs_tables_report_and_resumes(setup):
     assert third.runs_done == 2 * 2 * 2
 
 
+def test_auto_row_chooses_among_the_experiment_rows_and_the_report_says_what(setup):
+    root, data, model = setup
+    out = root / "auto"
+    rows = ["lp", {"name": "adapter", "method": "spatial-adapter", "epochs": 2},
+            {"name": "auto", "method": "auto", "candidates": ["lp", "adapter", "spatial-adapter+ti"], "auto_budget": 60}]
+    exp = load_experiment(_experiment(root, data, model, structures=["gallbladder"], k=[2], seeds=[0],
+                                      methods=rows, overlays=False))
+    auto = exp.methods[-1].overrides["candidates"]
+    assert auto[1] == {"name": "adapter", "method": "spatial-adapter", "options": {}, "overrides": {"epochs": 2}}
+    assert auto[2] == "spatial-adapter+ti"  # not a row: a candidate name
+    result = run_benchmark(exp, out, progress=False, log=lambda s: None)
+    record = next(r for r in result.records if r.method == "auto")
+    assert record.chosen in ("lp", "adapter", "spatial-adapter+ti")
+    chosen = next((r for r in result.records if r.method == record.chosen), None)
+    if chosen is not None:  # the chosen row trained again on the same task: the same queries' Dice
+        assert record.dice == pytest.approx(chosen.dice, abs=1e-6)
+    assert f"| auto | gallbladder | 2 | 0 | {record.chosen} |" in (out / "results.md").read_text()
+    assert f"chose {record.chosen} on the support set" in (out / "report.html").read_text()
+    with pytest.raises(ConfigError, match="method 'auto'.*unknown method 'lorra'.*did you mean 'lora'"):
+        experiment_from_dict({"model": str(model), "data": str(data), "structures": ["liver"], "k": [2],
+                              "methods": [{"method": "auto", "candidates": ["lorra"]}]}, source="exp.yaml")
+
+
 def test_cli_benchmark_prints_the_table(setup, capsys):
     root, data, model = setup
     path = _experiment(root, data, model, k=[1], seeds=[0], methods=["lp"], overlays=False)

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from fseft.engine.auto import AUTO, MethodEntry
 from fseft.errors import ConfigError
 from fseft.evaluation.tables import RunRecord
 
@@ -58,16 +59,6 @@ _TOP_KEYS = ("name", "model", "data", "structures", "k", "seeds", "holdout", "ad
 _ENTRY_KEYS = ("name", "method", "options")
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class MethodEntry:
-    """One row of the table: a registered method with its options and `AdaptConfig` overrides."""
-
-    name: str
-    method: str
-    options: dict[str, Any] = field(default_factory=dict)
-    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,13 +124,36 @@ def _parse_entry(raw: Any, i: int, source: str) -> MethodEntry:
         raise ConfigError(f"{source}: {where} has no 'method'")
     method = str(raw["method"])
     try:
-        spec = get_method(method)
         options = dict(raw.get("options") or {})
-        spec.make_config(**options)
+        if method == AUTO:  # its candidates are resolved against the other rows (`_resolve_candidates`)
+            if options:
+                raise ConfigError("method auto has no options (its candidates have theirs)")
+        else:
+            get_method(method).make_config(**options)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {where}: {exc}") from exc
     overrides = {k: v for k, v in raw.items() if k not in _ENTRY_KEYS}
     return MethodEntry(str(raw.get("name", method)), method, options, overrides)
+
+
+def _resolve_candidates(entry: MethodEntry, rows: Sequence[MethodEntry], source: str) -> MethodEntry:
+    """An ``auto`` row's candidates, each the experiment's row of that name (method, options,
+    overrides) or else a candidate name (`fseft.engine.auto.parse_candidate`)."""
+    from fseft.engine.auto import DEFAULT_CANDIDATES, parse_candidates
+
+    if entry.method != AUTO:
+        return entry
+    named = {row.name: row for row in rows if row.method != AUTO}
+    given = entry.overrides.get("candidates")
+    names = DEFAULT_CANDIDATES if given is None else given
+    if isinstance(names, str) or not isinstance(names, list | tuple):
+        raise ConfigError(f"{source}: method {entry.name!r}: 'candidates' must be a list of method rows or names")
+    candidates = [named[n].to_dict() if isinstance(n, str) and n in named else n for n in names]
+    try:
+        parse_candidates(candidates)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: method {entry.name!r}: {exc}") from exc
+    return dataclasses.replace(entry, overrides={**entry.overrides, "candidates": candidates})
 
 
 def experiment_from_dict(data: Mapping[str, Any], source: str = "<experiment>",
@@ -175,6 +189,7 @@ def experiment_from_dict(data: Mapping[str, Any], source: str = "<experiment>",
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"{source}: method names must be unique (give each a 'name'): {', '.join(duplicates)}")
+    methods = [_resolve_candidates(entry, methods, source) for entry in methods]
     adapt = dict(top.get("adapt") or {})
     valid = _adapt_fields()
     for key in adapt:
@@ -252,9 +267,9 @@ def plan_runs(exp: ExperimentConfig, class_names: Sequence[str]) -> tuple[list[P
 
     runs, notes = [], []
     for entry in exp.methods:
-        spec = get_method(entry.method)
+        head_only = entry.method != AUTO and get_method(entry.method).config_cls.needs_known_structures
         for structure in exp.structures:
-            if spec.config_cls.needs_known_structures and structure not in class_names:
+            if head_only and structure not in class_names:
                 notes.append(f"{entry.name}: skipped for {structure} (not one of the model's classes)")
                 continue
             for k in exp.ks:
@@ -285,7 +300,7 @@ def _record(run: PlannedRun, metrics: Mapping[str, Any]) -> RunRecord:
     return RunRecord(method=run.entry.name, k=run.k, seed=run.seed, structure=run.structure,
                      dice=mean.get("dice"), nsd=mean.get("nsd"), hd95=mean.get("hd95"),
                      trainable_params=metrics.get("trainable_params"), train_seconds=metrics.get("train_seconds"),
-                     run=run.folder)
+                     run=run.folder, chosen=(metrics.get("auto") or {}).get("chosen"))
 
 
 # ---------------------------------------------------------------------------- running
@@ -386,7 +401,7 @@ def write_results(exp: ExperimentConfig, out: Path, records: Sequence[RunRecord]
     `overlay_tasks`: one `FewShotTask` of `dataset` per structure for the overlay figure."""
     from fseft.evaluation.figures import plot_dice_vs_k
     from fseft.evaluation.html_report import write_report_html
-    from fseft.evaluation.tables import summarize, to_csv, to_markdown
+    from fseft.evaluation.tables import auto_choices_markdown, summarize, to_csv, to_markdown
     from fseft.utils import write_json, write_text
 
     files = {name: out / name for name in ("results.json", "results.csv", "results.md", "records.json")}
@@ -398,7 +413,8 @@ def write_results(exp: ExperimentConfig, out: Path, records: Sequence[RunRecord]
         "notes": list(notes),
     })
     write_text(files["results.csv"], to_csv(summary))
-    write_text(files["results.md"], f"# {exp.title or exp.name}\n\n" + to_markdown(summary))
+    choices = auto_choices_markdown(records)
+    write_text(files["results.md"], f"# {exp.title or exp.name}\n\n" + to_markdown(summary) + choices)
     write_json(files["records.json"], [r.to_dict() for r in records])
     figures: list[tuple[str, Path]] = []
     files["dice_vs_k"] = plot_dice_vs_k(summary, out / "dice_vs_k.png")
@@ -414,6 +430,8 @@ def write_results(exp: ExperimentConfig, out: Path, records: Sequence[RunRecord]
         f"Model: {exp.model}; data: {exp.data}.",
         f"Each cell: mean Dice over the query cases, then mean ± std over the seeds {list(exp.seeds)}.",
         *notes,
+        *(f"{r.method}, {r.structure}, k = {r.k}, seed {r.seed}: chose {r.chosen} on the support set"
+          for r in records if r.chosen),
     ]
     files["report"] = write_report_html(out / "report.html", summary, title=exp.title or f"fseft benchmark: {exp.name}",
                                         config=exp.to_dict(), figures=figures, notes=report_notes)

@@ -44,6 +44,7 @@ class RunRecord:
     trainable_params: int | None = None
     train_seconds: float | None = None
     run: str = ""  # run folder, relative to the benchmark folder
+    chosen: str | None = None  # ``--method auto``: the candidate it chose on the support set
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,3 +185,17 @@ def to_text(summary: Mapping[str, Any]) -> str:
             out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         out.append("")
     return "\n".join(out)
+
+
+def auto_choices_markdown(records: Sequence[RunRecord]) -> str:
+    """What each ``auto`` run chose, and the Dice on the queries of that run, as a Markdown
+    section (``""`` when no run chose)."""
+    rows = [r for r in records if r.chosen]
+    if not rows:
+        return ""
+    lines = ["", "## Methods chosen by auto (on the support set only)", "",
+             "| row | structure | k | seed | chose | query Dice |", "|---|---|---:|---:|---|---:|"]
+    for r in rows:
+        dice = "n/a" if r.dice is None else f"{r.dice:.3f}"
+        lines.append(f"| {r.method} | {r.structure} | {r.k} | {r.seed} | {r.chosen} | {dice} |")
+    return "\n".join(lines) + "\n"
