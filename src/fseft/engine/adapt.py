@@ -321,7 +321,9 @@ def adapt(
     if cfg is not None and cfg.method == "auto":
         from fseft.engine.auto import adapt_auto
 
-        return adapt_auto(model, data, structures, k, seed, out, cfg, partition=partition, overwrite=overwrite)
+        names = _structures(structures)
+        _claim_run_folder(Path(out), overwrite)
+        return adapt_auto(adapt, model, data, names, k, seed, Path(out), cfg, partition=partition)
     cfg = (cfg or AdaptConfig()).resolved()
     spec = get_method(cfg.method)
     spec.make_config(**cfg.method_options)  # option errors before any heavy work

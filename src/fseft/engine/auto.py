@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,10 +108,8 @@ def parse_candidates(candidates: Sequence[str | Mapping[str, Any]] | None) -> li
 def candidate_config(cfg: Any, entry: MethodEntry, **extra: Any) -> Any:
     """The `AdaptConfig` of one candidate: `cfg`'s settings (``method="auto"``'s own fields
     dropped), the candidate's method, options and overrides, then `extra`."""
-    from fseft.engine.adapt import AdaptConfig
-
     options = {k: v for k, v in cfg.to_dict().items() if k not in ("candidates", "auto_budget")}
-    return AdaptConfig(**{**options, **entry.overrides, **extra, "method": entry.method,
+    return type(cfg)(**{**options, **entry.overrides, **extra, "method": entry.method,
                           "method_options": dict(entry.options)})
 
 
@@ -161,32 +159,32 @@ def rule_at_k1(entries: Sequence[MethodEntry], known: bool, structures: Sequence
 
 
 def adapt_auto(
+    run: Callable[..., dict[str, Any]],
     model: str | os.PathLike | nn.Module,
     data: str | os.PathLike,
-    structures: Sequence[str] | str,
+    names: Sequence[str],
     k: int,
     seed: int,
-    out: str | os.PathLike,
+    out: Path,
     cfg: Any,
     partition: tuple[Sequence[str], Sequence[str]] | None = None,
-    overwrite: bool = True,
 ) -> dict[str, Any]:
-    """`fseft.engine.adapt.adapt` with ``cfg.method == "auto"``: choose a candidate on the
-    support set (module docstring), train it on all `k` into `out`, and return its metrics with
-    an ``auto`` section (the choice, every candidate's leave-one-out Dice per fold, the steps it
-    was given, the seconds spent choosing), also written to ``metrics.json``.
+    """`fseft.engine.adapt.adapt` with ``cfg.method == "auto"``, once it has checked the
+    structures (`names`) and claimed `out`: choose a candidate on the support set (module
+    docstring), train it on all `k` into `out`, and return its metrics with an ``auto`` section
+    (the choice, every candidate's leave-one-out Dice per fold, the steps it was given, the
+    seconds spent choosing), also written to ``metrics.json``. `run` is `adapt` itself (passed
+    in, so that this module does not import the one that dispatches to it).
     """
     from tqdm.auto import tqdm
 
     from fseft.data.datasets import check_cases, open_dataset
     from fseft.data.tasks import FewShotTask
-    from fseft.engine.adapt import _claim_run_folder, _structures, adapt
     from fseft.engine.runs import METRICS_FILE
     from fseft.methods import get_method
     from fseft.models.zoo import describe_model
     from fseft.utils import write_json
 
-    names = _structures(structures)
     entries = parse_candidates(cfg.candidates)
     budget = DEFAULT_BUDGET if cfg.auto_budget is None else int(cfg.auto_budget)
     class_names = describe_model(model)[2]
@@ -196,8 +194,6 @@ def adapt_auto(
         raise ConfigError(f"--candidates: every candidate ({', '.join(e.name for e in entries)}) evaluates the "
                           f"model's own head, which has no output for {', '.join(names)}")
     configs = {e.name: candidate_config(cfg, e, progress=False, save_predictions=False) for e in usable}
-    out = Path(out)
-    _claim_run_folder(out, overwrite)
     dataset = open_dataset(data)
     task = FewShotTask.sample(dataset, names, k, seed, cfg.n_query, partition=partition, cache_dir=cfg.cache_dir)
     check_cases([dataset.case(c) for c in (*task.support, *task.query)], names, progress=cfg.progress)
@@ -221,7 +217,7 @@ def adapt_auto(
                 for i, held in enumerate(folds):
                     bar.set_postfix_str(f"{entry.name}, {held} held out")
                     fold = ([c for c in folds if c != held], [held])
-                    metrics = adapt(model, data, names, k - 1, seed, scratch / entry.name / f"fold{i}", fold_cfg,
+                    metrics = run(model, data, names, k - 1, seed, scratch / entry.name / f"fold{i}", fold_cfg,
                                     partition=fold)
                     dice.append(_mean_dice(metrics, names))
                     bar.update()
@@ -237,7 +233,7 @@ def adapt_auto(
 
     final = configs[chosen.name]
     final = dataclasses.replace(final, progress=cfg.progress, save_predictions=cfg.save_predictions)
-    metrics = adapt(model, data, names, k, seed, out, final, partition=partition)
+    metrics = run(model, data, names, k, seed, out, final, partition=partition)
     metrics["auto"] = {"chosen": chosen.name, "method": chosen.method, "reason": reason, "budget_steps": budget,
                        "choose_seconds": round(choosing, 3), "candidates": rows,
                        "skipped": [e.name for e in entries if e not in usable]}
