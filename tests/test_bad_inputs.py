@@ -288,6 +288,17 @@ def adapt_into_an_earlier_run(ws):
     return _adapt(ws.data, run), [str(run), "--overwrite"], run
 
 
+def adapt_auto_unknown_candidate(ws):
+    return (_adapt(ws.data, ws.tmp / "run", "--candidates", "lp,lorra", method="auto"),
+            ["--candidates", "lorra", "did you mean 'lora'"], ws.tmp / "run")
+
+
+def adapt_auto_at_k1_without_a_candidate_for_its_rule(ws):
+    argv = _adapt(ws.data, ws.tmp / "run", "--candidates", "lp,spatial-adapter", method="auto", k="1",
+                  structures="gallbladder")
+    return argv, ["k = 1", "gallbladder", "lora+dec"], ws.tmp / "run"
+
+
 def evaluate_missing_predictions(ws):
     pred = ws.tmp / "pred"
     argv = ["evaluate", "--pred", str(pred), "--gt", str(ws.data), "--out", str(ws.tmp / "m.json")]
@@ -383,7 +394,8 @@ ROWS: list[Row] = [
     adapt_missing_dataset, adapt_folder_of_no_layout, adapt_malformed_dataset_json, adapt_truncated_query_image,
     adapt_label_of_another_shape, adapt_label_moved_in_space, adapt_label_with_nan, adapt_label_values_the_map_lacks,
     adapt_k_zero, adapt_k_larger_than_the_dataset, adapt_overflowing_lr, adapt_unknown_structure,
-    adapt_unknown_method, adapt_cuda_without_cuda, adapt_into_an_earlier_run,
+    adapt_unknown_method, adapt_cuda_without_cuda, adapt_into_an_earlier_run, adapt_auto_unknown_candidate,
+    adapt_auto_at_k1_without_a_candidate_for_its_rule,
     evaluate_missing_predictions, evaluate_negative_tolerance, evaluate_prediction_in_another_geometry,
     evaluate_corrupt_label_map, benchmark_missing_config, benchmark_misspelt_key,
     pretrain_patch_the_architecture_cannot_take, pretrain_missing_dataset, phantom_zero_cases,

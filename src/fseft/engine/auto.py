@@ -194,15 +194,15 @@ def adapt_auto(
         raise ConfigError(f"--candidates: every candidate ({', '.join(e.name for e in entries)}) evaluates the "
                           f"model's own head, which has no output for {', '.join(names)}")
     configs = {e.name: candidate_config(cfg, e, progress=False, save_predictions=False) for e in usable}
+    if k == 1:  # the rule needs no data: a missing candidate is said before anything is read
+        chosen, reason = rule_at_k1(usable, known, names)
     dataset = open_dataset(data)
     task = FewShotTask.sample(dataset, names, k, seed, cfg.n_query, partition=partition, cache_dir=cfg.cache_dir)
     check_cases([dataset.case(c) for c in (*task.support, *task.query)], names, progress=cfg.progress)
 
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    if k == 1:
-        chosen, reason = rule_at_k1(usable, known, names)
-    else:
+    if k > 1:
         folds = list(task.support)
         caps = [_protocol_steps(configs[e.name], k - 1) * len(folds) for e in usable]
         shares = share_budget(caps, budget)
@@ -218,7 +218,7 @@ def adapt_auto(
                     bar.set_postfix_str(f"{entry.name}, {held} held out")
                     fold = ([c for c in folds if c != held], [held])
                     metrics = run(model, data, names, k - 1, seed, scratch / entry.name / f"fold{i}", fold_cfg,
-                                    partition=fold)
+                                  partition=fold)
                     dice.append(_mean_dice(metrics, names))
                     bar.update()
                 rows.append({**entry.to_dict(), "steps_per_fold": steps, "fold_dice": dice,
