@@ -26,11 +26,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from fseft.errors import ConfigError
+
+if TYPE_CHECKING:  # `fseft --help` imports no torch (the benchmark imports this module)
+    from torch import nn
 
 AUTO = "auto"
 DEFAULT_CANDIDATES = ("spatial-adapter+ti", "spatial-adapter", "lp", "lora+dec")
