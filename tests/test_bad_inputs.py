@@ -32,6 +32,8 @@ class Workspace:
     data: Path  # a sound 4-case target-domain phantom dataset
     scan: Path  # one of its scans
     tmp: Path  # this row's folder
+    run: Path  # an `lp` run on a small base model file that was moved away since (`moved_base`)
+    moved_base: Path
 
     def dataset_copy(self, name: str = "data") -> Path:
         out = self.tmp / name
@@ -44,13 +46,31 @@ class Workspace:
         return path
 
 
+def _small_model(seed: int = 0) -> torch.nn.Module:
+    from fseft.models.zoo import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("unet3d", ["liver", "spleen"], base_channels=2)
+    model.preprocess = {"spacing": [4.0, 4.0, 4.0]}
+    return model
+
+
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> tuple[Path, Path]:
+def shared(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
     from fseft.data.phantom import write_phantom_dataset
+    from fseft.engine.adapt import AdaptConfig, adapt
+    from fseft.models.checkpoint import save_model_file
 
     root = tmp_path_factory.mktemp("bad_inputs")
     data = write_phantom_dataset(root / "data", 4, "target", seed=5, progress=False)
-    return data, sorted((data / "imagesTr").iterdir())[0]
+    model = _small_model()
+    base = save_model_file(model, root / "base.safetensors", preprocess=model.preprocess)
+    cfg = AdaptConfig(method="lp", epochs=1, patch_size=(32, 32, 32), roi_size=(32, 32, 32), n_query=1,
+                      cache_dir=str(root / "cache"), progress=False)
+    adapt(str(base), data, "liver", 1, 0, root / "run", cfg)
+    (root / "moved").mkdir()
+    moved = base.rename(root / "moved" / "base.safetensors")  # the run's recorded base is gone
+    return data, sorted((data / "imagesTr").iterdir())[0], root / "run", moved
 
 
 def _label_of(data: Path, case: str = "phantom_003") -> Path:
@@ -191,6 +211,20 @@ def predict_adapter_that_is_not_a_run(ws):
     folder.mkdir()
     argv = ["predict", "--adapter", str(folder), "-i", str(ws.scan), "-o", str(ws.tmp / "out")]
     return argv, [str(folder)], ws.tmp / "out"
+
+
+def predict_adapter_whose_base_file_is_gone(ws):
+    argv = ["predict", "--adapter", str(ws.run), "-i", str(ws.scan), "-o", str(ws.tmp / "out")]
+    gone = ws.moved_base.parent.parent / "base.safetensors"
+    return argv, [str(ws.run), str(gone), "not there", "--model ID|PATH"], ws.tmp / "out"
+
+
+def predict_adapter_on_a_model_with_other_weights(ws):
+    from fseft.models.checkpoint import save_model_file
+
+    other = save_model_file(_small_model(seed=1), ws.tmp / "other.safetensors")
+    argv = ["predict", "--adapter", str(ws.run), "--model", str(other), "-i", str(ws.scan), "-o", str(ws.tmp / "out")]
+    return argv, [str(other), str(ws.run), "weights differ"], ws.tmp / "out"
 
 
 def adapt_missing_dataset(ws):
@@ -385,12 +419,18 @@ def inspect_missing_folder(ws):
     return ["datasets", "inspect", str(folder)], [str(folder)], ws.tmp / "nothing"
 
 
+def models_adapters_of_a_missing_folder(ws):
+    folder = ws.tmp / "gone"
+    return ["models", "--adapters", str(folder)], [str(folder), "no such folder"], ws.tmp / "nothing"
+
+
 ROWS: list[Row] = [
     predict_missing_scan, predict_unsupported_file, predict_truncated_nifti, predict_2d_image, predict_4d_image,
     predict_nan_image, predict_dicom_missing_slice, predict_dicom_two_series, predict_dicom_unknown_series_id,
     predict_dicom_seg_of_a_nifti_scan, predict_dicom_seg_of_a_series_without_uids,
     predict_empty_folder, predict_unknown_model, predict_junk_model_file, predict_window_the_model_cannot_take,
     predict_misspelt_structure, predict_cuda_without_cuda, predict_adapter_that_is_not_a_run,
+    predict_adapter_whose_base_file_is_gone, predict_adapter_on_a_model_with_other_weights,
     adapt_missing_dataset, adapt_folder_of_no_layout, adapt_malformed_dataset_json, adapt_truncated_query_image,
     adapt_label_of_another_shape, adapt_label_moved_in_space, adapt_label_with_nan, adapt_label_values_the_map_lacks,
     adapt_k_zero, adapt_k_larger_than_the_dataset, adapt_overflowing_lr, adapt_unknown_structure,
@@ -400,6 +440,7 @@ ROWS: list[Row] = [
     evaluate_corrupt_label_map, benchmark_missing_config, benchmark_misspelt_key,
     pretrain_patch_the_architecture_cannot_take, pretrain_missing_dataset, phantom_zero_cases,
     phantom_into_a_full_folder, inspect_check_finds_a_truncated_scan, inspect_missing_folder,
+    models_adapters_of_a_missing_folder,
 ]
 
 
@@ -420,8 +461,8 @@ def test_bad_input_exits_2_naming_the_problem_and_writes_nothing(row, shared, tm
     if "cuda" in row.__name__ and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     monkeypatch.setenv("FSEFT_CACHE_DIR", str(tmp_path / "cache"))
-    data, scan = shared
-    ws = Workspace(data=data, scan=scan, tmp=tmp_path / "ws")
+    data, scan, run, moved_base = shared
+    ws = Workspace(data=data, scan=scan, tmp=tmp_path / "ws", run=run, moved_base=moved_base)
     ws.tmp.mkdir()
     argv, named, out = row(ws)
     before = _snapshot(out)

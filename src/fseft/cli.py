@@ -121,20 +121,30 @@ def _run_datasets_inspect(args: argparse.Namespace) -> int:
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "models",
-        help="list the model zoo and whether each weights file is present",
+        help="list the model zoo and whether each weights file is present, or the adapter runs in a folder",
         description="List the model zoo: id, architecture, classes, parameters of the full-size "
-        "architecture, and whether the weights file is present (fseft never downloads weights).",
+        "architecture, and whether the weights file is present (fseft never downloads weights). "
+        "With --adapters DIR, list instead the `fseft adapt` run folders under DIR (each a model for "
+        "fseft predict --adapter): method, structures, k, base model, size and mean query Dice.",
     )
-    p.add_argument(
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
         "--weights-dir",
         metavar="DIR",
         default=None,
         help="folder holding <id>.pth/.pt/.safetensors (default: $FSEFT_WEIGHTS_DIR, else ~/.cache/fseft/weights)",
     )
+    which.add_argument("--adapters", metavar="DIR", default=None,
+                       help="list the run folders under DIR (recursively) instead of the zoo")
     p.set_defaults(func=_run_models)
 
 
 def _run_models(args: argparse.Namespace) -> int:
+    if args.adapters is not None:
+        from fseft.engine.runs import format_run_table
+
+        print(format_run_table(args.adapters))
+        return 0
     from fseft.models.zoo import format_model_table
 
     print(format_model_table(args.weights_dir))
@@ -157,13 +167,18 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="scan file, DICOM series folder, or folder of cases (scan files / DICOM sub-folders)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output folder (or a .nii.gz / .dcm file name for a single scan)")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", metavar="ID|PATH", help="model zoo id or fseft model file (.safetensors)")
+    which = p.add_argument_group("the model (--model, --adapter or both)")
+    which.add_argument("--model", metavar="ID|PATH",
+                       help="model zoo id or fseft model file (.safetensors); with --adapter: the base model the "
+                       "adapter sits on, where the one the run recorded moved (checked against its weights "
+                       "fingerprint)")
     which.add_argument("--adapter", metavar="RUN",
-                       help="an `fseft adapt` run folder (any method): its base model + adaptation segment its structures")
+                       help="an `fseft adapt` run folder (any method, copied anywhere): its base model + adaptation "
+                       "segment its structures")
     p.add_argument("--merge", action="store_true",
                    help="with --adapter: fold LoRA / ARENA updates into the base weights before inference")
-    p.add_argument("--weights", metavar="PATH", help="weights file for a zoo model (default: the zoo's)")
+    p.add_argument("--weights", metavar="PATH", help="weights file for a zoo model: --model's, or with --adapter alone "
+                   "the run's recorded zoo model (default: the zoo's)")
     p.add_argument("--structures", type=_csv, metavar="A,B", help="structures to segment (default: all the model's classes)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the network")

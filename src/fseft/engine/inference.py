@@ -257,7 +257,7 @@ def predict_path(
     input_path: str | os.PathLike,
     output: str | os.PathLike,
     model: str | SegmentationModel | None,
-    weights: str | None = None,
+    weights: str | os.PathLike | None = None,
     structures: Sequence[str] | str | None = None,
     cfg: InferenceConfig | None = None,
     preprocess_cfg: PreprocessConfig | None = None,
@@ -271,8 +271,12 @@ def predict_path(
     """`fseft predict`: segment every scan found at `input_path` (see `find_scans`).
 
     model: a zoo id or an fseft model file (loaded once for all cases, with `weights` if
-        given), or a model object. preprocess_cfg: default = the one stored in the model file's
-        metadata, else `PreprocessConfig()`.
+        given), or a model object; with `adapter`, the base model the adapter sits on (where
+        its recorded base moved; checked against the run's weights fingerprint), default: the
+        recorded one. One of `model` and `adapter` is required. preprocess_cfg: default = the
+        one stored in the model file's metadata (or the run's record), else `PreprocessConfig()`.
+    weights: the weights file of a zoo id: `model`'s, or with `adapter` alone the recorded
+        base's.
     output: a folder receiving ``<case>.nii.gz`` (label value s + 1 = structure s, label map in
         ``<case>.json`` and a 3D Slicer colour table ``<case>.ctbl`` beside it) or, with
         `per_structure_files`, ``<case>/<structure>.nii.gz`` binary masks; for a single scan it
@@ -287,7 +291,7 @@ def predict_path(
         (`fseft.evaluation.statistics.structure_statistics`, of the mask as written: the label
         map, where the first structure wins overlaps, or each per-structure mask) to
         `statistics_path(output)`, keyed by case id then structure; rewritten after every case.
-    adapter: an `fseft adapt` run folder (any method); replaces `model` with its base model +
+    adapter: an `fseft adapt` run folder (any method, copied anywhere): its base model +
         adaptation (`fseft.engine.runs.load_adapted_model`) and its recorded preprocessing.
     merge: with `adapter`, fold LoRA / ARENA updates into the base weights first.
     series_id: the DICOM series to read in folders that hold several.
@@ -296,6 +300,8 @@ def predict_path(
 
     from fseft.data.io import read_image, write_mask
 
+    if model is None and adapter is None:
+        raise ConfigError("give a model (--model ID|PATH) or an adapter run folder (--adapter RUN)")
     cfg = cfg or InferenceConfig()
     scans = find_scans(input_path)
     output = Path(output)
@@ -305,7 +311,7 @@ def predict_path(
     if adapter is not None:
         from fseft.engine.runs import load_adapted_model
 
-        model = load_adapted_model(adapter, cfg.device, merge=merge)
+        model = load_adapted_model(adapter, cfg.device, merge=merge, base=model, weights=weights)
         preprocess_cfg = preprocess_cfg or model.preprocess
     elif isinstance(model, str):
         from fseft.models.zoo import load_model

@@ -11,14 +11,18 @@ every format fseft has written), loads the recorded base model (checked against 
 fingerprint) and rebuilds the adaptation by the kind of the recorded method (the registry):
 an `AdaptedModel` (feature adapter on the base features) or an `AdaptedNetwork` (a network
 method on the base). `fseft predict --adapter` and `fseft adapt` itself use these modules, so a
-run predicts what it was evaluated with. Both `fseft.engine.adapt` and
-`fseft.engine.inference` import this module; it imports neither.
+run predicts what it was evaluated with. A run folder is a reusable model: copied anywhere, its
+base is found again (`load_recorded_base`: the recorded file, a zoo id's current file, or the
+one given with ``--model``). `list_runs` / `format_run_table` list the runs under a folder
+(`fseft models --adapters DIR`). Both `fseft.engine.adapt` and `fseft.engine.inference` import
+this module; it imports neither.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -146,26 +150,74 @@ def load_base(
     return base, ref
 
 
-def load_recorded_base(base_info: dict[str, Any], record_path: Path, run_dir: Path, device: str | torch.device) -> nn.Module:
-    """The base model a run recorded (zoo id or model file), checked against its weights
-    fingerprint, in eval mode."""
+#: how a run whose recorded base cannot be used is given its base model
+_GIVE_BASE = ("give the base model with --model ID|PATH (in Python: load_adapted_model(run, base=...)); it is "
+              "checked against the weights fingerprint the run recorded")
+
+
+def load_recorded_base(
+    base_info: dict[str, Any], record_path: Path, run_dir: Path, device: str | torch.device,
+    base: str | os.PathLike | nn.Module | None = None, weights: str | os.PathLike | None = None,
+) -> nn.Module:
+    """The base model of a run, checked against its recorded weights fingerprint, in eval mode.
+
+    The run folder may have been copied anywhere: nothing here depends on where it is or on the
+    working directory. Which model:
+
+    - `base` when given (a zoo id, with `weights` for its file; a model file; or a model object,
+      copied): the base model moved, or the run was made on an in-memory model;
+    - a recorded zoo id: its recorded weights file while that exists, else the zoo's current
+      file for the id (`find_weights`: the package moved, another machine), or `weights`;
+    - a recorded model file: that file; gone, an `InputFileError` naming the run, the file and
+      the fix (`base` / ``--model``).
+
+    Whichever it is, weights other than the recorded fingerprint are an `InputFileError` naming
+    the model and the run.
+    """
     from fseft.engine.feature_cache import model_fingerprint
-    from fseft.models.zoo import load_model
+    from fseft.models.zoo import MODEL_SPECS, WEIGHTS_DIR_ENV, find_weights, load_model, weight_candidates
 
     try:
         model_id, model_path, fingerprint = base_info["id"], base_info["path"], base_info["fingerprint"]
     except (KeyError, TypeError) as exc:
         raise InputFileError(f"{record_path}: incomplete base model record ({exc})") from exc
-    if model_id is None and model_path is None:
+    if base is not None:
+        if isinstance(base, nn.Module):
+            source, model = "the given base model", load_base(base, str(device), fresh=True)[0]
+        else:
+            source, model = str(base), load_model(str(base), weights=weights, device=str(device))
+    elif model_id is None and model_path is None:
+        raise InputFileError(f"{record_path}: the adapter was trained on an in-memory model (no zoo id or model "
+                             f"file recorded); {_GIVE_BASE}")
+    elif model_id is not None:
+        if model_id not in MODEL_SPECS:
+            raise InputFileError(f"{run_dir}: its base model is the zoo id {model_id!r}, which this fseft does not "
+                                 f"know; {_GIVE_BASE}")
+        recorded = Path(model_path) if model_path else None
+        path = (Path(weights) if weights is not None else recorded if recorded is not None and recorded.is_file()
+                else find_weights(MODEL_SPECS[model_id]))
+        if path is None:
+            looked = ", ".join(str(p) for p in weight_candidates(MODEL_SPECS[model_id]))
+            raise InputFileError(
+                f"{run_dir}: the weights of its base model {model_id!r} are neither at the recorded {model_path} nor "
+                f"in the zoo (looked in {looked}); put them at ${WEIGHTS_DIR_ENV}/{model_id}.pth, pass --weights "
+                f"PATH, or {_GIVE_BASE}")
+        source, model = f"model {model_id!r} ({path})", load_model(model_id, weights=path, device=str(device))
+    else:
+        if weights is not None:
+            raise ConfigError(f"--weights is only for zoo ids; the base model of {run_dir} is the model file "
+                              f"{model_path}: give it with --model PATH")
+        if not Path(model_path).is_file():
+            raise InputFileError(f"{run_dir}: its base model file {model_path} is not there (moved or deleted); "
+                                 f"{_GIVE_BASE}")
+        source, model = str(model_path), load_model(str(model_path), device=str(device))
+    found = model_fingerprint(model)
+    if found != fingerprint:
         raise InputFileError(
-            f"{record_path}: the adapter was trained on an in-memory model (no zoo id or model file "
-            "recorded); save the base model with save_model_file and adapt from that file"
-        )
-    ref = model_id or model_path
-    base = load_model(model_id, weights=model_path, device=str(device)) if model_id else load_model(model_path, device=str(device))
-    if model_fingerprint(base) != fingerprint:
-        raise InputFileError(f"{ref}: its weights differ from those the adapter in {run_dir} was trained on")
-    return base.eval().requires_grad_(False)
+            f"{source}: its weights differ from those the adapter in {run_dir} was trained on (weights fingerprint "
+            f"{found[:12]}, the run recorded {str(fingerprint)[:12]}); give the base model the run was made on "
+            "with --model ID|PATH")
+    return model.eval().requires_grad_(False)
 
 
 def run_extra(base_info: dict[str, Any], cfg: Any, preprocess_cfg: Any, task: Any, result: Any) -> dict[str, Any]:
@@ -187,12 +239,15 @@ def run_extra(base_info: dict[str, Any], cfg: Any, preprocess_cfg: Any, task: An
 
 
 def load_adapted_model(
-    run_dir: str | os.PathLike, device: str | torch.device = "cpu", merge: bool = False
+    run_dir: str | os.PathLike, device: str | torch.device = "cpu", merge: bool = False,
+    base: str | os.PathLike | nn.Module | None = None, weights: str | os.PathLike | None = None,
 ) -> AdaptedModel | AdaptedNetwork:
     """Rebuild base model + trained adaptation from an `fseft adapt` run folder, in eval mode.
 
-    The base model is loaded from the recorded zoo id or file and checked against the recorded
-    weights fingerprint (`InputFileError` if the file changed since the run). The recorded
+    The run folder is a reusable model: copied anywhere, it loads the same. Its base model is
+    the recorded zoo id or file, or `base` (a zoo id, with `weights` for its file, a model
+    file or a model object: where the base moved), always checked against the recorded weights
+    fingerprint (`InputFileError` if they differ; see `load_recorded_base`). The recorded
     method's kind (the registry) decides the rest: feature-adapter runs give an `AdaptedModel`;
     network runs an `AdaptedNetwork` around `fseft.methods.adapter_io.load_adapted`, with
     `merge` folding the method into the base weights (its ``merge`` hook; a `ConfigError` for
@@ -208,14 +263,16 @@ def load_adapted_model(
     if "base_model" not in extra or "preprocess" not in extra:
         raise InputFileError(f"{run_dir / ADAPTER_WEIGHTS}: no base model recorded (not written by `fseft adapt`); "
                              "load it onto its base with fseft.methods.adapter_io.load_adapted")
-    return _LOADERS[kind](run_dir, record, device, merge)
+    return _LOADERS[kind](run_dir, record, device, merge, base, weights)
 
 
-def _load_network_run(run_dir: Path, record: dict[str, Any], device: str | torch.device, merge: bool) -> AdaptedNetwork:
+def _load_network_run(run_dir: Path, record: dict[str, Any], device: str | torch.device, merge: bool,
+                      base_model: Any = None, weights: Any = None) -> AdaptedNetwork:
     from fseft.data.preprocessing import PreprocessConfig
     from fseft.methods import adapter_io
 
-    base = load_recorded_base(record["extra"]["base_model"], run_dir / ADAPTER_WEIGHTS, run_dir, device)
+    base = load_recorded_base(record["extra"]["base_model"], run_dir / ADAPTER_WEIGHTS, run_dir, device,
+                              base_model, weights)
     model = adapter_io.load_adapted(base, run_dir)
     if merge:
         model = adapter_io.merge(model)
@@ -223,7 +280,8 @@ def _load_network_run(run_dir: Path, record: dict[str, Any], device: str | torch
     return AdaptedNetwork(model, record["structures"], record["multiclass"], preprocess).to(device).eval()
 
 
-def _load_features_run(run_dir: Path, record: dict[str, Any], device: str | torch.device, merge: bool) -> AdaptedModel:
+def _load_features_run(run_dir: Path, record: dict[str, Any], device: str | torch.device, merge: bool,
+                       base_model: Any = None, weights: Any = None) -> AdaptedModel:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -237,7 +295,7 @@ def _load_features_run(run_dir: Path, record: dict[str, Any], device: str | torc
         raise ConfigError(f"{run_dir}: merging folds a network method's updates ({', '.join(mergeable)}) into the base "
                           f"weights; this run trained a feature adapter ({record['method']}), which has nothing to merge")
     weights_path = run_dir / ADAPTER_WEIGHTS
-    base = load_recorded_base(record["extra"]["base_model"], weights_path, run_dir, device)
+    base = load_recorded_base(record["extra"]["base_model"], weights_path, run_dir, device, base_model, weights)
     adapter, _ = adapter_on(base, record["method"], dict(record["options"]), record["structures"], record["multiclass"])
     try:
         state = load_file(str(weights_path))
@@ -251,3 +309,113 @@ def _load_features_run(run_dir: Path, record: dict[str, Any], device: str | torc
 
 
 _LOADERS: dict[str, Callable[..., nn.Module]] = {"features": _load_features_run, "network": _load_network_run}
+
+
+# ---------------------------------------------------------------------------- listing runs
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """One run folder of `list_runs` (a row of `fseft models --adapters DIR`).
+
+    Attributes:
+        folder: the run folder, relative to the listed folder (``.`` for the folder itself).
+        method, structures, k: from the run record (k: the recorded task, else ``metrics.json``).
+        base: the base model: its zoo id, else its weights file name; None if not recorded.
+        size: bytes of the adapter files (``adapter_model.safetensors``, ``adapter_config.json``).
+        dice: mean query Dice over the structures (``metrics.json``); None without one.
+        problem: why the folder cannot be read as a run (the other fields then empty), or None.
+    """
+
+    folder: Path
+    method: str | None = None
+    structures: tuple[str, ...] = ()
+    k: int | None = None
+    base: str | None = None
+    size: int = 0
+    dice: float | None = None
+    problem: str | None = None
+
+
+def list_runs(directory: str | os.PathLike) -> list[RunSummary]:
+    """Every run folder under `directory` (recursively; `directory` itself included), sorted by
+    folder: a folder holding ``adapter_model.safetensors``, read with `read_run_record`.
+
+    Hidden folders (an adapt or benchmark still writing, ``.name.partial``) are skipped. A folder
+    that is not a readable run is listed with a short `RunSummary.problem`, not raised, so that
+    one broken run does not hide the others. `InputFileError` when `directory` is not a folder.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise InputFileError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}; "
+                             "give the folder holding the run folders (fseft adapt --out, fseft benchmark --out)")
+    found = (p.parent for p in root.rglob(ADAPTER_WEIGHTS) if p.is_file())
+    folders = {f for f in found if not any(part.startswith(".") for part in f.relative_to(root).parts)}
+    return [_summarise_run(root, folder) for folder in sorted(folders, key=lambda f: f.relative_to(root).parts)]
+
+
+def _summarise_run(root: Path, run_dir: Path) -> RunSummary:
+    folder = run_dir.relative_to(root)
+    size = sum((run_dir / name).stat().st_size for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+               if (run_dir / name).is_file())
+    try:
+        record = read_run_record(run_dir)
+    except InputFileError as exc:  # the reason without the folder (the row names it) nor the hint
+        reason = str(exc).replace(f"{run_dir}{os.sep}", "").split("; ")[0]
+        return RunSummary(folder, size=size, problem=reason)
+    try:
+        metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        metrics = {}
+    metrics = metrics if isinstance(metrics, dict) else {}
+    try:
+        extra = record.get("extra") or {}
+        base_info = extra.get("base_model") or {}
+        base = base_info.get("id") or (Path(base_info["path"]).name if base_info.get("path") else None)
+        if base is None and base_info:
+            base = "in-memory"  # adapted from a model object: give its base with --model
+        k = (extra.get("task") or {}).get("k", metrics.get("k"))
+        structures = tuple(str(s) for s in record.get("structures") or ())
+        return RunSummary(folder, str(record.get("method")), structures, None if k is None else int(k), base, size,
+                          _mean_dice(metrics, structures))
+    except (AttributeError, TypeError, ValueError) as exc:
+        return RunSummary(folder, size=size, problem=f"malformed run record ({exc})")
+
+
+def _mean_dice(metrics: dict[str, Any], structures: Sequence[str]) -> float | None:
+    """Mean of the structures' mean query Dice in `metrics` (those with one), or None."""
+    mean = metrics.get("mean")
+    if not isinstance(mean, dict):
+        return None
+    values = [row.get("dice") for row in (mean.get(s) for s in structures) if isinstance(row, dict)]
+    values = [float(v) for v in values if isinstance(v, (int, float))]
+    return sum(values) / len(values) if values else None
+
+
+def _file_size(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} KB"
+
+
+def format_run_table(directory: str | os.PathLike) -> str:
+    """The table `fseft models --adapters DIR` prints: one row per run folder of `list_runs`
+    (an unreadable one: its folder and why), then how many there are."""
+    rows = list_runs(directory)
+    if not rows:
+        return f"no run folders (holding {ADAPTER_WEIGHTS}) under {directory}"
+    header = ("run", "method", "structures", "k", "base model", "size", "dice")
+    cells = [header] + [
+        (r.folder.as_posix(), r.method or "—", ",".join(r.structures) or "—", "—" if r.k is None else str(r.k),
+         r.base or "—", _file_size(r.size), "—" if r.dice is None else f"{r.dice:.3f}")
+        if r.problem is None else (r.folder.as_posix(), f"UNREADABLE: {r.problem}")
+        for r in rows
+    ]
+    full = [line for line in cells if len(line) == len(header)]
+    widths = [max(len(line[0]) for line in cells)] + [max(len(line[i]) for line in full) for i in range(1, len(header))]
+    right = {3, 5, 6}  # the numbers
+    text = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+            for line in cells]
+    text.insert(1, "-" * len(text[0]))
+    unreadable = sum(r.problem is not None for r in rows)
+    text.append(f"{len(rows) - unreadable} run(s) under {directory}"
+                + (f", {unreadable} unreadable" if unreadable else ""))
+    return "\n".join(text)
