@@ -303,6 +303,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    from fseft.engine.auto import DEFAULT_BUDGET, DEFAULT_CANDIDATES  # no torch
+
     p = sub.add_parser(
         "adapt",
         help="few-shot adaptation: black-box adapters on cached features, or (PEFT) fine-tuning of the network",
@@ -316,9 +318,10 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="lp", metavar="NAME", help="an adaptation method (default: lp)")
     p.add_argument("--candidates", type=_csv, metavar="A,B",
                    help="--method auto: the methods to choose among: method ids, METHOD+ti (size constraint), "
-                   "METHOD+dec (fine-tuned decoder) (default: spatial-adapter+ti,spatial-adapter,lp,lora+dec)")
+                   f"METHOD+dec (fine-tuned decoder) (default: {','.join(DEFAULT_CANDIDATES)})")
     p.add_argument("--auto-budget", type=int, metavar="STEPS",
-                   help="--method auto: optimiser steps shared by all candidates' leave-one-out runs (default: 2000)")
+                   help=f"--method auto: optimiser steps shared by all candidates' leave-one-out runs "
+                   f"(default: {DEFAULT_BUDGET})")
     p.add_argument("--out", metavar="RUN", help="run folder (not with --dry-run)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the method's trainable parameters for MODEL and STRUCTURES; no data, no training")
