@@ -376,10 +376,20 @@ def _summarise_run(root: Path, run_dir: Path) -> RunSummary:
             base = "in-memory"  # adapted from a model object: give its base with --model
         k = (extra.get("task") or {}).get("k", metrics.get("k"))
         structures = tuple(str(s) for s in record.get("structures") or ())
-        return RunSummary(folder, str(record.get("method")), structures, None if k is None else int(k), base, size,
+        return RunSummary(folder, _method_label(record), structures, None if k is None else int(k), base, size,
                           _mean_dice(metrics, structures))
     except (AttributeError, TypeError, ValueError) as exc:
         return RunSummary(folder, size=size, problem=f"malformed run record ({exc})")
+
+
+def _method_label(record: dict[str, Any]) -> str:
+    """The method as ``--candidates`` names it: ``lora+dec`` (decoder fine-tuned; ``+newdec``
+    re-initialised), ``spatial-adapter+ti`` (with the size constraint), else its id."""
+    decoder = (record.get("options") or {}).get("decoder")
+    suffix = {"fine-tuned": "+dec", "new": "+newdec"}.get(decoder, "")
+    if (record.get("extra") or {}).get("transductive"):
+        suffix += "+ti"
+    return f"{record.get('method')}{suffix}"
 
 
 def _mean_dice(metrics: dict[str, Any], structures: Sequence[str]) -> float | None:
