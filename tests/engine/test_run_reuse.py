@@ -183,3 +183,13 @@ def test_models_adapters_lists_the_runs_of_a_folder(setup, tmp_path, capsys):
     (listed / "lp" / "k2" / "metrics.json").unlink()
     assert main(["models", "--adapters", str(listed / "lp")]) == 0
     assert capsys.readouterr().out.splitlines()[2].split()[-1] == "—"  # no metrics.json: no Dice
+
+
+def test_run_listing_names_the_method_as_candidates_do():
+    from fseft.engine.runs import _method_label
+
+    assert _method_label({"method": "lora", "options": {"decoder": "fine-tuned"}, "extra": {}}) == "lora+dec"
+    assert _method_label({"method": "lora", "options": {"decoder": "frozen"}, "extra": {}}) == "lora"
+    assert _method_label({"method": "spatial-adapter", "options": {}, "extra": {"transductive": {"gamma": 0.3}}}) \
+        == "spatial-adapter+ti"
+    assert _method_label({"method": "lp", "options": {}, "extra": {"transductive": None}}) == "lp"
