@@ -90,6 +90,8 @@ def test_benchmark_runs_tables_report_and_resumes(setup):
     assert len(queries) == 1 and len(next(iter(queries))) == 2
     spec = json.loads((out / result.records[0].run / "run.json").read_text())
     assert len(spec["model_sha256"]) == 64 and "cache_dir" not in spec["adapt"]  # new weights rerun every run
+    # --method auto's options are not in other runs' settings: runs finished before auto existed stay finished
+    assert "candidates" not in spec["adapt"] and "auto_budget" not in spec["adapt"]
 
     for name in ("results.json", "results.csv", "results.md", "records.json", "dice_vs_k.png", "overlays.png",
                  "report.html", "experiment.json"):

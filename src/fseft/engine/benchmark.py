@@ -232,6 +232,9 @@ class PlannedRun:
         """What `run.json` records: everything that decides the run's result (the model file's
         hash too, so that new weights rerun every run; not where the cache lives)."""
         settings = {k: v for k, v in cfg.to_dict().items() if k not in ("cache_dir", "progress")}
+        for key in ("candidates", "auto_budget"):  # --method auto's own: runs finished before it stay finished
+            if settings.get(key) is None:
+                settings.pop(key, None)
         return {"method": self.entry.name, "model": exp.model, "model_sha256": model_sha256, "data": exp.data,
                 "structure": self.structure, "k": self.k, "seed": self.seed, "partition": partition,
                 "adapt": settings}
