@@ -181,7 +181,7 @@ def adapt_auto(
 
     from fseft.data.datasets import check_cases, open_dataset
     from fseft.data.tasks import FewShotTask
-    from fseft.engine.runs import METRICS_FILE
+    from fseft.engine.runs import METRICS_FILE, mean_query_dice
     from fseft.methods import get_method
     from fseft.models.zoo import describe_model
     from fseft.utils import write_json
@@ -220,7 +220,7 @@ def adapt_auto(
                     fold = ([c for c in folds if c != held], [held])
                     metrics = run(model, data, names, k - 1, seed, scratch / entry.name / f"fold{i}", fold_cfg,
                                   partition=fold)
-                    dice.append(_mean_dice(metrics, names))
+                    dice.append(mean_query_dice(metrics, names, missing=0.0))  # no Dice: a failure
                     bar.update()
                 rows.append({**entry.to_dict(), "steps_per_fold": steps, "fold_dice": dice,
                              "cv_dice": float(sum(dice) / len(dice)), "seconds": round(time.perf_counter() - tick, 3)})
@@ -240,12 +240,6 @@ def adapt_auto(
                        "skipped": [e.name for e in entries if e not in usable]}
     write_json(out / METRICS_FILE, metrics)
     return metrics
-
-
-def _mean_dice(metrics: Mapping[str, Any], names: Sequence[str]) -> float:
-    """Mean Dice over `names` of a run's queries (an undefined Dice counts as 0)."""
-    values = [(metrics["mean"].get(s) or {}).get("dice") for s in names]
-    return float(sum(0.0 if v is None else float(v) for v in values) / len(values))
 
 
 def metrics_lines(metrics: Mapping[str, Any]) -> list[str]:

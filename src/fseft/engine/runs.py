@@ -377,7 +377,7 @@ def _summarise_run(root: Path, run_dir: Path) -> RunSummary:
         k = (extra.get("task") or {}).get("k", metrics.get("k"))
         structures = tuple(str(s) for s in record.get("structures") or ())
         return RunSummary(folder, _method_label(record), structures, None if k is None else int(k), base, size,
-                          _mean_dice(metrics, structures))
+                          mean_query_dice(metrics, structures))
     except (AttributeError, TypeError, ValueError) as exc:
         return RunSummary(folder, size=size, problem=f"malformed run record ({exc})")
 
@@ -392,13 +392,17 @@ def _method_label(record: dict[str, Any]) -> str:
     return f"{record.get('method')}{suffix}"
 
 
-def _mean_dice(metrics: dict[str, Any], structures: Sequence[str]) -> float | None:
-    """Mean of the structures' mean query Dice in `metrics` (those with one), or None."""
+def mean_query_dice(metrics: dict[str, Any], structures: Sequence[str], missing: float | None = None) -> float | None:
+    """Mean over `structures` of a run's mean query Dice (``metrics.json``'s ``mean``).
+
+    missing: what a structure without a Dice counts as; None leaves it out (the run listing),
+    0.0 scores it as a failure (`fseft.engine.auto`'s leave-one-out). None when no value is left.
+    """
     mean = metrics.get("mean")
-    if not isinstance(mean, dict):
-        return None
-    values = [row.get("dice") for row in (mean.get(s) for s in structures) if isinstance(row, dict)]
-    values = [float(v) for v in values if isinstance(v, (int, float))]
+    mean = mean if isinstance(mean, dict) else {}
+    values = [row.get("dice") if isinstance(row, dict) else None for row in (mean.get(s) for s in structures)]
+    values = [float(v) if isinstance(v, (int, float)) else missing for v in values]
+    values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
 
