@@ -8,7 +8,6 @@ every trainable weight lies after a split point), then scored by sliding-window 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fseft.engine.training import NOT_TRAINED, TrainResult, epoch_budget, fit
+from fseft.engine.training import NOT_TRAINED, TrainResult, fit
 from fseft.errors import ConfigError
 
 
@@ -45,6 +44,7 @@ def train_network(
     from fseft.methods.peft_methods import method_train_mode, post_step, unwrap
 
     cfg = cfg.resolved()
+    settings = cfg.fit_settings()
     device = torch.device(cfg.device)
     model.to(device)
     if not any(p.requires_grad for p in model.parameters()) or cfg.epochs == 0 or not support:
@@ -56,7 +56,7 @@ def train_network(
     if encoder_cache is not None:
         from fseft.engine.encoder_cache import PatchPool
 
-        epochs = epoch_budget(cfg.epochs, cfg.max_steps, math.ceil(len(support) / cfg.batch_size))
+        epochs = settings.schedule(len(support))[1]
         pool = PatchPool(patches, encoder_cache, min(cfg.encoder_pool_epochs, epochs), cfg.progress)
         base = unwrap(model)
         draws = np.random.RandomState(seed + 1)  # apart from fit's: the volume order stays the network path's
@@ -79,7 +79,7 @@ def train_network(
         patches.set_epoch(epoch)
         method_train_mode(model)
 
-    return fit(model, len(support), batch, cfg.fit_settings(), seed, on_epoch=on_epoch,
+    return fit(model, len(support), batch, settings, seed, on_epoch=on_epoch,
                after_step=lambda optimizer: post_step(model, optimizer))
 
 

@@ -19,7 +19,6 @@ black-box candidates reuse the feature cache, so each fold costs them only the a
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import time
@@ -116,9 +115,9 @@ def candidate_config(cfg: Any, entry: MethodEntry, **extra: Any) -> Any:
 
 def share_budget(caps: Sequence[float], budget: int) -> list[int]:
     """Steps per candidate (all its folds together): `budget` shared equally, a candidate capped
-    below its share (``caps``; ``math.inf`` for none) leaving the rest to the others.
+    below its share (``caps``; ``float("inf")`` for none) leaving the rest to the others.
 
-    >>> share_budget([80, math.inf, math.inf], 1000)
+    >>> share_budget([80, float("inf"), float("inf")], 1000)
     [80, 460, 460]
     """
     shares = [0] * len(caps)
@@ -133,12 +132,9 @@ def share_budget(caps: Sequence[float], budget: int) -> list[int]:
 
 def _protocol_steps(cfg: Any, k: int) -> float:
     """Optimiser steps a candidate's run would take at `k` support volumes (its epochs, batch
-    size and `max_steps`)."""
-    from fseft.engine.training import epoch_budget
-
-    run = cfg.resolved()
-    iters = max(1, math.ceil(k / int(run.batch_size)))
-    return float(epoch_budget(int(run.epochs), run.max_steps, iters) * iters)
+    size and `max_steps`: `fseft.engine.training.FitSettings.schedule`)."""
+    iters, epochs = cfg.fit_settings().schedule(k)
+    return float(iters * epochs)
 
 
 def rule_at_k1(entries: Sequence[MethodEntry], known: bool, structures: Sequence[str]) -> tuple[MethodEntry, str]:

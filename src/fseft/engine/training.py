@@ -62,6 +62,12 @@ class FitSettings:
     progress: bool
     desc: str
 
+    def schedule(self, n_volumes: int) -> tuple[int, int]:
+        """``(optimiser steps per epoch, epochs)`` for `n_volumes` support volumes: one step per
+        `batch_size` volumes, the epochs capped by `max_steps` (`epoch_budget`)."""
+        iters = math.ceil(n_volumes / self.batch_size)
+        return iters, epoch_budget(self.epochs, self.max_steps, iters)
+
 
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, multiclass: bool, loss: str = "bce+dice") -> torch.Tensor:
     """Soft Dice per structure and patch (``loss="dice"``, the FSEFT adaptation runs' loss), plus
@@ -158,8 +164,7 @@ def fit(
     params = [p for p in module.parameters() if p.requires_grad]
     if not params or settings.epochs == 0 or not n_volumes:
         return NOT_TRAINED
-    iters = math.ceil(n_volumes / settings.batch_size)
-    epochs = epoch_budget(settings.epochs, settings.max_steps, iters)
+    iters, epochs = settings.schedule(n_volumes)
     optimizer, scheduler = make_optimizer(
         params, settings.lr, settings.weight_decay, settings.warmup_epochs * iters, max(1, epochs * iters),
         warmup_multiplier=0.1,  # the very first step already learns
