@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fseft.engine.auto import AUTO
 from fseft.engine.sliding_window import InferenceConfig
 from fseft.engine.training import LOSSES, FitSettings
 from fseft.errors import ConfigError
@@ -169,7 +170,7 @@ class AdaptConfig:
             raise ConfigError(f"lr must be > 0 and a finite float32 number (the optimiser's), got {self.lr}")
         if not 0.0 <= self.pos_ratio <= 1.0:
             raise ConfigError(f"pos_ratio must be in [0, 1], got {self.pos_ratio}")
-        if self.method != "auto" and (self.candidates is not None or self.auto_budget is not None):
+        if self.method != AUTO and (self.candidates is not None or self.auto_budget is not None):
             raise ConfigError("--candidates and --auto-budget are options of --method auto")
         if self.candidates is not None:
             self.candidates = tuple(self.candidates)
@@ -182,7 +183,7 @@ class AdaptConfig:
         `head_warmup` to `MethodConfig.warms_up_head`."""
         from fseft.methods import get_method
 
-        if self.method == "auto":  # each candidate resolves its own protocol
+        if self.method == AUTO:  # each candidate resolves its own protocol
             return self
         protocol = get_method(self.method).config_cls
         defaults = {"epochs": protocol.default_epochs, "lr": protocol.default_lr,
@@ -318,7 +319,7 @@ def adapt(
     from fseft.methods import get_method
     from fseft.utils import seed_everything
 
-    if cfg is not None and cfg.method == "auto":
+    if cfg is not None and cfg.method == AUTO:
         from fseft.engine.auto import adapt_auto
 
         names = _structures(structures)
@@ -407,7 +408,7 @@ def count_parameters(
     from fseft.models.zoo import describe_model
 
     cfg = cfg or AdaptConfig()
-    if cfg.method == "auto":
+    if cfg.method == AUTO:
         raise ConfigError("--dry-run: --method auto chooses among its --candidates when it runs; "
                           "dry-run a candidate's method instead")
     spec = get_method(cfg.method)
