@@ -232,6 +232,11 @@ def test_class_balanced_dataset_weights_raise_the_least_annotated_class():
     share = annotates.T.astype(float) @ p
     assert share.min() == pytest.approx(0.5, abs=1e-6)  # uniform datasets: pancreas and IVC get 1/3
     assert (annotates.T.astype(float) @ np.full(3, 1 / 3)).min() == pytest.approx(1 / 3)
+    # two datasets per annotation set (an assembly grown with more cases): each pair splits its
+    # share evenly instead of the programme handing all of it to one dataset
+    doubled = class_balanced_group_weights(np.vstack([annotates, annotates]))
+    assert doubled[:3] == pytest.approx(doubled[3:]) and (doubled > 0).all()
+    assert (np.vstack([annotates, annotates]).T.astype(float) @ doubled).min() == pytest.approx(0.5, abs=1e-6)
     # symmetric assemblies stay uniform
     assert class_balanced_group_weights(np.eye(3, dtype=bool)) == pytest.approx(np.full(3, 1 / 3))
     with pytest.raises(ConfigError, match="at least one dataset"):
@@ -299,6 +304,41 @@ def test_validation_dice_is_logged_and_head_prior_sets_the_biases(tmp_path):
     missing["validation"] = {"path": "A", "evry": 2}
     with pytest.raises(ConfigError, match="did you mean 'every'"):
         assembly_from_dict(missing, base_dir=tmp_path)
+
+
+def test_init_starts_from_a_model_file_and_maps_the_head_by_class_name(tmp_path):
+    first = pretrain(assembly_from_dict(tiny_assembly(tmp_path), base_dir=tmp_path), tmp_path / "first")
+    donor = _weights(first.model)
+    # continued pre-training with another catalogue: gallbladder new, kidney_left dropped
+    data = tiny_assembly(tmp_path, lr=0.0, head_prior=0.02)
+    data["model"]["classes"] = ["spleen", "gallbladder", "liver"]
+    data["model"]["init"] = "first/model.safetensors"  # relative to the assembly, like datasets
+    data["datasets"] = [{"path": "A", "structures": ["liver", "spleen"]}]
+    assembly = assembly_from_dict(data, base_dir=tmp_path)
+    assert assembly.init == str(tmp_path / "first" / "model.safetensors")
+    second = pretrain(assembly, tmp_path / "second")  # lr 0: the weights stay what init gave
+    ours = _weights(second.model)
+    body = [k for k in donor if not k.startswith("head.") and donor[k].is_floating_point()]
+    # the donor file is float32 here; BatchNorm statistics move in training mode, weights do not
+    assert all(torch.allclose(ours[k], donor[k]) for k in body if "running" not in k)
+    order = first.model.class_names  # (liver, spleen, kidney_left)
+    for i, name in enumerate(("spleen", "gallbladder", "liver")):
+        if name == "gallbladder":  # a new class keeps the head prior
+            assert ours["head.bias"][i].item() == pytest.approx(float(np.log(0.02 / 0.98)))
+        else:
+            j = order.index(name)
+            assert torch.allclose(ours["head.weight"][i], donor["head.weight"][j])
+            assert ours["head.bias"][i].item() == pytest.approx(donor["head.bias"][j].item())
+    assert json.loads((tmp_path / "second" / "assembly.json").read_text())["model"]["init"] == assembly.init
+
+    data["model"]["init"] = "nowhere.safetensors"
+    with pytest.raises(ConfigError, match="model.init: 'nowhere.safetensors' is neither a zoo id"):
+        assembly_from_dict(data, base_dir=tmp_path)
+    data["model"]["init"] = "first/model.safetensors"
+    data["model"]["arch_kwargs"] = {"base_channels": 4}
+    with pytest.raises(ConfigError, match="model.init: .*same architecture and size"):
+        pretrain(assembly_from_dict(data, base_dir=tmp_path), tmp_path / "third")
+    assert not (tmp_path / "third").exists()  # checked before anything is written
 
 
 def test_diverged_pretraining_stops_before_writing_a_checkpoint(tmp_path, capsys):

@@ -233,6 +233,9 @@ class AssemblyConfig:
     train: PretrainConfig = field(default_factory=PretrainConfig)
     source: str = "<assembly>"
     save_dtype: str = "float32"  # storage dtype of the final model file (float16 halves it)
+    #: weights to start from (a zoo id or an fseft model file; the assembly's `init`), or None
+    #: for random weights. See `fseft.models.checkpoint.transfer_weights`.
+    init: str | None = None
     validation: ValidationConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -253,7 +256,7 @@ class AssemblyConfig:
                 {k: plain(v) for k, v in dataclasses.asdict(d).items() if v is not None} for d in self.datasets
             ],
             "model": {"arch": self.arch, "arch_kwargs": plain(self.arch_kwargs), "classes": list(self.classes),
-                      "save_dtype": self.save_dtype},
+                      "save_dtype": self.save_dtype, **({"init": self.init} if self.init else {})},
             "preprocess": self.preprocess.to_dict(),
             "train": plain(dataclasses.asdict(self.train)),
             **({"validation": plain(dataclasses.asdict(self.validation))} if self.validation else {}),
@@ -261,7 +264,7 @@ class AssemblyConfig:
 
 
 _TOP_KEYS = ("datasets", "model", "preprocess", "train", "validation")
-_MODEL_KEYS = ("arch", "arch_kwargs", "classes", "save_dtype")
+_MODEL_KEYS = ("arch", "arch_kwargs", "classes", "save_dtype", "init")
 _SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -310,6 +313,18 @@ def assembly_from_dict(data: Mapping[str, Any], source: str = "<assembly>", base
     save_dtype = str(model.get("save_dtype", "float32"))
     if save_dtype not in _SAVE_DTYPES:
         raise ConfigError(f"{source}: model.save_dtype must be one of {', '.join(_SAVE_DTYPES)}, got {save_dtype!r}")
+    init = model.get("init")
+    if init is not None:
+        init = str(init)
+        from fseft.models.zoo import MODEL_SPECS
+
+        if init not in MODEL_SPECS:  # a model file, relative to the YAML like the datasets
+            init_path = Path(init).expanduser()
+            init_path = init_path if init_path.is_absolute() else base / init_path
+            if not init_path.is_file():
+                raise ConfigError(f"{source}: model.init: {init!r} is neither a zoo id "
+                                  f"({', '.join(MODEL_SPECS)}) nor an existing model file ({init_path})")
+            init = str(init_path)
     preprocess_raw = check_keys(top.get("preprocess"), _field_names(PreprocessConfig), "preprocess", source)
     train_raw = check_keys(top.get("train"), _field_names(PretrainConfig), "train", source)
     for key, value in (overrides or {}).items():
@@ -327,7 +342,7 @@ def assembly_from_dict(data: Mapping[str, Any], source: str = "<assembly>", base
         validation = _folder_entry(ValidationConfig, top["validation"], "validation", source, base)
     return AssemblyConfig(datasets=datasets, arch=str(model.get("arch", "swin_unetr")), arch_kwargs=dict(arch_kwargs),
                           classes=classes, preprocess=preprocess, train=train, source=source, save_dtype=save_dtype,
-                          validation=validation)
+                          validation=validation, init=init)
 
 
 def load_assembly(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> AssemblyConfig:
@@ -736,6 +751,21 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
         seed_everything(train.seed)  # identical initial weights on every rank
         catalogue, sources = resolve_sources(assembly)
         val_source = resolve_validation(assembly, catalogue)
+        # built, and started from `init`, before anything is written: a bad init leaves no run folder
+        model = _build_model(assembly, catalogue)
+        if train.head_prior is not None:
+            with torch.no_grad():
+                model.head.bias.fill_(math.log(train.head_prior / (1 - train.head_prior)))
+        if assembly.init is not None and not resume:  # a resumed run loads its own checkpoint below
+            from fseft.models.checkpoint import transfer_weights
+            from fseft.models.zoo import load_model
+
+            try:
+                summary = transfer_weights(load_model(assembly.init), model)
+            except ConfigError as exc:
+                raise ConfigError(f"{assembly.source}: model.init: {exc}") from exc
+            if ctx.is_main:
+                print(f"initialised from {assembly.init}: {summary}", flush=True)
         identity = {"arch": assembly.arch, "arch_kwargs": assembly.arch_kwargs, "classes": list(catalogue),
                     "preprocess": assembly.preprocess.to_dict()}
         if ctx.is_main:
@@ -756,10 +786,6 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
         val_volumes = None if val_source is None else prepare_cache(
             [val_source], catalogue, assembly.preprocess, cache_dir, ctx, train.progress)
 
-        model = _build_model(assembly, catalogue)
-        if train.head_prior is not None:
-            with torch.no_grad():
-                model.head.bias.fill_(math.log(train.head_prior / (1 - train.head_prior)))
         if ctx.is_distributed and ctx.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm over the global batch
         model = wrap_model(model, ctx)

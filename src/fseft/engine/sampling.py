@@ -149,7 +149,8 @@ def class_balanced_group_weights(annotates: np.ndarray) -> np.ndarray:
     one dataset). In a partial-label assembly a class annotated by one dataset of three gets a
     third of the steps under dataset-balanced sampling; this linear programme (max t subject to
     ``annotates.T @ p >= t``, p a distribution) raises it as far as the other classes allow.
-    Returns ``(G,)`` probabilities; ties are broken towards uniform.
+    Returns ``(G,)`` probabilities; ties are broken towards uniform, and datasets that annotate
+    the same classes share their total equally (the programme alone may give one all of it).
     """
     from scipy.optimize import linprog
 
@@ -172,6 +173,10 @@ def class_balanced_group_weights(annotates: np.ndarray) -> np.ndarray:
     near = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=np.r_[np.ones(groups), np.zeros(groups)][None], b_eq=[1.0],
                    bounds=[(0, 1)] * (2 * groups))
     p = np.clip(near.x[:groups] if near.success else best.x[:groups], 0, None)
+    # identical rows give every class the same share whatever the split: split evenly
+    _, same, counts = np.unique(a, axis=0, return_inverse=True, return_counts=True)
+    same = same.reshape(-1)
+    p = np.bincount(same, weights=p)[same] / counts[same]
     return p / p.sum()
 
 
