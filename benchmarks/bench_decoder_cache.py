@@ -8,7 +8,8 @@ step (forward, loss, backward) of the decoder and head on one patch:
 - through the network: the frozen encoder recomputed (what `--no-encoder-cache` does);
 - on the cache: the stored encoder outputs read back (float16 memmaps), decoder and head only;
 
-and prints their ratio, the one-off cost of encoding a patch, and the cache size per patch and
+and prints their ratio, the ratio of their matmul and convolution operations (what the time ratio
+tends to where those dominate, as on GPUs), the one-off cost of encoding a patch, and the cache size per patch and
 per support volume (a 1.5 mm phantom, the reference spacing, with `AdaptConfig`'s default pool).
 
     python benchmarks/bench_decoder_cache.py                          # 48-channel Swin-UNETR, 96^3
@@ -82,10 +83,26 @@ def main(argv: list[str] | None = None) -> int:
             step(i)
             if i:
                 times[name].append(time.perf_counter() - t0)
+    # Floating-point operations of one step on each path (torch's FlopCounterMode: matmuls and
+    # convolutions, forward and backward): the time ratio tends to theirs where those dominate
+    # (GPUs); the memory-bound operations the counter does not see (the Swin's window shifts,
+    # softmax, norms) add time to the network path, more on CPUs.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = {}
+    for name, step in (("network", through), ("cache", on_cache)):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step(0)
+        flops[name] = counter.get_total_flops()
+        for p in params:
+            p.grad = None
     net, cac = float(np.mean(times["network"])), float(np.mean(times["cache"]))
     print(f"step through the network   {net:8.2f} s")
     print(f"step on cached outputs     {cac:8.2f} s")
     print(f"ratio                      {net / cac:8.2f} x")
+    print(f"FLOPs per step             {flops['network'] / 1e9:8.1f} / {flops['cache'] / 1e9:.1f} GFLOP "
+          f"(network / cache): ratio {flops['network'] / flops['cache']:.2f} x")
     print(f"encoding a patch (once)    {encode_s:8.2f} s")
     print(f"cache per patch            {per_patch / 2**20:8.1f} MiB (float16)")
 
