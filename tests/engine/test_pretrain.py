@@ -330,6 +330,10 @@ def test_init_starts_from_a_model_file_and_maps_the_head_by_class_name(tmp_path)
             assert torch.allclose(ours["head.weight"][i], donor["head.weight"][j])
             assert ours["head.bias"][i].item() == pytest.approx(donor["head.bias"][j].item())
     assert json.loads((tmp_path / "second" / "assembly.json").read_text())["model"]["init"] == assembly.init
+    from fseft.models.checkpoint import read_model_file_config
+
+    config = read_model_file_config(second.model_path)
+    assert config["extra"]["pretrain"]["init"] == "model.safetensors"
 
     data["model"]["init"] = "nowhere.safetensors"
     with pytest.raises(ConfigError, match="model.init: 'nowhere.safetensors' is neither a zoo id"):

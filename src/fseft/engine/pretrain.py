@@ -909,4 +909,6 @@ def _save_final_model(model: torch.nn.Module, path: Path, assembly: AssemblyConf
              "pretrain": {"epochs": epochs,
                           "datasets": [{"name": s.entry.name, "structures": list(s.structures),
                                         "cases": len(s.dataset.cases)} for s in sources]}}
+    if assembly.init is not None:  # where the weights started (a zoo id, or a model file's name)
+        extra["pretrain"]["init"] = Path(assembly.init).name
     save_model_file(model, path, assembly.preprocess, extra, dtype=getattr(torch, assembly.save_dtype))
