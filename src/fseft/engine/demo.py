@@ -4,8 +4,8 @@ Writes target-domain phantoms (late-arterial contrast, noisier, thicker slices: 
 from the model's portal-venous pre-training data), then runs a benchmark
 (`fseft.engine.benchmark`) of generalization, lp, spatial-adapter, spatial-adapter + TI, the
 decoder trained on cached encoder outputs and LoRA + fine-tuned decoder at k = 5, for
-one structure the model knows but the shift hurts (the inferior vena cava: Dice 0.69 on source
-phantoms, 0.22 on target ones) and one it has never seen (gallbladder, held out of its
+one structure the model knows but the shift hurts (the inferior vena cava: Dice 0.77 on source
+phantoms, 0.23 on target ones) and one it has never seen (gallbladder, held out of its
 pre-training), and writes the table, figures and ``report.html``.
 
 The black-box adapters train with their reference protocols (`MethodConfig.default_*`); a
