@@ -234,7 +234,7 @@ class AssemblyConfig:
     source: str = "<assembly>"
     save_dtype: str = "float32"  # storage dtype of the final model file (float16 halves it)
     #: weights to start from (a zoo id or an fseft model file; the assembly's `init`), or None
-    #: for random weights. See `fseft.models.checkpoint.transfer_weights`.
+    #: for random weights. See `transfer_weights`.
     init: str | None = None
     validation: ValidationConfig | None = None
 
@@ -588,6 +588,45 @@ def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- training
 
 
+def transfer_weights(donor: torch.nn.Module, model: torch.nn.Module) -> str:
+    """Start ``model`` from ``donor``'s weights (`AssemblyConfig.init`: continued or warm-started
+    pre-training); both are `fseft.models.SegmentationModel`.
+
+    Every tensor but the head's must exist in both with the same shape (same architecture and
+    size); head rows are copied by class name (`fseft.methods.head.head_rows` / `init_head`, as
+    an adapted model's head starts) for the classes both share, when the donor's head was
+    trained (``model_config["head_pretrained"]``, True for fseft files); the model's other
+    classes keep their fresh initialisation. Returns a one-line summary of what was copied.
+
+    Raises:
+        ConfigError: another architecture or size (names both).
+    """
+    from fseft.methods.head import head_rows, init_head
+
+    ours, theirs = model.state_dict(), donor.state_dict()
+    body = [k for k in ours if not k.startswith("head.")]
+    absent = [k for k in body if k not in theirs]
+    mismatched = [k for k in body if k in theirs and theirs[k].shape != ours[k].shape]
+    if donor.arch != model.arch or absent or mismatched:
+        raise ConfigError(
+            f"the initial weights are a {donor.arch} {donor.arch_kwargs}, the assembly builds a {model.arch} "
+            f"{model.arch_kwargs}: they must be the same architecture and size"
+            + (f" ({len(absent)} tensors missing, e.g. {absent[0]})" if absent else "")
+            + (f" ({len(mismatched)} of another shape, e.g. {mismatched[0]})" if mismatched else ""))
+    with torch.no_grad():
+        for key in body:
+            ours[key].copy_(theirs[key].to(ours[key].dtype))
+    head_trained = bool((getattr(donor, "model_config", None) or {}).get("head_pretrained", True))
+    rows = head_rows(donor.class_names, model.class_names, multiclass=False) if head_trained \
+        else [None] * len(model.class_names)
+    init_head(model.head, donor.head, rows)
+    shared = [c for c, row in zip(model.class_names, rows) if row is not None]
+    fresh = [c for c, row in zip(model.class_names, rows) if row is None]
+    return (f"{len(body)} tensors of the network; head rows for {len(shared)} classes"
+            + (f" ({', '.join(shared)})" if shared else "")
+            + (f"; new head rows for {', '.join(fresh)}" if fresh else ""))
+
+
 def _build_model(assembly: AssemblyConfig, catalogue: Sequence[str]) -> torch.nn.Module:
     from fseft.models.zoo import create_model
 
@@ -757,7 +796,6 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
             with torch.no_grad():
                 model.head.bias.fill_(math.log(train.head_prior / (1 - train.head_prior)))
         if assembly.init is not None and not resume:  # a resumed run loads its own checkpoint below
-            from fseft.models.checkpoint import transfer_weights
             from fseft.models.zoo import load_model
 
             try:

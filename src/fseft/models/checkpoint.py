@@ -303,42 +303,6 @@ def load_state_dict_checked(
     return report
 
 
-def transfer_weights(donor: SegmentationModel, model: SegmentationModel) -> str:
-    """Start ``model`` from ``donor``'s weights (continued or warm-started pre-training).
-
-    Every tensor but the head's must exist in both with the same shape (same architecture and
-    size); head rows are copied by class name for the classes both share, when the donor's head
-    was trained (``model_config["head_pretrained"]``, True for fseft files); the model's other
-    classes keep their fresh initialisation. Returns a one-line summary of what was copied.
-
-    Raises:
-        ConfigError: another architecture or size (names both).
-    """
-    ours, theirs = model.state_dict(), donor.state_dict()
-    body = [k for k in ours if not k.startswith("head.")]
-    absent = [k for k in body if k not in theirs]
-    mismatched = [k for k in body if k in theirs and theirs[k].shape != ours[k].shape]
-    if donor.arch != model.arch or absent or mismatched:
-        raise ConfigError(
-            f"the initial weights are a {donor.arch} {donor.arch_kwargs}, the assembly builds a {model.arch} "
-            f"{model.arch_kwargs}: they must be the same architecture and size"
-            + (f" ({len(absent)} tensors missing, e.g. {absent[0]})" if absent else "")
-            + (f" ({len(mismatched)} of another shape, e.g. {mismatched[0]})" if mismatched else ""))
-    with torch.no_grad():
-        for key in body:
-            ours[key].copy_(theirs[key].to(ours[key].dtype))
-        head_trained = bool((getattr(donor, "model_config", None) or {}).get("head_pretrained", True))
-        shared = [c for c in model.class_names if c in donor.class_names] if head_trained else []
-        for name in shared:
-            i, j = model.class_names.index(name), donor.class_names.index(name)
-            model.head.weight[i].copy_(donor.head.weight[j].to(model.head.weight.dtype))
-            model.head.bias[i].copy_(donor.head.bias[j].to(model.head.bias.dtype))
-    fresh = [c for c in model.class_names if c not in shared]
-    return (f"{len(body)} tensors of the network; head rows for {len(shared)} classes"
-            + (f" ({', '.join(shared)})" if shared else "")
-            + (f"; new head rows for {', '.join(fresh)}" if fresh else ""))
-
-
 # ------------------------------------------------------------------------------ fseft model file
 
 
