@@ -245,3 +245,25 @@ def test_nifti_round_trip_recovers_the_masks(nifti_case, tmp_path: Path) -> None
     reloaded = nib.load(str(out))
     assert reloaded.shape == ct.array.shape
     np.testing.assert_allclose(reloaded.affine, ct.affine, atol=1e-4)
+
+
+def test_soft_labels_keep_small_structures_that_nearest_neighbour_aliases() -> None:
+    # 6 mm balls on a 1.7 mm grid taken to 3 mm and back (linear, >= 0.5): nearest neighbour
+    # keeps whichever source voxel is closest to each model voxel, fractions keep the volume.
+    affine = np.diag([1.7, 1.7, 1.7, 1.0])
+    shape = (28, 28, 28)
+    world = _world(affine, shape)
+    image = Volume(np.full(shape, 40.0, np.float32), affine, "balls")
+    cfg = PreprocessConfig(spacing=(3.0, 3.0, 3.0), crop_foreground=False)
+    dice_hard, dice_soft = [], []
+    for centre in ([20.0, 22.1, 23.3], [21.4, 24.6, 19.9], [23.8, 20.7, 22.5], [19.2, 23.5, 25.1]):
+        ball = (np.linalg.norm(world - np.reshape(centre, (3, 1, 1, 1)), axis=0) < 6.0).astype(np.uint8)
+        labels = Volume(ball[None], affine, "ball mask")
+        hard = preprocess(image, labels, cfg)
+        soft = preprocess(image, labels, cfg, soft_labels=True)
+        assert hard.label.dtype == torch.uint8 and soft.label.dtype == torch.float32
+        assert float(soft.label.min()) >= 0.0 and float(soft.label.max()) <= 1.0
+        assert float(soft.label.sum()) * 27.0 == pytest.approx(ball.sum() * 1.7**3, rel=0.05)
+        dice_hard.append(_dice(to_native(hard.label.float(), hard, mode="linear")[0] >= 0.5, ball))
+        dice_soft.append(_dice(to_native(soft.label, soft, mode="linear")[0] >= 0.5, ball))
+    assert np.mean(dice_soft) > 0.88 and np.mean(dice_soft) > np.mean(dice_hard) + 0.03

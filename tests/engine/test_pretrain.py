@@ -233,10 +233,14 @@ def test_class_balanced_dataset_weights_raise_the_least_annotated_class():
     assert share.min() == pytest.approx(0.5, abs=1e-6)  # uniform datasets: pancreas and IVC get 1/3
     assert (annotates.T.astype(float) @ np.full(3, 1 / 3)).min() == pytest.approx(1 / 3)
     # two datasets per annotation set (an assembly grown with more cases): each pair splits its
-    # share evenly instead of the programme handing all of it to one dataset
+    # share evenly, or by size, instead of the programme handing all of it to one dataset
     doubled = class_balanced_group_weights(np.vstack([annotates, annotates]))
     assert doubled[:3] == pytest.approx(doubled[3:]) and (doubled > 0).all()
     assert (np.vstack([annotates, annotates]).T.astype(float) @ doubled).min() == pytest.approx(0.5, abs=1e-6)
+    sized = class_balanced_group_weights(np.vstack([annotates, annotates]), sizes=[24, 24, 24, 72, 72, 72])
+    assert sized[3:] == pytest.approx(3 * sized[:3]) and sized[:3] + sized[3:] == pytest.approx(doubled[:3] + doubled[3:])
+    with pytest.raises(ConfigError, match="positive volume counts"):
+        class_balanced_group_weights(annotates, sizes=[24, 0, 24])
     # symmetric assemblies stay uniform
     assert class_balanced_group_weights(np.eye(3, dtype=bool)) == pytest.approx(np.full(3, 1 / 3))
     with pytest.raises(ConfigError, match="at least one dataset"):
@@ -304,6 +308,35 @@ def test_validation_dice_is_logged_and_head_prior_sets_the_biases(tmp_path):
     missing["validation"] = {"path": "A", "evry": 2}
     with pytest.raises(ConfigError, match="did you mean 'every'"):
         assembly_from_dict(missing, base_dir=tmp_path)
+
+
+def test_soft_labels_train_on_mask_fractions_cached_apart_from_binary_masks(tmp_path):
+    from fseft.engine.pretrain import prepare_cache, resolve_sources
+    from fseft.engine.distributed import DistributedContext
+
+    data = tiny_assembly(tmp_path, epochs=1, soft_labels=True)
+    data["preprocess"] = {"spacing": [6, 6, 6]}  # 4 mm -> 6 mm: boundaries fall inside model voxels
+    data["validation"] = {"path": "A", "every": 1}
+    assembly = assembly_from_dict(data, base_dir=tmp_path)
+    pretrain(assembly, tmp_path / "run")
+    log = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert all(0.0 <= v <= 1.0 for v in log["val_dice"].values())  # fractions thresholded at 0.5
+
+    catalogue, sources = resolve_sources(assembly)
+    ctx = DistributedContext()
+    cache = tmp_path / "run" / "cache"
+    soft = prepare_cache(sources, catalogue, assembly.preprocess, cache, ctx, progress=False, soft_labels=True)
+    hard = prepare_cache(sources, catalogue, assembly.preprocess, cache, ctx, progress=False)
+    assert {v.path for v in soft.volumes}.isdisjoint(v.path for v in hard.volumes)
+    item_soft, item_hard = soft[0], hard[0]
+    assert item_soft["label"].dtype == torch.float32 and item_hard["label"].dtype == torch.uint8
+    fractions = item_soft["label"][item_soft["annotated"]]
+    assert float(fractions.min()) >= 0.0 and float(fractions.max()) <= 1.0
+    assert bool(((fractions > 0.05) & (fractions < 0.95)).any())  # partial-volume voxels
+    # the same structures, in the same places, whichever way they were resampled
+    for c in item_soft["annotated"].nonzero().flatten().tolist():
+        volume_soft, volume_hard = float(item_soft["label"][c].sum()), float(item_hard["label"][c].sum())
+        assert volume_soft == pytest.approx(volume_hard, rel=0.35)
 
 
 def test_init_starts_from_a_model_file_and_maps_the_head_by_class_name(tmp_path):

@@ -48,6 +48,7 @@ MODEL_NAME = "model.safetensors"
 LOG_NAME = "log.jsonl"
 CSV_LOG_NAME = "log.csv"
 _CACHE_VERSION = 1
+_SOFT_LABEL_STEPS = 255  # cached label fractions: uint8 steps of 1/255
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -137,9 +138,14 @@ class PretrainConfig:
     balance_datasets: draw volumes so that each dataset is equally likely.
     balance_classes: draw datasets with the probabilities that give the least-annotated class
     the largest share of steps (`fseft.engine.sampling.class_balanced_group_weights`): a class
-    only one dataset of three annotates gets half the steps instead of a third. Implies
-    dataset-level sampling (overrides `balance_datasets`).
+    only one dataset of three annotates gets half the steps instead of a third; datasets that
+    annotate the same classes share their total by size. Implies dataset-level sampling
+    (overrides `balance_datasets`).
     lr / weight_decay: AdamW; warmup_epochs of linear warm-up, then cosine decay to 0.
+    soft_labels: masks enter model space as fractions (trilinear, `fseft.data.preprocessing.
+    preprocess`) instead of nearest-neighbour 0/1, and BCE + soft Dice train on them: a thin
+    structure's boundary is no longer shifted by up to half a source voxel (README: model v5).
+    Validation Dice thresholds those fractions at 0.5.
     bf16: bfloat16 autocast. grad_checkpointing: the model's `use_checkpoint`.
     device: ``auto``, ``cpu``, ``cuda`` (each torchrun process takes its LOCAL_RANK GPU).
     """
@@ -158,6 +164,7 @@ class PretrainConfig:
     flip_axes: tuple[int, ...] = (0, 1, 2)
     rotate90: bool = True
     head_prior: float | None = None
+    soft_labels: bool = False
     lr: float = 1e-4
     weight_decay: float = 1e-5
     warmup_epochs: float = 1.0
@@ -200,8 +207,8 @@ class PretrainConfig:
             self.flip_axes = check_sampling_options(self.sampling, self.flip_axes)  # type: ignore[assignment]
         except ConfigError as exc:
             raise ConfigError(f"PretrainConfig.{exc}") from exc
-        for name in ("balance_datasets", "balance_classes", "augment", "rotate90", "bf16", "grad_checkpointing", "tensorboard",
-                     "progress"):
+        for name in ("balance_datasets", "balance_classes", "augment", "rotate90", "soft_labels", "bf16",
+                     "grad_checkpointing", "tensorboard", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"PretrainConfig.{name} must be true or false, got {getattr(self, name)!r}")
         patch = self.patch_size
@@ -445,11 +452,13 @@ class _CachedVolume:
 class CachedVolumes(Sequence):
     """Preprocessed volumes read from the run's cache: item j is ``{"image": (1, X, Y, Z)
     float32, "label": (C, X, Y, Z) uint8 in catalogue order (0 where not annotated),
-    "annotated": (C,) bool}``."""
+    "annotated": (C,) bool}``. With `soft_labels` the cache holds fractions as uint8 steps of
+    1/255 and "label" is float32 in [0, 1]."""
 
-    def __init__(self, volumes: Sequence[_CachedVolume], num_classes: int) -> None:
+    def __init__(self, volumes: Sequence[_CachedVolume], num_classes: int, soft_labels: bool = False) -> None:
         self.volumes = list(volumes)
         self.num_classes = num_classes
+        self.soft_labels = soft_labels
 
     def __len__(self) -> int:
         return len(self.volumes)
@@ -462,14 +471,19 @@ class CachedVolumes(Sequence):
         full[list(vol.channels)] = label
         annotated = torch.zeros(self.num_classes, dtype=torch.bool)
         annotated[list(vol.channels)] = True
-        return {"image": torch.from_numpy(image), "label": torch.from_numpy(full), "annotated": annotated}
+        target = torch.from_numpy(full)
+        if self.soft_labels:
+            target = target.float() / _SOFT_LABEL_STEPS
+        return {"image": torch.from_numpy(image), "label": target, "annotated": annotated}
 
 
-def _cache_key(case: Any, structures: Sequence[str], preprocess: PreprocessConfig) -> str:
+def _cache_key(case: Any, structures: Sequence[str], preprocess: PreprocessConfig, soft_labels: bool = False) -> str:
     files = [str(case.image)] + [str(p) for p in case.label_paths()]
     stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    blob = json.dumps([_CACHE_VERSION, stats, list(structures), sorted(case.label_map.items()),
-                       preprocess.to_dict()], sort_keys=True)
+    parts = [_CACHE_VERSION, stats, list(structures), sorted(case.label_map.items()), preprocess.to_dict()]
+    if soft_labels:  # appended only when set, so existing caches keep their keys
+        parts.append("soft_labels")
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
@@ -497,10 +511,10 @@ def _check_label_values(sources: list[_Source], cache_dir: Path, progress: bool)
 
 
 def prepare_cache(sources: list[_Source], catalogue: Sequence[str], preprocess: PreprocessConfig, cache_dir: Path,
-                  ctx: DistributedContext, progress: bool = True) -> CachedVolumes:
+                  ctx: DistributedContext, progress: bool = True, soft_labels: bool = False) -> CachedVolumes:
     """Preprocess every labelled case once into ``cache_dir`` (ranks share the work) and return
     the cached volumes. A cache file is reused while its inputs (files, sizes, mtimes),
-    structures and preprocessing config are unchanged."""
+    structures, preprocessing config and `soft_labels` are unchanged."""
     from tqdm import tqdm
 
     from fseft.data.preprocessing import preprocess as run_preprocess
@@ -510,7 +524,7 @@ def prepare_cache(sources: list[_Source], catalogue: Sequence[str], preprocess: 
     volumes: list[_CachedVolume] = []
     for group, source in enumerate(sources):
         for case in source.dataset.cases:
-            path = cache_dir / f"{_cache_key(case, source.structures, preprocess)}.npz"
+            path = cache_dir / f"{_cache_key(case, source.structures, preprocess, soft_labels)}.npz"
             volumes.append(_CachedVolume(path, tuple(index[s] for s in source.structures), group))
             jobs.append((case, source.structures, path))
     mine = [job for i, job in enumerate(jobs) if i % ctx.world_size == ctx.rank and not job[2].exists()]
@@ -518,10 +532,12 @@ def prepare_cache(sources: list[_Source], catalogue: Sequence[str], preprocess: 
     try:
         for case, structures, path in tqdm(mine, desc="preprocess", unit="case", disable=not (progress and ctx.is_main)):
             image, labels = case.load(structures)
-            prepared = run_preprocess(image, labels, preprocess)
+            prepared = run_preprocess(image, labels, preprocess, soft_labels=soft_labels)
+            label = prepared.label.as_tensor().numpy()
+            if soft_labels:
+                label = np.rint(label * _SOFT_LABEL_STEPS)
             with atomic_path(path, suffix=".npz") as tmp:
-                np.savez(tmp, image=prepared.image.as_tensor().numpy().astype(np.float32),
-                         label=prepared.label.as_tensor().numpy().astype(np.uint8))
+                np.savez(tmp, image=prepared.image.as_tensor().numpy().astype(np.float32), label=label.astype(np.uint8))
     except FseftError as exc:
         error = (type(exc).__name__, str(exc))
     errors = [error]
@@ -532,7 +548,7 @@ def prepare_cache(sources: list[_Source], catalogue: Sequence[str], preprocess: 
         if err is not None:
             raise (InputFileError if err[0] == "InputFileError" else ConfigError)(err[1])
     barrier(ctx)
-    return CachedVolumes(volumes, len(catalogue))
+    return CachedVolumes(volumes, len(catalogue), soft_labels)
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -690,7 +706,7 @@ def validation_dice(model: torch.nn.Module, volumes: CachedVolumes, catalogue: S
         annotated = item["annotated"].nonzero().flatten().tolist()
         probs = predict_probabilities(model, item["image"][None], cfg, channels=annotated)[0]
         for j, c in enumerate(annotated):
-            scores.setdefault(catalogue[c], []).append(dice((probs[j] > 0.5).numpy(), item["label"][c].numpy() > 0))
+            scores.setdefault(catalogue[c], []).append(dice((probs[j] > 0.5).numpy(), item["label"][c].numpy() > 0.5))
     return {c: float(np.mean(scores[c])) for c in catalogue if c in scores}
 
 
@@ -820,9 +836,10 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
         from fseft.engine.sampling import EpochPatchDataset, class_balanced_group_weights, patch_transforms
         from fseft.engine.training import make_optimizer
 
-        volumes = prepare_cache(sources, catalogue, assembly.preprocess, cache_dir, ctx, train.progress)
+        volumes = prepare_cache(sources, catalogue, assembly.preprocess, cache_dir, ctx, train.progress,
+                                train.soft_labels)
         val_volumes = None if val_source is None else prepare_cache(
-            [val_source], catalogue, assembly.preprocess, cache_dir, ctx, train.progress)
+            [val_source], catalogue, assembly.preprocess, cache_dir, ctx, train.progress, train.soft_labels)
 
         if ctx.is_distributed and ctx.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm over the global batch
@@ -834,7 +851,7 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
             groups = [v.group for v in volumes.volumes]
         if train.balance_classes:
             annotates = np.array([[c in s.structures for c in catalogue] for s in sources])
-            group_weights = class_balanced_group_weights(annotates)
+            group_weights = class_balanced_group_weights(annotates, [len(s.dataset.cases) for s in sources])
             if ctx.is_main:
                 share = annotates.T.astype(float) @ group_weights
                 print("class-balanced dataset weights: "

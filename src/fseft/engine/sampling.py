@@ -142,15 +142,17 @@ def _union_of_channels(label: torch.Tensor) -> torch.Tensor:
     return label.amax(dim=0, keepdim=True)
 
 
-def class_balanced_group_weights(annotates: np.ndarray) -> np.ndarray:
+def class_balanced_group_weights(annotates: np.ndarray, sizes: Sequence[int] | None = None) -> np.ndarray:
     """Dataset-drawing probabilities that maximise the share of steps of the least-covered class.
 
     annotates: ``(G, C)`` bool, True where dataset g annotates class c (every class by at least
     one dataset). In a partial-label assembly a class annotated by one dataset of three gets a
     third of the steps under dataset-balanced sampling; this linear programme (max t subject to
     ``annotates.T @ p >= t``, p a distribution) raises it as far as the other classes allow.
-    Returns ``(G,)`` probabilities; ties are broken towards uniform, and datasets that annotate
-    the same classes share their total equally (the programme alone may give one all of it).
+    sizes: ``(G,)`` volumes per dataset. Datasets that annotate the same classes share their
+    total in proportion to `sizes` (each of their volumes equally likely, as if they were one
+    dataset), or evenly without `sizes`; the programme alone may give one of them all of it.
+    Returns ``(G,)`` probabilities; ties are broken towards uniform.
     """
     from scipy.optimize import linprog
 
@@ -173,10 +175,13 @@ def class_balanced_group_weights(annotates: np.ndarray) -> np.ndarray:
     near = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=np.r_[np.ones(groups), np.zeros(groups)][None], b_eq=[1.0],
                    bounds=[(0, 1)] * (2 * groups))
     p = np.clip(near.x[:groups] if near.success else best.x[:groups], 0, None)
-    # identical rows give every class the same share whatever the split: split evenly
-    _, same, counts = np.unique(a, axis=0, return_inverse=True, return_counts=True)
+    # identical rows give every class the same share whatever the split: split it by size
+    size = np.ones(groups) if sizes is None else np.asarray(sizes, dtype=np.float64)
+    if size.shape != (groups,) or (size <= 0).any():
+        raise ConfigError(f"sizes must be {groups} positive volume counts, got {sizes!r}")
+    _, same = np.unique(a, axis=0, return_inverse=True)
     same = same.reshape(-1)
-    p = np.bincount(same, weights=p)[same] / counts[same]
+    p = np.bincount(same, weights=p)[same] * size / np.bincount(same, weights=size)[same]
     return p / p.sum()
 
 
