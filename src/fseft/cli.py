@@ -318,7 +318,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="lp", metavar="NAME", help="an adaptation method (default: lp)")
     p.add_argument("--candidates", type=_csv, metavar="A,B",
                    help="--method auto: the methods to choose among: method ids, METHOD+ti (size constraint), "
-                   f"METHOD+dec (fine-tuned decoder) (default: {','.join(DEFAULT_CANDIDATES)})")
+                   f"METHOD+dec / METHOD+newdec (fine-tuned / new decoder) (default: {','.join(DEFAULT_CANDIDATES)})")
     p.add_argument("--auto-budget", type=int, metavar="STEPS",
                    help=f"--method auto: optimiser steps shared by all candidates' leave-one-out runs "
                    f"(default: {DEFAULT_BUDGET})")

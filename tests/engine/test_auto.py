@@ -26,6 +26,8 @@ def test_candidate_names_parse_to_methods_options_and_overrides():
     assert (ti.method, ti.options, ti.overrides) == ("spatial-adapter", {}, {"transductive": True})
     dec = parse_candidate("lora+dec")
     assert (dec.method, dec.options, dec.overrides) == ("lora", {"decoder": "fine-tuned"}, {})
+    new = parse_candidate("lora+newdec")  # the label `fseft models --adapters` gives such a run
+    assert (new.method, new.options, new.overrides) == ("lora", {"decoder": "new"}, {})
     assert [e.name for e in parse_candidates(None)] == ["spatial-adapter+ti", "spatial-adapter", "lp", "lora+dec"]
     with pytest.raises(ConfigError, match="did you mean 'lora'"):
         parse_candidate("lorra")
@@ -33,6 +35,8 @@ def test_candidate_names_parse_to_methods_options_and_overrides():
         parse_candidate("lora+ti")
     with pytest.raises(ConfigError, match="no --decoder option"):
         parse_candidate("lp+dec")
+    with pytest.raises(ConfigError, match="no --decoder option"):
+        parse_candidate("spatial-adapter+newdec")
     with pytest.raises(ConfigError, match="given twice"):
         parse_candidates(["lp", "lp"])
 

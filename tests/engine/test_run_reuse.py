@@ -190,6 +190,10 @@ def test_run_listing_names_the_method_as_candidates_do():
 
     assert _method_label({"method": "lora", "options": {"decoder": "fine-tuned"}, "extra": {}}) == "lora+dec"
     assert _method_label({"method": "lora", "options": {"decoder": "frozen"}, "extra": {}}) == "lora"
+    from fseft.engine.auto import parse_candidate
+
+    label = _method_label({"method": "lora", "options": {"decoder": "new"}, "extra": {}})
+    assert parse_candidate(label).options == {"decoder": "new"}  # a listed label is a valid candidate
     assert _method_label({"method": "spatial-adapter", "options": {}, "extra": {"transductive": {"gamma": 0.3}}}) \
         == "spatial-adapter+ti"
     assert _method_label({"method": "lp", "options": {}, "extra": {"transductive": None}}) == "lp"

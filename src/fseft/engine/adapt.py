@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fseft.engine.auto import AUTO
+from fseft.engine.auto import AUTO, AUTO_OPTIONS
 from fseft.engine.sliding_window import InferenceConfig
 from fseft.engine.training import LOSSES, FitSettings
 from fseft.errors import ConfigError
@@ -170,7 +170,7 @@ class AdaptConfig:
             raise ConfigError(f"lr must be > 0 and a finite float32 number (the optimiser's), got {self.lr}")
         if not 0.0 <= self.pos_ratio <= 1.0:
             raise ConfigError(f"pos_ratio must be in [0, 1], got {self.pos_ratio}")
-        if self.method != AUTO and (self.candidates is not None or self.auto_budget is not None):
+        if self.method != AUTO and any(getattr(self, name) is not None for name in AUTO_OPTIONS):
             raise ConfigError("--candidates and --auto-budget are options of --method auto")
         if self.candidates is not None:
             self.candidates = tuple(self.candidates)

@@ -9,7 +9,8 @@ a new one to the first network candidate (the FSEFT paper's findings: black-box 
 known structures, PEFT with a trained decoder learns new ones).
 
 Candidates (`MethodEntry`): a registered method id, ``METHOD+ti`` (a feature method with the
-transductive size constraint) or ``METHOD+dec`` (a network method with ``decoder="fine-tuned"``);
+transductive size constraint), ``METHOD+dec`` / ``METHOD+newdec`` (a network method with
+``decoder="fine-tuned"`` / ``"new"``, as `fseft models --adapters` labels them);
 an experiment file's ``auto`` row may also name its other rows. The cost is bounded by
 ``auto_budget``: optimiser steps for all the leave-one-out runs together, shared equally by the
 candidates (a candidate capped lower by its own ``max_steps`` leaves its rest to the others);
@@ -35,9 +36,12 @@ if TYPE_CHECKING:  # `fseft --help` imports no torch (the benchmark imports this
 AUTO = "auto"
 DEFAULT_CANDIDATES = ("spatial-adapter+ti", "spatial-adapter", "lp", "lora+dec")
 DEFAULT_BUDGET = 2000
+#: `AdaptConfig` fields that belong to ``method="auto"`` alone
+AUTO_OPTIONS = ("candidates", "auto_budget")
 #: hidden work folder of the leave-one-out runs inside the run folder (removed when done)
 FOLDS_DIR = ".auto-folds"
-_SUFFIXES = {"+ti": "transductive", "+dec": "decoder"}
+_DECODER_SUFFIXES = {"+dec": "fine-tuned", "+newdec": "new"}
+_SUFFIXES = ("+ti", *_DECODER_SUFFIXES)
 
 
 @dataclass
@@ -55,7 +59,7 @@ class MethodEntry:
 
 
 def parse_candidate(text: str | Mapping[str, Any]) -> MethodEntry:
-    """A candidate from its name (``lp``, ``spatial-adapter+ti``, ``lora+dec``) or from a
+    """A candidate from its name (``lp``, ``spatial-adapter+ti``, ``lora+dec``, ``lora+newdec``) or from a
     `MethodEntry` mapping (what an experiment file's named rows become). `ConfigError` for an
     unknown method (with the closest name) or a suffix the method cannot take."""
     from fseft.methods import available_methods, get_method
@@ -78,17 +82,18 @@ def parse_candidate(text: str | Mapping[str, Any]) -> MethodEntry:
         choices = list(available_methods())
         raise ConfigError(f"--candidates: unknown method {method!r}{closest_hint(method, choices)}; "
                           f"candidates are method ids ({', '.join(choices)}), METHOD+ti (feature methods with the "
-                          "size constraint) or METHOD+dec (network methods with a fine-tuned decoder)")
+                          "size constraint), METHOD+dec or METHOD+newdec (network methods with a fine-tuned or new "
+                          "decoder)")
     spec = get_method(method)
     if suffix == "+ti" and spec.kind != "features":
         raise ConfigError(f"--candidates: {name}: the size constraint (+ti) trains on cached features; "
                           f"{method} is trained through the network")
     options: dict[str, Any] = {}
-    if suffix == "+dec":
+    if suffix in _DECODER_SUFFIXES:
         if "decoder" not in {f.name for f in dataclasses.fields(spec.config_cls)}:
-            raise ConfigError(f"--candidates: {name}: {method} has no --decoder option (+dec fine-tunes the decoder "
+            raise ConfigError(f"--candidates: {name}: {method} has no --decoder option ({suffix} trains the decoder "
                               "of an encoder method such as lora)")
-        options["decoder"] = "fine-tuned"
+        options["decoder"] = _DECODER_SUFFIXES[suffix]
     overrides = {"transductive": True} if suffix == "+ti" else {}
     return MethodEntry(name, method, options, overrides)
 
@@ -108,7 +113,7 @@ def parse_candidates(candidates: Sequence[str | Mapping[str, Any]] | None) -> li
 def candidate_config(cfg: Any, entry: MethodEntry, **extra: Any) -> Any:
     """The `AdaptConfig` of one candidate: `cfg`'s settings (``method="auto"``'s own fields
     dropped), the candidate's method, options and overrides, then `extra`."""
-    options = {k: v for k, v in cfg.to_dict().items() if k not in ("candidates", "auto_budget")}
+    options = {k: v for k, v in cfg.to_dict().items() if k not in AUTO_OPTIONS}
     return type(cfg)(**{**options, **entry.overrides, **extra, "method": entry.method,
                           "method_options": dict(entry.options)})
 

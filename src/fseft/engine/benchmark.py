@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from fseft.engine.auto import AUTO, MethodEntry
+from fseft.engine.auto import AUTO, AUTO_OPTIONS, MethodEntry
 from fseft.errors import ConfigError
 from fseft.evaluation.tables import RunRecord
 
@@ -232,7 +232,7 @@ class PlannedRun:
         """What `run.json` records: everything that decides the run's result (the model file's
         hash too, so that new weights rerun every run; not where the cache lives)."""
         settings = {k: v for k, v in cfg.to_dict().items() if k not in ("cache_dir", "progress")}
-        for key in ("candidates", "auto_budget"):  # --method auto's own: runs finished before it stay finished
+        for key in AUTO_OPTIONS:  # --method auto's own: runs finished before it stay finished
             if settings.get(key) is None:
                 settings.pop(key, None)
         return {"method": self.entry.name, "model": exp.model, "model_sha256": model_sha256, "data": exp.data,
