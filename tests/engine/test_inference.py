@@ -286,6 +286,22 @@ def test_window_defaults_to_the_one_the_model_file_records():
     assert InferenceConfig(roi_size=(32, 32, 32)).for_model(Wrapper()).roi_size == (32, 32, 32)
 
 
+def test_segment_volume_keeps_whole_the_structures_the_model_file_says_to():
+    from fseft.engine.inference import recorded_whole_structures
+
+    affine = np.diag([-1.2, 1.0, 2.5, 1.0])
+    volume = _phantom_volume(affine)  # the spleen-bright organ plus a far island
+    model = IntensityModel()
+    island = np.zeros((36, 30, 20), bool)
+    island[28:30, 23:25, 15:17] = True
+    assert not segment_volume(model, volume, PreprocessConfig(), _cfg(), ["spleen"])[0][island].any()
+    model.model_config = {"extra": {"postprocess": {"largest_component": {"liver": True, "spleen": False}}}}
+    assert recorded_whole_structures(model) == {"spleen"}
+    masks = segment_volume(model, volume, PreprocessConfig(), _cfg(), ["liver", "spleen"])
+    assert masks[1][island].any() and not masks[0][island].any()
+    assert recorded_whole_structures(torch.nn.Identity()) == frozenset()
+
+
 def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch):
     from fseft.engine import sliding_window
 

@@ -301,6 +301,14 @@ def test_validation_dice_is_logged_and_head_prior_sets_the_biases(tmp_path):
     header = rows[0].split(",")
     assert header[:4] == ["epoch", "loss", "lr", "seconds"] and "val_dice_liver" in header
     assert "val_dice_mean" in header and len(rows) == 3
+    # the model file records, per class the validation set annotates, whether to keep only the
+    # largest component: kept unless it lowered the validation Dice
+    from fseft.models.checkpoint import read_model_file_config
+
+    post = read_model_file_config(result.model_path)["extra"]["postprocess"]
+    assert set(post["largest_component"]) == set(post["validation_dice"]) == {"liver", "spleen"}
+    for c, (with_step, without) in post["validation_dice"].items():
+        assert post["largest_component"][c] is (with_step >= without)
     missing = tiny_assembly(tmp_path)
     missing["validation"] = {"path": "nowhere"}
     with pytest.raises(ConfigError, match="validation: dataset folder .*nowhere does not exist"):

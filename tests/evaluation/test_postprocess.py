@@ -55,3 +55,18 @@ def test_multi_part_structures_keep_every_component():
     assert is_multi_part("Vertebral column") and not is_multi_part("gallbladder")
     with pytest.raises(ValueError, match="structure names"):
         keep_largest_components(probs > 0.5, ["liver"])
+
+
+def test_structures_a_model_keeps_whole_keep_every_component_and_the_choice_follows_validation():
+    from fseft.evaluation.postprocess import choose_largest_component
+
+    probs = np.zeros((2, 12, 12, 12), np.float32)
+    probs[:, 1:4, 1:4, 1:4] = 0.9
+    probs[:, 7:9, 7:9, 7:9] = 0.9  # a second piece
+    masks = binarize(probs, 0.5, True, ["liver", "Pancreas"], keep_whole={"pancreas"})
+    assert masks[0].sum() == 27 and masks[1].sum() == 27 + 8
+    assert binarize(probs, 0.5, False, ["liver", "pancreas"])[0].sum() == 27 + 8  # no step at all
+    # keep the step unless it lowers the validation Dice (a tie keeps it)
+    choice = choose_largest_component({"liver": 0.95, "pancreas": 0.68, "aorta": 0.8},
+                                      {"liver": 0.94, "pancreas": 0.72, "aorta": 0.8})
+    assert choice == {"liver": True, "pancreas": False, "aorta": True}

@@ -25,6 +25,7 @@ from fseft.engine.sliding_window import (  # noqa: F401  (this module's API too)
     cpu_has_native_bf16,
     predict_probabilities,
     recommended_roi_size,
+    recorded_whole_structures,
     sliding_window_map,
     warn_if_bf16_is_emulated,
 )
@@ -77,7 +78,9 @@ def segment_volume(
     volume: the scan, `array` ``(X, Y, Z)`` HU. structures: canonical names (any spelling)
     among `model.class_names`, in the order wanted; None = all of them.
     Probabilities are resampled linearly onto the native grid (`to_native`), then thresholded
-    at `cfg.threshold`, then (if `cfg.largest_component`) reduced to their largest component.
+    at `cfg.threshold`, then (if `cfg.largest_component`) reduced to their largest component,
+    except multi-part structures and those the model file says to keep whole
+    (`recorded_whole_structures`).
     Returns ``(S, X, Y, Z)`` uint8 binary masks in `volume`'s geometry.
     """
     from fseft.data.preprocessing import PreprocessConfig, preprocess, to_native
@@ -88,11 +91,12 @@ def segment_volume(
     channels, names = select_structures(model.class_names, structures)
     case = preprocess(volume, None, preprocess_cfg)
     probabilities = predict_probabilities(model, case.image[None], cfg, channels=channels)[0]
+    keep_whole = recorded_whole_structures(model)
     masks = np.zeros((len(names), *volume.array.shape[-3:]), dtype=np.uint8)
     # one structure at a time: only one native-resolution float map is alive at once
     for s in range(len(names)):
         native = to_native(probabilities[s : s + 1], case, mode="linear")  # (1, X, Y, Z)
-        masks[s] = binarize(native, cfg.threshold, cfg.largest_component, names[s : s + 1])[0]
+        masks[s] = binarize(native, cfg.threshold, cfg.largest_component, names[s : s + 1], keep_whole)[0]
     return masks
 
 

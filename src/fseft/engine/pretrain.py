@@ -694,19 +694,25 @@ def _train_epoch(model: torch.nn.Module, loader: Any, optimizer: Any, scheduler:
 
 
 def validation_dice(model: torch.nn.Module, volumes: CachedVolumes, catalogue: Sequence[str],
-                    roi_size: Sequence[int], device: torch.device, bf16: bool = False) -> dict[str, float]:
+                    roi_size: Sequence[int], device: torch.device, bf16: bool = False,
+                    largest_component: bool = False) -> dict[str, float]:
     """Mean Dice over `volumes` of each class they annotate: sigmoid > 0.5 of whole-volume
-    sliding-window logits in model space (no largest-component step, no resampling)."""
+    sliding-window logits in model space (no resampling), reduced to the largest connected
+    component (multi-part structures excepted) with `largest_component`."""
     from fseft.engine.sliding_window import InferenceConfig, predict_probabilities
     from fseft.evaluation.metrics import dice
+    from fseft.evaluation.postprocess import keep_largest_components
 
     cfg = InferenceConfig(roi_size=tuple(roi_size), device=str(device), bf16=bf16, progress=False)
     scores: dict[str, list[float]] = {}
     for item in volumes:
         annotated = item["annotated"].nonzero().flatten().tolist()
         probs = predict_probabilities(model, item["image"][None], cfg, channels=annotated)[0]
+        masks = (probs > 0.5).numpy()
+        if largest_component:
+            masks = keep_largest_components(masks, [catalogue[c] for c in annotated])
         for j, c in enumerate(annotated):
-            scores.setdefault(catalogue[c], []).append(dice((probs[j] > 0.5).numpy(), item["label"][c].numpy() > 0.5))
+            scores.setdefault(catalogue[c], []).append(dice(masks[j], item["label"][c].numpy() > 0.5))
     return {c: float(np.mean(scores[c])) for c in catalogue if c in scores}
 
 
@@ -946,14 +952,40 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
             return PretrainResult(trained, None, history, last_epoch, ctx.rank)
         model_path = out / MODEL_NAME
         if ctx.is_main:
-            _save_final_model(trained, model_path, assembly, sources, train.epochs)
+            postprocess = None
+            if val_volumes is not None:
+                postprocess = choose_postprocessing(trained, val_volumes, catalogue, train.patch_size, ctx.device,
+                                                    train.bf16)
+            _save_final_model(trained, model_path, assembly, sources, train.epochs, postprocess)
             print(f"wrote {model_path}", flush=True)
         barrier(ctx)
         return PretrainResult(trained, model_path if ctx.is_main else None, history, train.epochs, ctx.rank)
 
 
+def choose_postprocessing(model: torch.nn.Module, volumes: CachedVolumes, catalogue: Sequence[str],
+                          roi_size: Sequence[int], device: torch.device, bf16: bool = False) -> dict[str, Any]:
+    """Whether each class the validation set annotates keeps only its largest component
+    (`fseft.evaluation.postprocess.choose_largest_component` on the validation Dice with and
+    without that step; multi-part classes are never reduced, so not chosen), as the model
+    file's ``extra.postprocess``: ``{"largest_component": {class: bool}, "validation_dice":
+    {class: [with, without]}}``. `fseft predict` follows it (`recorded_whole_structures`)."""
+    from fseft.data.structures import is_multi_part
+    from fseft.evaluation.postprocess import choose_largest_component
+
+    with_step = validation_dice(model, volumes, catalogue, roi_size, device, bf16, largest_component=True)
+    without = validation_dice(model, volumes, catalogue, roi_size, device, bf16)
+    single = [c for c in with_step if not is_multi_part(c)]
+    choice = choose_largest_component({c: with_step[c] for c in single}, without)
+    whole = [c for c, keep_largest in choice.items() if not keep_largest]
+    print("post-processing chosen on the validation set: largest component for every class"
+          + (f" except {', '.join(whole)} (kept whole: " + ", ".join(
+              f"{c} {without[c]:.3f} against {with_step[c]:.3f}" for c in whole) + ")" if whole else ""), flush=True)
+    return {"largest_component": choice,
+            "validation_dice": {c: [with_step[c], without[c]] for c in single}}
+
+
 def _save_final_model(model: torch.nn.Module, path: Path, assembly: AssemblyConfig, sources: list[_Source],
-                      epochs: int) -> None:
+                      epochs: int, postprocess: dict[str, Any] | None = None) -> None:
     from fseft.models.checkpoint import save_model_file
 
     if getattr(model, "arch_kwargs", {}).get("use_checkpoint"):
@@ -966,4 +998,6 @@ def _save_final_model(model: torch.nn.Module, path: Path, assembly: AssemblyConf
                                         "cases": len(s.dataset.cases)} for s in sources]}}
     if assembly.init is not None:  # where the weights started (a zoo id, or a model file's name)
         extra["pretrain"]["init"] = Path(assembly.init).name
+    if postprocess is not None:
+        extra["postprocess"] = postprocess
     save_model_file(model, path, assembly.preprocess, extra, dtype=getattr(torch, assembly.save_dtype))

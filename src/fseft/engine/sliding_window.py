@@ -41,7 +41,9 @@ class InferenceConfig:
     bf16: run the network under bfloat16 autocast (blending stays float32).
     threshold: a voxel is foreground where its sigmoid probability is above it.
     largest_component: keep only each structure's largest connected component (multi-part
-        structures such as the vertebral column excepted, see `fseft.evaluation.postprocess`).
+        structures such as the vertebral column excepted, see `fseft.evaluation.postprocess`;
+        `segment_volume` also leaves whole those the model file says to, see
+        `recorded_whole_structures`).
     device: "cpu", "cuda" or "cuda:N".
     progress: tqdm progress bars.
     check_device: whether a CUDA device must be there now (construction argument; False for a
@@ -97,6 +99,19 @@ def recommended_roi_size(model: nn.Module) -> tuple[int, int, int] | None:
         if roi:
             return tuple(int(v) for v in roi)  # type: ignore[return-value]
     return None
+
+def recorded_whole_structures(model: nn.Module) -> frozenset[str]:
+    """Structures an fseft model file says to keep whole, every connected component
+    (``extra.postprocess.largest_component`` False: chosen on the validation set by `fseft
+    pretrain`, `fseft.evaluation.postprocess.choose_largest_component`), looking through
+    adapter wrappers; empty when the file records no choice."""
+    for candidate in (model, getattr(model, "base", None), getattr(model, "network", None)):
+        config = getattr(candidate, "model_config", None) or {}
+        choice = ((config.get("extra") or {}).get("postprocess") or {}).get("largest_component")
+        if choice:
+            return frozenset(name for name, keep_largest in choice.items() if not keep_largest)
+    return frozenset()
+
 
 @functools.cache
 def cpu_has_native_bf16() -> bool | None:
