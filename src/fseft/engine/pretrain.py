@@ -100,7 +100,9 @@ class ValidationConfig:
     Every `every` epochs (and after the last), rank 0 segments its first `max_cases` cases
     (all when None) whole, in model space, and logs the Dice of each catalogue class the
     dataset annotates (sigmoid > 0.5, no post-processing) to ``log.jsonl`` / ``log.csv``, so a
-    run shows which structure lags. It is only watched: it neither trains nor picks the model.
+    run shows which structure lags. It neither trains nor picks the model; after the last epoch
+    it decides, per class, whether `fseft predict` keeps only the largest component
+    (`choose_postprocessing`).
     """
 
     path: Path
