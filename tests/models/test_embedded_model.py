@@ -23,17 +23,21 @@ def test_shipped_file_is_small_and_describes_its_training():
     assert "gallbladder" not in config["class_names"]  # held out: the novel structure
     assert config["preprocess"]["spacing"] == [3.0, 3.0, 3.0]
     assert config["extra"]["inference"]["roi_size"] == [64, 64, 64]  # its training patch: the default window
-    # v4: v3 (three partial-label sources of 24 cases) continued with 64 more cases per source
+    # v5: v4 (three partial-label sources of 24 + 64 cases) continued with 128 more cases per source
     pretrain = config["extra"]["pretrain"]
     assert [(d["name"], d["cases"]) for d in pretrain["datasets"]] == [
-        ("A24", 24), ("B24", 24), ("C24", 24), ("A64", 64), ("B64", 64), ("C64", 64)]
-    assert pretrain["init"] == "v3.safetensors" and pretrain["epochs"] == 80
+        ("A24", 24), ("B24", 24), ("C24", 24), ("A64", 64), ("B64", 64), ("C64", 64),
+        ("A128", 128), ("B128", 128), ("C128", 128)]
+    assert pretrain["init"] == "v4.safetensors" and pretrain["epochs"] == 80
+    # the post-processing chosen on the validation set: one choice per single-part structure
+    choice = config["extra"]["postprocess"]["largest_component"]
+    assert set(choice) == set(config["class_names"]) - {"vertebrae"}
 
 
-# v4 on held-out phantoms (6 cases each, README): source Dice 0.68 (pancreas) to 0.95 (liver),
-# target 0.23 (IVC) to 0.94. This test scores one case, on which the pancreas gets 0.21 (source)
-# and the others 0.84-0.96; the floors leave room for that one case's variation.
-SOURCE_FLOOR = {"pancreas": 0.1}
+# v5 on held-out phantoms (6 cases each, README): source Dice 0.75 (pancreas) to 0.95 (liver),
+# target 0.15 (IVC) to 0.95. This test scores one case, on which the pancreas gets 0.56 (source)
+# and the others 0.86-0.96; the floors leave room for that one case's variation.
+SOURCE_FLOOR = {"pancreas": 0.45}
 SOURCE_FLOOR_DEFAULT = 0.75
 
 
@@ -56,8 +60,8 @@ def test_embedded_model_segments_every_structure_of_unseen_phantoms():
     source = _dice_per_structure(model, preprocess, "source")
     low = {n: d for n, d in source.items() if d < SOURCE_FLOOR.get(n, SOURCE_FLOOR_DEFAULT)}
     assert not low, f"source-domain Dice below the floor: {low}"
-    assert np.mean(list(source.values())) > 0.78
+    assert np.mean(list(source.values())) > 0.83
     # the target domain (another contrast phase): hurt, but no structure lost
     target = _dice_per_structure(model, preprocess, "target")
     assert min(target.values()) > 0.05, target
-    assert np.mean(list(target.values())) > 0.65
+    assert np.mean(list(target.values())) > 0.7
