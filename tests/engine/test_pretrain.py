@@ -116,6 +116,8 @@ def test_bad_values_and_missing_dataset_are_config_errors(tmp_path):
         assembly_from_dict(data, base_dir=tmp_path, overrides={"patch_size": [16, 16]})
     with pytest.raises(ConfigError, match="unknown key 'epoch'.*'epochs'"):
         assembly_from_dict(data, base_dir=tmp_path, overrides={"epoch": 3})
+    with pytest.raises(ConfigError, match="soft_labels must be true or false"):
+        assembly_from_dict(data, base_dir=tmp_path, overrides={"soft_labels": "yes"})
     data["datasets"].append({"path": "nowhere"})
     with pytest.raises(ConfigError, match=f"{tmp_path / 'nowhere'} does not exist"):
         assembly_from_dict(data, base_dir=tmp_path)

@@ -696,26 +696,40 @@ def _train_epoch(model: torch.nn.Module, loader: Any, optimizer: Any, scheduler:
 
 
 def validation_dice(model: torch.nn.Module, volumes: CachedVolumes, catalogue: Sequence[str],
-                    roi_size: Sequence[int], device: torch.device, bf16: bool = False,
-                    largest_component: bool = False) -> dict[str, float]:
+                    roi_size: Sequence[int], device: torch.device, bf16: bool = False) -> dict[str, float]:
     """Mean Dice over `volumes` of each class they annotate: sigmoid > 0.5 of whole-volume
-    sliding-window logits in model space (no resampling), reduced to the largest connected
-    component (multi-part structures excepted) with `largest_component`."""
+    sliding-window logits in model space (no largest-component step, no resampling)."""
+    return _validation_scores(model, volumes, catalogue, roi_size, device, bf16)[0]
+
+
+def _validation_scores(model: torch.nn.Module, volumes: CachedVolumes, catalogue: Sequence[str],
+                       roi_size: Sequence[int], device: torch.device, bf16: bool = False,
+                       largest_component: bool = False) -> tuple[dict[str, float], dict[str, float] | None]:
+    """`validation_dice`, and with `largest_component` also the Dice after each mask is reduced
+    to its largest connected component (multi-part structures excepted), from the same single
+    inference pass; None without it."""
     from fseft.engine.sliding_window import InferenceConfig, predict_probabilities
     from fseft.evaluation.metrics import dice
     from fseft.evaluation.postprocess import keep_largest_components
 
     cfg = InferenceConfig(roi_size=tuple(roi_size), device=str(device), bf16=bf16, progress=False)
-    scores: dict[str, list[float]] = {}
+    plain: dict[str, list[float]] = {}
+    reduced: dict[str, list[float]] = {}
     for item in volumes:
         annotated = item["annotated"].nonzero().flatten().tolist()
         probs = predict_probabilities(model, item["image"][None], cfg, channels=annotated)[0]
         masks = (probs > 0.5).numpy()
-        if largest_component:
-            masks = keep_largest_components(masks, [catalogue[c] for c in annotated])
+        largest = keep_largest_components(masks, [catalogue[c] for c in annotated]) if largest_component else None
         for j, c in enumerate(annotated):
-            scores.setdefault(catalogue[c], []).append(dice(masks[j], item["label"][c].numpy() > 0.5))
-    return {c: float(np.mean(scores[c])) for c in catalogue if c in scores}
+            target = item["label"][c].numpy() > 0.5
+            plain.setdefault(catalogue[c], []).append(dice(masks[j], target))
+            if largest is not None:
+                reduced.setdefault(catalogue[c], []).append(dice(largest[j], target))
+
+    def mean(scores: dict[str, list[float]]) -> dict[str, float]:
+        return {c: float(np.mean(scores[c])) for c in catalogue if c in scores}
+
+    return mean(plain), (mean(reduced) if largest_component else None)
 
 
 def _csv_log(history: Sequence[Mapping[str, Any]], catalogue: Sequence[str]) -> str:
@@ -974,8 +988,7 @@ def choose_postprocessing(model: torch.nn.Module, volumes: CachedVolumes, catalo
     from fseft.data.structures import is_multi_part
     from fseft.evaluation.postprocess import choose_largest_component
 
-    with_step = validation_dice(model, volumes, catalogue, roi_size, device, bf16, largest_component=True)
-    without = validation_dice(model, volumes, catalogue, roi_size, device, bf16)
+    without, with_step = _validation_scores(model, volumes, catalogue, roi_size, device, bf16, largest_component=True)
     single = [c for c in with_step if not is_multi_part(c)]
     choice = choose_largest_component({c: with_step[c] for c in single}, without)
     whole = [c for c, keep_largest in choice.items() if not keep_largest]

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import InitVar, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,24 +94,27 @@ def recommended_roi_size(model: nn.Module) -> tuple[int, int, int] | None:
     """The sliding window an fseft model file recommends (``extra.inference.roi_size``, written
     by `fseft pretrain` as its training patch size), looking through adapter wrappers (``.base``,
     ``.network``); None when the model records none."""
-    for candidate in (model, getattr(model, "base", None), getattr(model, "network", None)):
-        config = getattr(candidate, "model_config", None) or {}
-        roi = ((config.get("extra") or {}).get("inference") or {}).get("roi_size")
-        if roi:
-            return tuple(int(v) for v in roi)  # type: ignore[return-value]
-    return None
+    roi = _recorded(model, "inference", "roi_size")
+    return tuple(int(v) for v in roi) if roi else None  # type: ignore[return-value]
 
 def recorded_whole_structures(model: nn.Module) -> frozenset[str]:
     """Structures an fseft model file says to keep whole, every connected component
     (``extra.postprocess.largest_component`` False: chosen on the validation set by `fseft
     pretrain`, `fseft.evaluation.postprocess.choose_largest_component`), looking through
     adapter wrappers; empty when the file records no choice."""
+    choice = _recorded(model, "postprocess", "largest_component") or {}
+    return frozenset(name for name, keep_largest in choice.items() if not keep_largest)
+
+
+def _recorded(model: nn.Module, section: str, key: str) -> Any:
+    """``extra[section][key]`` of the fseft model file behind `model` (itself, or the ``.base`` /
+    ``.network`` an adapter wraps): the first that records it, else None."""
     for candidate in (model, getattr(model, "base", None), getattr(model, "network", None)):
         config = getattr(candidate, "model_config", None) or {}
-        choice = ((config.get("extra") or {}).get("postprocess") or {}).get("largest_component")
-        if choice:
-            return frozenset(name for name, keep_largest in choice.items() if not keep_largest)
-    return frozenset()
+        value = ((config.get("extra") or {}).get(section) or {}).get(key)
+        if value:
+            return value
+    return None
 
 
 @functools.cache
