@@ -326,6 +326,10 @@ def test_unknown_method_and_misplaced_options_are_clear_errors(swin12_file, data
     with pytest.raises(ConfigError, match="--ti.*'lora' is trained through the network"):
         adapt(tiny_model(), data_root, "liver", 1, 0, tmp_path / "run", _cfg(tmp_path, method="lora", transductive=True))
     assert not (tmp_path / "run").exists()
+    # bf16 network training on a CPU with the U-Net's 16-deep patch: a level 2 voxels deep
+    with pytest.raises(ConfigError, match="patch 16 voxels deep"):
+        adapt(tiny_model(), data_root, "liver", 1, 0, tmp_path / "run", _cfg(tmp_path, method="lora", bf16=True))
+    assert not (tmp_path / "run").exists()
 
 
 def test_network_method_trains_a_copy_of_an_in_memory_model(data_root, tmp_path):

@@ -142,6 +142,12 @@ def test_dataset_errors_before_training(tmp_path):
         pretrain(assembly_from_dict(data, base_dir=tmp_path), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
+    # bf16 on a CPU where the U-Net sees the 16-deep patch 2 voxels deep (`check_bf16_training`)
+    data = tiny_assembly(tmp_path, bf16=True, device="cpu")
+    with pytest.raises(ConfigError, match=r"train.patch_size \[16, 16, 16\]: bf16 training on a CPU"):
+        pretrain(assembly_from_dict(data, base_dir=tmp_path), tmp_path / "run_bf16")
+    assert not (tmp_path / "run_bf16").exists()
+
 
 def test_cli_reports_config_errors(tmp_path, capsys):
     data = tiny_assembly(tmp_path)

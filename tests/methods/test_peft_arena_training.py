@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from fseft.engine.sliding_window import check_bf16_training
 from fseft.methods.arena import AdaptiveRankLayer, effective_ranks, proximal_step
 from fseft.methods.peft_methods import apply_method, method_train_mode, post_step, trainable_parameters
 from fseft.models.zoo import create_model
@@ -84,17 +85,20 @@ def test_checkpointing_and_bf16_autocast_forward_backward(method, options):
     base = create_model("swin_unetr", ["liver"], feature_size=12, depths=(1, 1, 1, 1), use_checkpoint=True)
     model = apply_method(base, method, ["liver", "gallbladder"], **options)
     method_train_mode(model)
-    x = torch.rand(1, 1, 32, 32, 64)
+    # 96 deep: no level of the network is 2 voxels deep, where PyTorch's CPU bf16 conv3d weight
+    # gradient is wrong (32 deep failed this test now and then; `check_bf16_training`)
+    x = torch.rand(1, 1, 96, 32, 32)
+    check_bf16_training(type(base), x.shape[2:], "cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(x)
         loss = logits.float().sigmoid().mean()
     loss.backward()
-    assert logits.dtype == torch.bfloat16 and logits.shape == (1, 2, 32, 32, 64)
+    assert logits.dtype == torch.bfloat16 and logits.shape == (1, 2, 96, 32, 32)
     grads = {n: p.grad for n, p in trainable_parameters(model)}
-    # names the parameters (the one failure seen, in a fresh clone, said only "assert False")
+    # the PyTorch bug gave finite garbage (1e20) as often as NaN: bound the size too
     missing = [n for n, g in grads.items() if g is None]
-    non_finite = [n for n, g in grads.items() if g is not None and not torch.isfinite(g).all()]
-    assert not missing and not non_finite, f"no gradient: {missing[:5]}; non-finite gradient: {non_finite[:5]}"
+    wrong = [n for n, g in grads.items() if g is not None and not (g.float().abs() < 1e3).all()]
+    assert not missing and not wrong, f"no gradient: {missing[:5]}; non-finite or huge gradient: {wrong[:5]}"
     # the method's own encoder parameters receive a gradient through the checkpointed blocks
     encoder = [g for n, g in grads.items() if "swinViT" in n]
     assert encoder and any(torch.count_nonzero(g) > 0 for g in encoder)

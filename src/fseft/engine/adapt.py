@@ -359,6 +359,10 @@ def adapt(
 
         cfg = dataclasses.replace(cfg, patch_size=recommended_roi_size(base) or DEFAULT_ROI_SIZE)
     _check_windows(base, cfg, network)
+    if network and cfg.bf16:
+        from fseft.engine.sliding_window import check_bf16_training
+
+        check_bf16_training(type(base), cfg.patch_size, cfg.device)
     seed_everything(seed)
     return _runner(spec.kind)(base, base_ref, dataset, task, names, cfg, out)
 

@@ -825,6 +825,14 @@ def pretrain(assembly: AssemblyConfig, out: str | os.PathLike, *, resume: bool =
     except ConfigError as exc:
         raise ConfigError(f"{assembly.source}: train.patch_size {list(train.patch_size)}: {exc}") from exc
     with distributed_context(train.device) as ctx:
+        if train.bf16:
+            from fseft.engine.sliding_window import check_bf16_training
+            from fseft.models.architectures import architecture
+
+            try:
+                check_bf16_training(architecture(assembly.arch), train.patch_size, ctx.device)
+            except ConfigError as exc:
+                raise ConfigError(f"{assembly.source}: train.patch_size {list(train.patch_size)}: {exc}") from exc
         seed_everything(train.seed)  # identical initial weights on every rank
         catalogue, sources = resolve_sources(assembly)
         val_source = resolve_validation(assembly, catalogue)

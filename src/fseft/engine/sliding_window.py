@@ -146,6 +146,33 @@ def warn_if_bf16_is_emulated(device: torch.device) -> None:
         )
 
 
+def check_bf16_training(model_cls: type, patch_size: Sequence[int], device: torch.device | str) -> None:
+    """`ConfigError` for bf16 training on a CPU when a level of the network is 2 voxels deep.
+
+    PyTorch's CPU bfloat16 3D convolution (oneDNN; found with torch 2.13) computes a wrong
+    weight gradient when its input is 2 voxels deep (the first spatial axis; 3x3x3 kernels):
+    values of 1e20-1e32 or NaN in about a third of the calls, which would silently wreck the
+    weights. A 64-deep patch meets it at Swin-UNETR's 1/32 level, a 32-deep one at 1/16. fp32
+    and inference (no gradient) are unaffected; a 96-deep patch is safe (levels 96 ... 3).
+    model_cls: the architecture class (its `downsampling`); patch_size: ``(D, H, W)``.
+    """
+    name = str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(name).type != "cpu":
+        return
+    factor = int(getattr(model_cls, "downsampling", 1))
+    depth = int(patch_size[0])
+    levels = [depth // 2**k for k in range(factor.bit_length())]
+    if 2 in levels:
+        raise ConfigError(
+            f"bf16 training on a CPU with a patch {depth} voxels deep: the network sees it 2 voxels "
+            f"deep at one level (depths {', '.join(map(str, levels))}), where PyTorch's CPU bfloat16 "
+            "3D convolution gives wrong weight gradients; drop --bf16 (inference may keep it), or "
+            f"choose a patch depth whose levels skip 2 (e.g. 96), or train on a GPU"
+        )
+
+
 @torch.inference_mode()
 def sliding_window_map(
     model: nn.Module,

@@ -56,6 +56,9 @@ class SegmentationModel(nn.Module):
     #: architecture that has one implements ``encode(x, point) -> dict`` and
     #: ``decode(tensors, point) -> features`` (`fseft.engine.encoder_cache` caches the prefix).
     split_points: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: The total downsampling of the deepest level (Swin-UNETR 32, the SuPreM U-Net 8): a window
+    #: side ``s`` is seen at ``s, s / 2, ..., s / downsampling`` voxels.
+    downsampling: ClassVar[int] = 1
 
     def __init__(self, class_names: Sequence[str], feature_channels: int) -> None:
         super().__init__()

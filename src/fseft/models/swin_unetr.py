@@ -111,6 +111,8 @@ class SwinUNETRSegmenter(SegmentationModel):
             if isinstance(m, WindowAttention):
                 m.use_flash_attention = bool(enabled)
 
+    downsampling = 32
+
     @classmethod
     def check_window(cls, size: Sequence[int]) -> None:
         """`ValueError` unless a ``(D, H, W)`` window can pass: each divisible by 32 (five 2x

@@ -109,6 +109,8 @@ class UNet3DSegmenter(SegmentationModel):
         self.up_tr64 = UpStage(4 * b, 2 * b, 0, b, act)
         self.arch_kwargs = {"base_channels": b, "act": act, "in_channels": int(in_channels)}
 
+    downsampling = 8
+
     @classmethod
     def check_window(cls, size: Sequence[int]) -> None:
         """`ValueError` unless each side of a ``(D, H, W)`` window is a positive multiple of 8."""
