@@ -311,7 +311,7 @@ def test_dry_run_counts_every_kind_without_data(swin12_file, capsys):
     assert _dry_run_trainable(capsys, swin12_file, "--method", "lp")[0] == 2 * 13
 
 
-def test_unknown_method_and_misplaced_options_are_clear_errors(swin12_file, data_root, tmp_path, capsys):
+def test_unknown_method_and_misplaced_options_are_clear_errors(swin12_file, data_root, tmp_path, capsys, monkeypatch):
     from fseft.methods import available_methods
 
     base = ["adapt", "--model", str(swin12_file), "--structures", "liver"]
@@ -327,6 +327,9 @@ def test_unknown_method_and_misplaced_options_are_clear_errors(swin12_file, data
         adapt(tiny_model(), data_root, "liver", 1, 0, tmp_path / "run", _cfg(tmp_path, method="lora", transductive=True))
     assert not (tmp_path / "run").exists()
     # bf16 network training on a CPU with the U-Net's 16-deep patch: a level 2 voxels deep
+    from fseft.engine import sliding_window
+
+    monkeypatch.setattr(sliding_window, "cpu_bf16_conv3d_gradient_is_wrong", lambda: True)
     with pytest.raises(ConfigError, match="patch 16 voxels deep"):
         adapt(tiny_model(), data_root, "liver", 1, 0, tmp_path / "run", _cfg(tmp_path, method="lora", bf16=True))
     assert not (tmp_path / "run").exists()

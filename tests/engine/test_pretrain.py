@@ -123,7 +123,7 @@ def test_bad_values_and_missing_dataset_are_config_errors(tmp_path):
         assembly_from_dict(data, base_dir=tmp_path)
 
 
-def test_dataset_errors_before_training(tmp_path):
+def test_dataset_errors_before_training(tmp_path, monkeypatch):
     data = tiny_assembly(tmp_path)
     data["datasets"][1]["structures"] = ["kidney_left", "liver"]  # B has no liver label
     with pytest.raises(ConfigError, match="does not annotate liver"):
@@ -143,6 +143,9 @@ def test_dataset_errors_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
     # bf16 on a CPU where the U-Net sees the 16-deep patch 2 voxels deep (`check_bf16_training`)
+    from fseft.engine import sliding_window
+
+    monkeypatch.setattr(sliding_window, "cpu_bf16_conv3d_gradient_is_wrong", lambda: True)
     data = tiny_assembly(tmp_path, bf16=True, device="cpu")
     with pytest.raises(ConfigError, match=r"train.patch_size \[16, 16, 16\]: bf16 training on a CPU"):
         pretrain(assembly_from_dict(data, base_dir=tmp_path), tmp_path / "run_bf16")
