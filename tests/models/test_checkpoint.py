@@ -145,3 +145,26 @@ def test_model_file_problems_are_input_file_errors(tmp_path):
     save_file({"w": torch.zeros(1)}, str(unknown), metadata={"fseft": json.dumps(config)})
     with pytest.raises(InputFileError, match="unknown.safetensors.*unknown architecture"):
         load_model_file(unknown)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"postprocess": {"largest_component": ["pancreas"]}}, "extra.postprocess.largest_component must map"),
+    ({"postprocess": {"largest_component": {"pancreas": "no"}}}, "extra.postprocess.largest_component must map"),
+    ({"postprocess": "lcc"}, "extra.postprocess is not a mapping"),
+    ({"inference": {"roi_size": [64, 64]}}, r"extra.inference.roi_size must be three positive integers"),
+    ({"inference": {"roi_size": [64, "64", 64]}}, r"extra.inference.roi_size must be three positive integers"),
+    ([1, 2], "metadata's extra is not a mapping"),
+])
+def test_hand_edited_inference_records_are_input_file_errors(tmp_path, extra, message):
+    """What `fseft predict` follows from a model file (its window, the structures kept whole) is
+    checked where the file is read, naming the file, not met as a Python error at prediction."""
+    net = create_model("unet3d", ["pancreas"], base_channels=2)
+    path = tmp_path / "edited.safetensors"
+    config = {"arch": "unet3d", "arch_kwargs": {"base_channels": 2}, "class_names": ["pancreas"], "extra": extra}
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata={"fseft": json.dumps(config)})
+    with pytest.raises(InputFileError, match=rf"edited.safetensors: .*{message}"):
+        load_model_file(path)
+    config["extra"] = {"inference": {"roi_size": [64, 64, 64]},
+                       "postprocess": {"largest_component": {"pancreas": False}}}  # as fseft writes them
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata={"fseft": json.dumps(config)})
+    assert load_model_file(path).model_config["extra"]["postprocess"]["largest_component"] == {"pancreas": False}

@@ -399,7 +399,28 @@ def _parse_config(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | N
     for key in ("arch", "arch_kwargs", "class_names"):
         if key not in config:
             raise InputFileError(f"{path}: the fseft metadata lacks {key!r}")
+    _check_recorded_choices(config, path)
     return config
+
+
+def _check_recorded_choices(config: Mapping[str, Any], path: Path) -> None:
+    """The records inference follows (`fseft.engine.sliding_window.recommended_roi_size`,
+    `recorded_whole_structures`) have their written shape: `InputFileError` naming the file
+    and the entry otherwise (a hand-edited file), not a Python error at prediction time."""
+    extra = config.get("extra") or {}
+    for name in ("extra", "extra.inference", "extra.postprocess"):
+        section = extra if name == "extra" else extra.get(name.split(".")[1])
+        if section is not None and not isinstance(section, Mapping):
+            raise InputFileError(f"{path}: the fseft metadata's {name} is not a mapping")
+    roi = (extra.get("inference") or {}).get("roi_size")
+    if roi is not None and not (isinstance(roi, list) and len(roi) == 3
+                                and all(type(v) is int and v > 0 for v in roi)):
+        raise InputFileError(f"{path}: extra.inference.roi_size must be three positive integers, got {roi!r}")
+    choice = (extra.get("postprocess") or {}).get("largest_component")
+    if choice is not None and not (isinstance(choice, Mapping)
+                                   and all(isinstance(k, str) and type(v) is bool for k, v in choice.items())):
+        raise InputFileError(f"{path}: extra.postprocess.largest_component must map structure names to "
+                             f"true / false, got {choice!r}")
 
 
 def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu", **arch_overrides: Any) -> SegmentationModel:
