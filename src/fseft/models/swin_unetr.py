@@ -117,8 +117,8 @@ class SwinUNETRSegmenter(SegmentationModel):
     def check_window(cls, size: Sequence[int]) -> None:
         """`ValueError` unless a ``(D, H, W)`` window can pass: each divisible by 32 (five 2x
         patch merges) and more than one bottleneck voxel (its instance norm needs two)."""
-        size = check_divisible(size, 32, "swin_unetr")
-        if math.prod(s // 32 for s in size) < 2:
+        size = check_divisible(size, cls.downsampling, "swin_unetr")
+        if math.prod(s // cls.downsampling for s in size) < 2:
             raise ValueError(f"swin_unetr: spatial shape {size} is too small; use at least 64 along one axis")
 
     #: Points where the network splits into a frozen prefix and the rest (`encode` / `decode`),

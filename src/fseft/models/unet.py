@@ -114,7 +114,7 @@ class UNet3DSegmenter(SegmentationModel):
     @classmethod
     def check_window(cls, size: Sequence[int]) -> None:
         """`ValueError` unless each side of a ``(D, H, W)`` window is a positive multiple of 8."""
-        check_divisible(size, 8, "unet3d")
+        check_divisible(size, cls.downsampling, "unet3d")
 
     #: Split points (see `SwinUNETRSegmenter.split_points`): ``skips`` = the bottleneck and the
     #: three skip tensors the decoder reads; ``last`` = the inputs of the last up stage.
