@@ -177,12 +177,10 @@ def check_bf16_training(model_cls: type, patch_size: Sequence[int], device: torc
     wreck the weights. A 64-deep patch meets it at Swin-UNETR's 1/32 level, a 32-deep one at
     1/16; a 96-deep patch is safe (levels 96 ... 3). fp32 and inference (no gradient) are
     unaffected; `cpu_bf16_conv3d_gradient_is_wrong` tests this build once per process.
-    model_cls: the architecture class (its `downsampling`); patch_size: ``(D, H, W)``.
+    model_cls: the architecture class (its `downsampling`); patch_size: ``(D, H, W)``; device:
+    resolved (``cpu``, ``cuda:N``; `fseft pretrain` resolves ``auto`` first, adapt never has it).
     """
-    name = str(device)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(name).type != "cpu":
+    if torch.device(device).type != "cpu":
         return
     factor = int(getattr(model_cls, "downsampling", 1))
     depth = int(patch_size[0])

@@ -408,10 +408,11 @@ def _check_recorded_choices(config: Mapping[str, Any], path: Path) -> None:
     `recorded_whole_structures`) have their written shape: `InputFileError` naming the file
     and the entry otherwise (a hand-edited file), not a Python error at prediction time."""
     extra = config.get("extra") or {}
-    for name in ("extra", "extra.inference", "extra.postprocess"):
-        section = extra if name == "extra" else extra.get(name.split(".")[1])
-        if section is not None and not isinstance(section, Mapping):
-            raise InputFileError(f"{path}: the fseft metadata's {name} is not a mapping")
+    if not isinstance(extra, Mapping):
+        raise InputFileError(f"{path}: the fseft metadata's extra is not a mapping")
+    for section in ("inference", "postprocess"):
+        if extra.get(section) is not None and not isinstance(extra[section], Mapping):
+            raise InputFileError(f"{path}: the fseft metadata's extra.{section} is not a mapping")
     roi = (extra.get("inference") or {}).get("roi_size")
     if roi is not None and not (isinstance(roi, list) and len(roi) == 3
                                 and all(type(v) is int and v > 0 for v in roi)):
