@@ -125,11 +125,10 @@ def test_a_zoo_base_whose_recorded_file_is_gone_is_the_zoos_current_file(setup, 
     package moved) the zoo's file for that id is used, checked against the recorded fingerprint."""
     from fseft.methods.adapter_io import read_run_record
     from fseft.models import zoo
-    from fseft.models.checkpoint import KeyRules
 
     root, data, _, _ = setup
     spec = zoo.ModelSpec(model_id="tiny", arch="unet3d", arch_kwargs={"base_channels": 2}, class_names=None,
-                         key_rules=KeyRules(), url="(tests)", preprocess=None)
+                         layouts=(), url="(tests)", preprocess=None)
     monkeypatch.setitem(zoo.MODEL_SPECS, "tiny", spec)
     model = tiny_model()
     first, second = tmp_path / "machine1", tmp_path / "machine2"

@@ -64,6 +64,26 @@ def write_universal(path, state, n_classes, feat):
     torch.save({"net": sd, "epoch": 2100}, path)
 
 
+def write_universal_prerefactor(path, state, n_classes, feat):
+    """CLIP-Driven pre-refactor model, as its test.py / pred_pseudo.py load it:
+    {"net": {module.swinViT.*, module.encoder*, module.decoder*, text-driven head}}."""
+    sd = {"module." + k: v for k, v in _body(state).items()}
+    sd.update(_dynamic_head(n_classes, feat))
+    torch.save({"net": sd, "epoch": 2100}, path)
+
+
+def write_selfsup_current(path, state):
+    """research-contributions SwinUNETR/Pretrain today (SSLHead under DDP): module.swinViT.* with
+    mlp.linear1/2, and its rotation / contrastive / reconstruction heads."""
+    sd = {"module." + k: v for k, v in state.items() if k.startswith("swinViT.")}
+    sd["module.rotation_pre.weight"] = torch.randn(192, 192)
+    sd["module.rotation_head.weight"] = torch.randn(4, 192)
+    sd["module.contrastive_pre.weight"] = torch.randn(192, 192)
+    sd["module.contrastive_head.weight"] = torch.randn(512, 192)
+    sd["module.conv.0.weight"] = torch.randn(192, 96, 3, 3, 3)
+    torch.save({"epoch": 100, "state_dict": sd}, path)
+
+
 def write_fseft(path, state):
     """FSEFT pre-training (DDP): {"net": {module.<key>, module.classifier.*}}."""
     sd = {"module." + k.replace("head.", "classifier."): v for k, v in state.items()}
@@ -91,15 +111,33 @@ def test_selfsup_loads_encoder_and_reports_dropped_and_new(tmp_path):
     assert not torch.equal(model.state_dict()["encoder1.layer.conv1.conv.weight"], state["encoder1.layer.conv1.conv.weight"])
 
 
-def test_btcv_drops_the_background_channel(tmp_path):
+def test_selfsup_loads_the_current_pretraining_code_layout(tmp_path):
+    state = _random_state("swin_unetr", BTCV_CLASSES, **SWIN)
+    path = tmp_path / "ssl.pt"
+    write_selfsup_current(path, state)
+    with pytest.warns(CheckpointWarning) as rec:
+        model = load_model("selfsup", weights=path, **SWIN)
+    message = str(rec[0].message)
+    assert "rotation_pre" in message and "contrastive_head" in message and "module.conv" in message
+    _assert_loaded(model, state, skip=(r"^(encoder|decoder)",))
+    assert model.model_config["layout"].startswith("research-contributions SwinUNETR/Pretrain, current code")
+
+
+def test_btcv_takes_each_organ_against_the_background_channel(tmp_path):
     state = _random_state("swin_unetr", BTCV_CLASSES, **SWIN)
     path = tmp_path / "btcv.pt"
     sd = write_btcv(path, state)
-    with pytest.warns(CheckpointWarning, match=r"channels \[0\]"):
+    with pytest.warns(CheckpointWarning, match=r"channels \[0\].*relative to channel 0"):
         model = load_model("btcv", weights=path, **SWIN)
     assert model.class_names == BTCV_CLASSES and not model.training
-    assert torch.equal(model.head.weight, sd["out.conv.conv.weight"][1:])
-    assert torch.equal(model.head.bias, sd["out.conv.conv.bias"][1:])
+    weight, bias = sd["out.conv.conv.weight"], sd["out.conv.conv.bias"]
+    assert torch.equal(model.head.weight, weight[1:] - weight[:1])
+    assert torch.equal(model.head.bias, bias[1:] - bias[:1])
+    # sigmoid(organ logit) = p_organ / (p_organ + p_background) of the published softmax
+    features = torch.randn(1, 12, 2, 2, 2)
+    published = torch.softmax(torch.nn.functional.conv3d(features, weight, bias), dim=1)
+    ours = torch.sigmoid(model.head(features))
+    assert torch.allclose(ours, published[:, 1:] / (published[:, 1:] + published[:, :1]), atol=1e-6)
     _assert_loaded(model, state)
     assert model.preprocess["hu_window"] == [-175.0, 250.0]
 
@@ -114,6 +152,30 @@ def test_universal_swin_models_drop_the_text_driven_head(tmp_path, model_id, cla
     assert "organ_embedding" in str(rec[0].message) and "newly initialised" in str(rec[0].message)
     assert model.class_names == classes and model.head.out_channels == len(classes)
     _assert_loaded(model, state)
+
+
+@pytest.mark.parametrize(("model_id", "classes"), [("clipdriven", CLIPDRIVEN_CLASSES), ("suprem_swinunetr", SUPREM_CLASSES)])
+def test_universal_swin_models_load_the_pre_refactor_layout(tmp_path, model_id, classes):
+    state = _random_state("swin_unetr", classes, **SWIN)
+    path = tmp_path / f"{model_id}.pth"
+    write_universal_prerefactor(path, state, len(classes), 12)
+    with pytest.warns(CheckpointWarning, match="controller"):
+        model = load_model(model_id, weights=path, **SWIN)
+    _assert_loaded(model, state)
+    assert "pre-refactor" in model.model_config["layout"]
+
+
+def test_an_unknown_layout_lists_the_unmatched_keys_and_the_layouts_tried(tmp_path):
+    state = _random_state("swin_unetr", CLIPDRIVEN_CLASSES, **SWIN)
+    path = tmp_path / "clip.pth"
+    torch.save({"net": {"model.backbone." + k: v for k, v in _body(state).items()}}, path)
+    with pytest.raises(InputFileError) as info:
+        load_model("clipdriven", weights=path, **SWIN)
+    message = str(info.value)
+    assert "clip.pth: does not look like a checkpoint of this architecture" in message
+    assert "unexpected keys: model.backbone.*" in message and "missing keys: swinViT.patch_embed" in message
+    assert "no published layout fits; tried: CLIP-Driven-Universal-Model train.py" in message
+    assert "CLIP-Driven-Universal-Model pre-refactor model" in message
 
 
 def test_suprem_unet_loads_the_backbone(tmp_path):
@@ -144,7 +206,7 @@ def test_weights_are_found_in_the_weights_dir(tmp_path, monkeypatch):
     model = load_model("fseft", **SWIN)
     assert model.model_config["weights"] == str(tmp_path / "fseft.pth")
     table = format_model_table()
-    assert re.search(r"fseft\s+swin_unetr\s+29\s+62\.\d\dM\s+present: .*fseft\.pth", table)
+    assert re.search(r"fseft\s+swin_unetr\s+29\s+62\.\d\dM\s+patch_merging=legacy\s+present: .*fseft\.pth", table)
 
 
 def test_missing_weights_say_where_they_are_published_and_where_fseft_looked(tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ from torch import nn
 from fseft.errors import ConfigError, InputFileError
 from fseft.methods.peft_methods import NORM_TYPES, apply_method, replace_head, unwrap
 from fseft.methods.registry import get_method
+from fseft.models.architectures import variant_options
 from fseft.utils import atomic_path
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -165,7 +166,9 @@ def _check_base(base: nn.Module, record: dict[str, Any], run_dir: Path) -> None:
     if getattr(model, "arch", None) != record["arch"]:
         problems.append(f"architecture {getattr(model, 'arch', None)!r} != {record['arch']!r}")
     elif dict(model.arch_kwargs) != record["arch_kwargs"]:
-        diff = {k: (model.arch_kwargs.get(k), v) for k, v in record["arch_kwargs"].items()
+        # a run written before a variant option existed was trained with its default
+        recorded = {**variant_options(record["arch"], record["arch_kwargs"]), **record["arch_kwargs"]}
+        diff = {k: (model.arch_kwargs.get(k), v) for k, v in recorded.items()
                 if model.arch_kwargs.get(k) != v and k != "use_checkpoint"}
         if diff:
             problems.append(f"architecture options differ (base, adapter): {diff}")

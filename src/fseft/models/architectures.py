@@ -8,7 +8,8 @@ class declares what the adaptation methods need (`SegmentationModel.parts`,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fseft.errors import ConfigError
@@ -54,3 +55,12 @@ def check_window(arch: str, size: Sequence[int]) -> None:
         architecture(arch).check_window(size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def variant_options(arch: str, arch_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture's `SegmentationModel.variant_options` as ``arch_kwargs`` sets them, the
+    architecture's default where absent (a model file written before the option existed), e.g.
+    ``{"patch_merging": "current"}``."""
+    cls = architecture(arch)
+    defaults = inspect.signature(cls.__init__).parameters
+    return {name: arch_kwargs.get(name, defaults[name].default) for name in cls.variant_options}

@@ -59,6 +59,10 @@ class SegmentationModel(nn.Module):
     #: The total downsampling of the deepest level (Swin-UNETR 32, the SuPreM U-Net 8): a window
     #: side ``s`` is seen at ``s, s / 2, ..., s / downsampling`` voxels.
     downsampling: ClassVar[int] = 1
+    #: Architecture options that change the function the same weights compute (Swin-UNETR's
+    #: ``patch_merging``, the U-Net's ``inference_norm``): a checkpoint must run with the ones it
+    #: was trained with, so zoo ids declare them and model files record them.
+    variant_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, class_names: Sequence[str], feature_channels: int) -> None:
         super().__init__()

@@ -44,14 +44,14 @@ class CheckpointWarning(UserWarning):
 
 def _numpy_safe_globals() -> list[Any]:
     """NumPy scalar / dtype reconstructors: data only, found in checkpoints that stored e.g.
-    ``best_acc`` as a NumPy float. They build values; they cannot call arbitrary functions."""
+    ``best_acc`` as a NumPy float. They build values; they cannot call arbitrary functions.
+
+    The scalar reconstructor is allowed under both of its pickled names: ``numpy._core`` (files
+    written under NumPy 2) and ``numpy.core`` (NumPy 1.x: MONAI's published BTCV checkpoint)."""
     import numpy as np
 
-    allowed: list[Any] = [np.dtype]
-    try:
-        allowed.append(np._core.multiarray.scalar)  # numpy >= 2
-    except AttributeError:  # pragma: no cover - numpy 1.x
-        allowed.append(np.core.multiarray.scalar)
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    allowed: list[Any] = [np.dtype, (scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar")]
     allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
     return allowed
 
@@ -139,6 +139,10 @@ class KeyRules:
             at their initialisation, reported in a `CheckpointWarning`).
         head_rows: output channels of the checkpoint head kept, in order (BTCV: drop background 0).
         head_source_channels: output channels the checkpoint head must have (with ``head_rows``).
+        head_relative_to: the background channel of a softmax head (with ``head_rows``): each kept
+            row becomes its difference with this one, so the sigmoid of a kept logit is
+            ``sigmoid(z_c - z_bg) = p_c / (p_c + p_bg)``, the softmax's "organ c rather than
+            background"; above 0.5 exactly where c beats background in the published argmax.
     """
 
     strip_prefixes: tuple[str, ...] = ()
@@ -148,6 +152,20 @@ class KeyRules:
     new_modules: tuple[str, ...] = ()
     head_rows: tuple[int, ...] | None = None
     head_source_channels: int | None = None
+    head_relative_to: int | None = None
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """One key layout in which a public checkpoint is saved or loaded by its authors' scripts.
+
+    Attributes:
+        name: what users recognise it by, e.g. ``"CLIP-Driven pre-refactor (test.py)"``.
+        rules: how its keys map onto the fseft model.
+    """
+
+    name: str
+    rules: KeyRules
 
 
 @dataclass
@@ -159,6 +177,7 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    layout: str | None = None
 
 
 def map_state_dict(
@@ -195,9 +214,15 @@ def map_state_dict(
         index = torch.tensor(rules.head_rows, dtype=torch.long)
         for name in ("head.weight", "head.bias"):
             if name in mapped:
-                mapped[name] = mapped[name].index_select(0, index)
+                full = mapped[name]
+                mapped[name] = full.index_select(0, index)
+                if rules.head_relative_to is not None:
+                    mapped[name] = mapped[name] - full[rules.head_relative_to : rules.head_relative_to + 1]
         kept = set(rules.head_rows)
         notes.append(f"head output channels {sorted(set(range(rows)) - kept)} of the checkpoint dropped")
+        if rules.head_relative_to is not None:
+            notes.append(f"the kept head channels are taken relative to channel {rules.head_relative_to} "
+                         "(softmax head: sigmoid = organ rather than background)")
     return mapped, dropped, notes
 
 
@@ -300,6 +325,39 @@ def load_state_dict_checked(
         messages.append(f"newly initialised (not in the checkpoint): {_summarise(new, depth=1)}")
     if messages:
         warnings.warn(f"{source}: " + "; ".join(messages), CheckpointWarning, stacklevel=2)
+    return report
+
+
+def _layout_fit(model_keys: set[str], state: Mapping[str, torch.Tensor], layout: KeyLayout, source: str | os.PathLike) -> int:
+    """How well ``layout`` explains ``state``: model keys it provides minus keys it leaves unexplained."""
+    try:
+        mapped, _, _ = map_state_dict(state, layout.rules, source)
+    except InputFileError:  # keys collide under this layout's rules: not this layout
+        return -len(state)
+    return sum(k in model_keys for k in mapped) - sum(k not in model_keys for k in mapped)
+
+
+def load_state_dict_layouts(
+    model: SegmentationModel,
+    state: Mapping[str, torch.Tensor],
+    source: str | os.PathLike,
+    layouts: tuple[KeyLayout, ...],
+) -> LoadReport:
+    """Load a public checkpoint saved in one of ``layouts``: the layout that explains most of its
+    keys is chosen, then `load_state_dict_checked` accounts for every key. When even that one
+    leaves keys unmatched, the `InputFileError` lists them and names the layouts tried."""
+    if not layouts:
+        return load_state_dict_checked(model, state, source)
+    model_keys = set(model.state_dict())
+    best = max(layouts, key=lambda layout: _layout_fit(model_keys, state, layout, source))
+    try:
+        report = load_state_dict_checked(model, state, source, best.rules)
+    except InputFileError as exc:
+        if len(layouts) == 1:
+            raise
+        tried = "; ".join(layout.name for layout in layouts)
+        raise InputFileError(f"{exc} (no published layout fits; tried: {tried}; closest: {best.name})") from exc
+    report.layout = best.name
     return report
 
 

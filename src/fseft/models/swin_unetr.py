@@ -11,10 +11,42 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
-from monai.networks.nets.swin_unetr import WindowAttention
+from monai.networks.nets.swin_unetr import PatchMerging, WindowAttention
 
+from fseft.errors import ConfigError
 from fseft.models.base import ModelParts, SegmentationModel, check_divisible
+
+
+class LegacyPatchMerging(PatchMerging):
+    """MONAI 0.9-1.4's 3D patch merging, the one every public Swin-UNETR checkpoint was trained
+    with (MONAI's BTCV and self-supervised models, and the copies of MONAI's code in the
+    CLIP-Driven, SuPreM and FSEFT repositories).
+
+    It concatenates the ``(d, h, w)`` offsets ``000, 100, 010, 001, 101, 010, 001, 111`` of each
+    2x2x2 block: ``010`` and ``001`` twice, ``110`` and ``011`` never. MONAI 1.5 (PR #8285)
+    concatenates the eight distinct offsets instead; with the same weights the two compute
+    different features, so a checkpoint must run with the order it was trained with.
+    """
+
+    #: (d, h, w) offsets in concatenation order
+    offsets = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, D, H, W, C)`` -> ``(B, ceil(D/2), ceil(H/2), ceil(W/2), 2C)``."""
+        if x.ndim != 5:
+            return super().forward(x)
+        _, d, h, w, _ = x.shape
+        if d % 2 or h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
+        x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in self.offsets], -1)
+        return self.reduction(self.norm(x))
+
+
+#: ``patch_merging`` option -> MONAI ``downsample`` block: ``"legacy"`` = MONAI 0.9-1.4 (the
+#: public checkpoints), ``"current"`` = MONAI >= 1.5 (fseft's own models, e.g. the embedded one).
+PATCH_MERGING: dict[str, type[PatchMerging]] = {"legacy": LegacyPatchMerging, "current": PatchMerging}
 
 
 class SwinUNETRSegmenter(SegmentationModel):
@@ -26,6 +58,9 @@ class SwinUNETRSegmenter(SegmentationModel):
         depths, num_heads: Swin stages (MONAI defaults, those of all public checkpoints).
         use_checkpoint: gradient checkpointing in the Swin blocks (less memory, slower).
         use_v2: Swin-UNETR v2 (extra residual conv blocks per stage).
+        patch_merging: ``"legacy"`` (MONAI 0.9-1.4's sub-grid order, `LegacyPatchMerging`: every
+            public checkpoint) or ``"current"`` (MONAI >= 1.5: models trained by fseft). Part of
+            the architecture: model files record it; a file without the record is ``"current"``.
         in_channels: input channels (1 for CT).
         dropout_path_rate, drop_rate, attn_drop_rate: regularisation, passed to MONAI.
         fused_attention: without gradients (inference, frozen-feature extraction), compute the
@@ -64,8 +99,11 @@ class SwinUNETRSegmenter(SegmentationModel):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         fused_attention: bool = True,
+        patch_merging: str = "current",
     ) -> None:
         super().__init__(class_names, feature_channels=feature_size)
+        if patch_merging not in PATCH_MERGING:
+            raise ConfigError(f"swin_unetr: unknown patch_merging {patch_merging!r}; choose one of {', '.join(PATCH_MERGING)}")
         net = SwinUNETR(
             in_channels=in_channels,
             out_channels=len(self.class_names),
@@ -79,6 +117,7 @@ class SwinUNETRSegmenter(SegmentationModel):
             attn_drop_rate=attn_drop_rate,
             spatial_dims=3,
             use_flash_attention=fused_attention,
+            downsample=PATCH_MERGING[patch_merging],
         )
         # Adopt MONAI's sub-modules under their own names; `out` is replaced by `head`.
         self.swinViT = net.swinViT
@@ -98,6 +137,7 @@ class SwinUNETRSegmenter(SegmentationModel):
             "dropout_path_rate": float(dropout_path_rate),
             "drop_rate": float(drop_rate),
             "attn_drop_rate": float(attn_drop_rate),
+            "patch_merging": patch_merging,
         }
 
     @property
@@ -111,6 +151,7 @@ class SwinUNETRSegmenter(SegmentationModel):
             if isinstance(m, WindowAttention):
                 m.use_flash_attention = bool(enabled)
 
+    variant_options = ("patch_merging",)
     downsampling = 32
 
     @classmethod

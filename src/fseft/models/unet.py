@@ -8,8 +8,11 @@ Channel layout with ``base_channels=b`` (b = 32 in the public models): encoder s
 and concatenates the skip, then two convolutions to ``b*2^(d+1)`` channels. The feature map
 before the head has ``2*b`` (64) channels at full resolution.
 
-The public code normalises with batch statistics even at inference (``ContBatchNorm3d``);
-here `nn.BatchNorm3d` follows `train()` / `eval()` and uses the running statistics in eval.
+The public code normalises with batch statistics even at inference (SuPreM's ``ContBatchNorm3d``
+always calls ``F.batch_norm`` in training mode): ``inference_norm="batch"`` does the same
+(`BatchStatisticsNorm3d`, the default of the ``suprem_unet`` zoo id); ``"running"`` (the
+architecture's default, that of fseft-trained U-Nets) is `nn.BatchNorm3d` following `train()` /
+`eval()`, the running statistics in eval.
 """
 
 from __future__ import annotations
@@ -17,19 +20,39 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fseft.errors import ConfigError
 from fseft.models.base import ModelParts, SegmentationModel, check_divisible
 
 
+class BatchStatisticsNorm3d(nn.BatchNorm3d):
+    """Batch norm that normalises with the statistics of the batch in eval mode too, as the
+    public SuPreM / Models Genesis U-Net does. In training it is `nn.BatchNorm3d`; in eval the
+    running statistics are neither used nor updated (the public block updates them at
+    inference, a side effect that does not change its output).
+
+    So the output for one volume depends on the other volumes (sliding windows) in its batch,
+    as in the public model."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().forward(x)
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+#: ``inference_norm`` option -> the U-Net's batch-norm class
+INFERENCE_NORMS: dict[str, type[nn.BatchNorm3d]] = {"running": nn.BatchNorm3d, "batch": BatchStatisticsNorm3d}
+
+
 class ConvBNAct(nn.Module):
     """3x3x3 convolution, batch norm, activation (key names ``conv1``, ``bn1``)."""
 
-    def __init__(self, in_channels: int, out_channels: int, act: str) -> None:
+    def __init__(self, in_channels: int, out_channels: int, act: str, norm: type[nn.BatchNorm3d] = nn.BatchNorm3d) -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.bn1 = nn.BatchNorm3d(out_channels)
+        self.bn1 = norm(out_channels)
         if act == "relu":
             self.activation: nn.Module = nn.ReLU(inplace=True)
         elif act == "prelu":
@@ -46,10 +69,11 @@ class ConvBNAct(nn.Module):
 class DownStage(nn.Module):
     """Two convolutions, then (except at the bottom) 2x max pooling; returns (pooled, skip)."""
 
-    def __init__(self, in_channels: int, depth: int, base: int, act: str, pool: bool) -> None:
+    def __init__(self, in_channels: int, depth: int, base: int, act: str, pool: bool,
+                 norm: type[nn.BatchNorm3d] = nn.BatchNorm3d) -> None:
         super().__init__()
         mid, out = base * 2**depth, base * 2 ** (depth + 1)
-        self.ops = nn.Sequential(ConvBNAct(in_channels, mid, act), ConvBNAct(mid, out, act))
+        self.ops = nn.Sequential(ConvBNAct(in_channels, mid, act, norm), ConvBNAct(mid, out, act, norm))
         self.maxpool = nn.MaxPool3d(2) if pool else nn.Identity()
         self.out_channels = out
 
@@ -61,11 +85,12 @@ class DownStage(nn.Module):
 class UpStage(nn.Module):
     """2x transposed convolution, concatenation with the skip, two convolutions."""
 
-    def __init__(self, in_channels: int, skip_channels: int, depth: int, base: int, act: str) -> None:
+    def __init__(self, in_channels: int, skip_channels: int, depth: int, base: int, act: str,
+                 norm: type[nn.BatchNorm3d] = nn.BatchNorm3d) -> None:
         super().__init__()
         out = base * 2 ** (depth + 1)
         self.up_conv = nn.ConvTranspose3d(in_channels, in_channels, kernel_size=2, stride=2)
-        self.ops = nn.Sequential(ConvBNAct(in_channels + skip_channels, out, act), ConvBNAct(out, out, act))
+        self.ops = nn.Sequential(ConvBNAct(in_channels + skip_channels, out, act, norm), ConvBNAct(out, out, act, norm))
         self.out_channels = out
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -80,6 +105,9 @@ class UNet3DSegmenter(SegmentationModel):
         base_channels: 32 for the public checkpoints (64 feature channels); 4 or 8 for tests.
         act: ``"relu"`` (public checkpoints), ``"prelu"`` or ``"elu"``.
         in_channels: input channels (1 for CT).
+        inference_norm: ``"running"`` (batch norm with running statistics in eval) or
+            ``"batch"`` (batch statistics in eval too, as the public SuPreM U-Net:
+            `BatchStatisticsNorm3d`). Recorded in model files; a file without it is ``"running"``.
     """
 
     arch = "unet3d"
@@ -97,18 +125,24 @@ class UNet3DSegmenter(SegmentationModel):
         base_channels: int = 32,
         act: str = "relu",
         in_channels: int = 1,
+        inference_norm: str = "running",
     ) -> None:
         b = int(base_channels)
         super().__init__(class_names, feature_channels=2 * b)
-        self.down_tr64 = DownStage(in_channels, 0, b, act, pool=True)
-        self.down_tr128 = DownStage(2 * b, 1, b, act, pool=True)
-        self.down_tr256 = DownStage(4 * b, 2, b, act, pool=True)
-        self.down_tr512 = DownStage(8 * b, 3, b, act, pool=False)
-        self.up_tr256 = UpStage(16 * b, 8 * b, 2, b, act)
-        self.up_tr128 = UpStage(8 * b, 4 * b, 1, b, act)
-        self.up_tr64 = UpStage(4 * b, 2 * b, 0, b, act)
-        self.arch_kwargs = {"base_channels": b, "act": act, "in_channels": int(in_channels)}
+        if inference_norm not in INFERENCE_NORMS:
+            raise ConfigError(f"unet3d: unknown inference_norm {inference_norm!r}; choose one of {', '.join(INFERENCE_NORMS)}")
+        norm = INFERENCE_NORMS[inference_norm]
+        self.down_tr64 = DownStage(in_channels, 0, b, act, pool=True, norm=norm)
+        self.down_tr128 = DownStage(2 * b, 1, b, act, pool=True, norm=norm)
+        self.down_tr256 = DownStage(4 * b, 2, b, act, pool=True, norm=norm)
+        self.down_tr512 = DownStage(8 * b, 3, b, act, pool=False, norm=norm)
+        self.up_tr256 = UpStage(16 * b, 8 * b, 2, b, act, norm)
+        self.up_tr128 = UpStage(8 * b, 4 * b, 1, b, act, norm)
+        self.up_tr64 = UpStage(4 * b, 2 * b, 0, b, act, norm)
+        self.arch_kwargs = {"base_channels": b, "act": act, "in_channels": int(in_channels),
+                            "inference_norm": inference_norm}
 
+    variant_options = ("inference_norm",)
     downsampling = 8
 
     @classmethod

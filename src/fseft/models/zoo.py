@@ -24,13 +24,14 @@ from fseft.data.structures import (
     SUPREM_CLASSES,
 )
 from fseft.errors import ConfigError, InputFileError
-from fseft.models.architectures import ARCH_ALIASES, ARCHITECTURES, check_window, create_model
+from fseft.models.architectures import ARCH_ALIASES, ARCHITECTURES, check_window, create_model, variant_options
 from fseft.models.base import SegmentationModel
 from fseft.models.checkpoint import (
+    KeyLayout,
     KeyRules,
     extract_state_dict,
     load_model_file,
-    load_state_dict_checked,
+    load_state_dict_layouts,
     read_checkpoint,
     read_model_file_config,
 )
@@ -59,6 +60,22 @@ _SWIN_RENAMES: tuple[tuple[str, str], ...] = (
 # The CLIP-Driven / SuPreM text-driven dynamic head (controller generating per-class conv
 # weights from organ embeddings) is not a 1x1x1 conv: dropped, the head is new.
 _DYNAMIC_HEAD = r"^module\.(precls_conv|GAP|controller|text_to_vision|organ_embedding)(\.|$)"
+# Every public Swin-UNETR checkpoint was trained with MONAI 0.9-1.4's patch merging order.
+_PUBLIC_SWIN = {"feature_size": 48, "patch_merging": "legacy"}
+
+
+def _universal_layouts(repository: str) -> tuple[KeyLayout, ...]:
+    """The layouts of the CLIP-Driven Universal Model code (and SuPreM, which builds on it):
+    ``{"net": {"module.backbone.<key>", text-driven head}}`` saved by its ``train.py`` under DDP, and
+    the pre-refactor model that its ``test.py`` / ``pred_pseudo.py`` load, whose backbone modules
+    sit directly under ``module.`` (``module.swinViT.*``, ``module.encoder1.*``, ...)."""
+    head = (_DYNAMIC_HEAD, r"^module\.backbone\.out\.")
+    return (
+        KeyLayout(f"{repository} train.py (module.backbone.*)",
+                  KeyRules(strip_prefixes=("module.backbone.",), renames=_SWIN_RENAMES, drop=head, new_modules=(r"^head\.",))),
+        KeyLayout(f"{repository} pre-refactor model (module.swinViT.*, module.encoder*, module.decoder*)",
+                  KeyRules(strip_prefixes=("module.",), renames=_SWIN_RENAMES, drop=head, new_modules=(r"^head\.",))),
+    )
 
 
 @dataclass(frozen=True)
@@ -67,30 +84,36 @@ class ModelSpec:
 
     Attributes:
         model_id: the id users type (``fseft predict --model btcv``).
-        arch, arch_kwargs: the full-size architecture of the published weights.
+        arch, arch_kwargs: the full-size architecture of the published weights, with the
+            options they were trained with (Swin-UNETR ``patch_merging``, U-Net ``inference_norm``).
         class_names: output channel order of the model (canonical names); None when the
             weights file carries its own (fseft model files).
-        key_rules: how the published keys map onto the fseft model.
+        layouts: the key layouts the authors' scripts save or load, and how each maps onto the
+            fseft model (`KeyLayout`); the one that explains the file's keys is used.
         url: where the weights are published (fseft never downloads them).
         filename: the published file name (also looked for in the weights folder).
         description: one line for the table.
         head_pretrained: whether the published head is loaded (False: head is new).
         bundled: package-relative path of weights shipped inside fseft.
         preprocess: the preprocessing the weights were trained with.
+        zero_shot: what segmenting without adaptation (``fseft predict --model <id>``) means for it.
     """
 
     model_id: str
     arch: str
     arch_kwargs: Mapping[str, Any]
     class_names: tuple[str, ...] | None
-    key_rules: KeyRules
+    layouts: tuple[KeyLayout, ...]
     url: str
     filename: str = ""
     description: str = ""
     head_pretrained: bool = True
     bundled: str | None = None
     preprocess: Mapping[str, Any] | None = field(default_factory=lambda: dict(PUBLIC_PREPROCESS))
+    zero_shot: str = ""
 
+
+_NEW_HEAD = "none: the published head is dropped; the new head must be trained (fseft adapt)"
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     spec.model_id: spec
@@ -98,115 +121,143 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         ModelSpec(
             model_id="selfsup",
             arch="swin_unetr",
-            arch_kwargs={"feature_size": 48},
+            arch_kwargs=_PUBLIC_SWIN,
             class_names=BTCV_CLASSES,
-            key_rules=KeyRules(
-                strip_prefixes=("module.",),
-                add_prefix="swinViT.",
-                renames=_SWIN_RENAMES,
-                # Only the Swin encoder is kept; rotation / contrastive / reconstruction
-                # (convTrans3d) heads of the self-supervised training are dropped.
-                drop=(r"^module\.(?!patch_embed\.|layers[1-4]\.)",),
-                new_modules=(r"^(encoder|decoder)\d+\.", r"^head\."),
+            layouts=(
+                KeyLayout(
+                    "MONAI model_swinvit.pt (published: module.patch_embed.*, module.layers1-4.*, mlp.fc1/fc2)",
+                    KeyRules(
+                        strip_prefixes=("module.",),
+                        add_prefix="swinViT.",
+                        renames=_SWIN_RENAMES,
+                        # Only the Swin encoder is kept; rotation / contrastive / reconstruction
+                        # (convTrans3d) heads of the self-supervised training are dropped.
+                        drop=(r"^module\.(?!patch_embed\.|layers[1-4]\.)",),
+                        new_modules=(r"^(encoder|decoder)\d+\.", r"^head\."),
+                    ),
+                ),
+                KeyLayout(
+                    "research-contributions SwinUNETR/Pretrain, current code (module.swinViT.*, mlp.linear1/2)",
+                    KeyRules(
+                        strip_prefixes=("module.",),
+                        renames=_SWIN_RENAMES,
+                        # rotation_pre/head, contrastive_pre/head and the reconstruction conv
+                        drop=(r"^(?!(module\.)?swinViT\.)",),
+                        new_modules=(r"^(encoder|decoder)\d+\.", r"^head\."),
+                    ),
+                ),
             ),
             url="https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/model_swinvit.pt",
             filename="model_swinvit.pt",
             description="Swin-UNETR self-supervised encoder (Tang et al., CVPR 2022); decoder and head new",
             head_pretrained=False,
+            zero_shot="none: only the encoder is pre-trained; decoder and head must be trained (fseft adapt)",
         ),
         ModelSpec(
             model_id="btcv",
             arch="swin_unetr",
-            arch_kwargs={"feature_size": 48},
+            arch_kwargs=_PUBLIC_SWIN,
             class_names=BTCV_CLASSES,
-            key_rules=KeyRules(
-                strip_prefixes=("module.",),
-                renames=_SWIN_RENAMES,
-                head_rows=tuple(range(1, 1 + len(BTCV_CLASSES))),  # channel 0 is background
-                head_source_channels=1 + len(BTCV_CLASSES),
+            layouts=(
+                KeyLayout(
+                    "research-contributions SwinUNETR/BTCV ({epoch, best_acc, state_dict}; MONAI bundle: bare state dict)",
+                    KeyRules(
+                        strip_prefixes=("module.",),
+                        renames=_SWIN_RENAMES,
+                        head_rows=tuple(range(1, 1 + len(BTCV_CLASSES))),  # channel 0 is background
+                        head_source_channels=1 + len(BTCV_CLASSES),
+                        head_relative_to=0,  # a softmax head: each organ against background
+                    ),
+                ),
             ),
             url="https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
             "swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt",
             filename="swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt",
             description="Swin-UNETR fine-tuned on BTCV (MONAI research-contributions); background dropped",
+            zero_shot="the published softmax head (background + 13 organs) as 13 sigmoids, each organ's logit minus "
+            "the background's: an organ is predicted where it beats background (the published argmax, except where "
+            "two organs both do: there the first listed wins)",
         ),
         ModelSpec(
             model_id="clipdriven",
             arch="swin_unetr",
-            arch_kwargs={"feature_size": 48},
+            arch_kwargs=_PUBLIC_SWIN,
             class_names=CLIPDRIVEN_CLASSES,
-            key_rules=KeyRules(
-                strip_prefixes=("module.backbone.",),
-                renames=_SWIN_RENAMES,
-                drop=(_DYNAMIC_HEAD, r"^module\.backbone\.out\."),
-                new_modules=(r"^head\.",),
-            ),
+            layouts=_universal_layouts("CLIP-Driven-Universal-Model"),
             url="https://huggingface.co/MrGiovanni/SuPreM/resolve/main/supervised_clip_driven_universal_swin_unetr_2100.pth"
             " (code: https://github.com/ljwztc/CLIP-Driven-Universal-Model)",
             filename="supervised_clip_driven_universal_swin_unetr_2100.pth",
             description="CLIP-Driven Universal Model Swin-UNETR; text-driven head dropped, head new",
             head_pretrained=False,
+            zero_shot=_NEW_HEAD,
         ),
         ModelSpec(
             model_id="fseft",
             arch="swin_unetr",
-            arch_kwargs={"feature_size": 48},
+            arch_kwargs=_PUBLIC_SWIN,
             class_names=FSEFT_CLASSES,
-            key_rules=KeyRules(
-                strip_prefixes=("module.backbone.", "module.", "backbone."),
-                renames=_SWIN_RENAMES,
+            layouts=(
+                KeyLayout(
+                    "fewshot-finetuning pre-training ({net: module.* / module.backbone.*, classifier})",
+                    KeyRules(strip_prefixes=("module.backbone.", "module.", "backbone."), renames=_SWIN_RENAMES),
+                ),
             ),
             url="https://drive.google.com/file/d/18yLNxmWGnVifQNeYYwyyu56Cg4tWV9aW/view"
             " (code: https://github.com/jusiro/fewshot-finetuning)",
             filename="fseft.pth",
             description="FSEFT foundation model, Swin-UNETR, 29 structures (Silva-Rodriguez et al., MedIA 2025)",
+            zero_shot="the published sigmoid head: 29 structures, threshold 0.5 (as the FSEFT authors' code)",
         ),
         ModelSpec(
             model_id="suprem_swinunetr",
             arch="swin_unetr",
-            arch_kwargs={"feature_size": 48},
+            arch_kwargs=_PUBLIC_SWIN,
             class_names=SUPREM_CLASSES,
-            key_rules=KeyRules(
-                strip_prefixes=("module.backbone.",),
-                renames=_SWIN_RENAMES,
-                drop=(_DYNAMIC_HEAD, r"^module\.backbone\.out\."),
-                new_modules=(r"^head\.",),
-            ),
+            layouts=_universal_layouts("SuPreM"),
             url="https://huggingface.co/MrGiovanni/SuPreM/resolve/main/supervised_suprem_swinunetr_2100.pth"
             " (code: https://github.com/MrGiovanni/SuPreM)",
             filename="supervised_suprem_swinunetr_2100.pth",
             description="SuPreM Swin-UNETR (AbdomenAtlas 1.1); text-driven head dropped, head new",
             head_pretrained=False,
+            zero_shot=_NEW_HEAD,
         ),
         ModelSpec(
             model_id="suprem_unet",
             arch="unet3d",
-            arch_kwargs={"base_channels": 32},
+            # the public U-Net normalises with batch statistics at inference (ContBatchNorm3d)
+            arch_kwargs={"base_channels": 32, "inference_norm": "batch"},
             class_names=SUPREM_CLASSES,
-            key_rules=KeyRules(
-                strip_prefixes=("module.backbone.",),
-                renames=((r"^out_tr\.final_conv\.", "head."),),
-                drop=(_DYNAMIC_HEAD, r"^module\.backbone\.out_tr\."),
-                new_modules=(r"^head\.",),
+            layouts=(
+                KeyLayout(
+                    "SuPreM train.py (module.backbone.*)",
+                    KeyRules(
+                        strip_prefixes=("module.backbone.",),
+                        renames=((r"^out_tr\.final_conv\.", "head."),),
+                        drop=(_DYNAMIC_HEAD, r"^module\.backbone\.out_tr\."),
+                        new_modules=(r"^head\.",),
+                    ),
+                ),
             ),
             url="https://huggingface.co/MrGiovanni/SuPreM/resolve/main/supervised_suprem_unet_2100.pth"
             " (code: https://github.com/MrGiovanni/SuPreM)",
             filename="supervised_suprem_unet_2100.pth",
             description="SuPreM 3D U-Net (AbdomenAtlas 1.1); text-driven head dropped, head new",
             head_pretrained=False,
+            zero_shot=_NEW_HEAD,
         ),
         ModelSpec(
             model_id="phantom",
             arch="swin_unetr",
             arch_kwargs={"feature_size": 12},
             class_names=None,  # the fseft model file carries its class names
-            key_rules=KeyRules(),
+            layouts=(),
             url="shipped inside fseft at src/fseft/weights/phantom_swinunetr.safetensors "
             "(made with `fseft pretrain` on the synthetic phantom)",
             filename="phantom_swinunetr.safetensors",
             description="small Swin-UNETR pre-trained on the synthetic phantom (gallbladder held out)",
             bundled="weights/phantom_swinunetr.safetensors",
             preprocess=None,  # in the model file
+            zero_shot="its sigmoid head (synthetic phantoms only; not for real CT)",
         ),
     )
 }
@@ -301,7 +352,7 @@ def load_model(
     net = create_model(spec.arch, spec.class_names, **kwargs)
     obj, _ = read_checkpoint(path, map_location="cpu")
     state = extract_state_dict(obj, path)
-    load_state_dict_checked(net, state, path, spec.key_rules)
+    report = load_state_dict_layouts(net, state, path, spec.layouts)
     net.preprocess = dict(spec.preprocess) if spec.preprocess is not None else None
     net.model_config = {
         "model_id": spec.model_id,
@@ -311,6 +362,7 @@ def load_model(
         "class_names": list(net.class_names),
         "preprocess": net.preprocess,
         "head_pretrained": spec.head_pretrained,
+        "layout": report.layout,
     }
     return net.to(device).eval()
 
@@ -405,6 +457,7 @@ class ZooEntry:
     parameters: int | None
     weights: Path | None
     spec: ModelSpec
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
 def list_models(directory: str | os.PathLike | None = None) -> list[ZooEntry]:
@@ -422,7 +475,7 @@ def list_models(directory: str | os.PathLike | None = None) -> list[ZooEntry]:
                 arch, kwargs, classes = config["arch"], dict(config["arch_kwargs"]), tuple(config["class_names"])
         n_classes = len(classes) if classes is not None else None
         params = parameter_count(arch, n_classes or 1, kwargs) if n_classes else None
-        rows.append(ZooEntry(spec.model_id, arch, n_classes, params, path, spec))
+        rows.append(ZooEntry(spec.model_id, arch, n_classes, params, path, spec, kwargs))
     return rows
 
 
@@ -443,13 +496,14 @@ def weights_file_problem(path: Path) -> str | None:
 def format_model_table(directory: str | os.PathLike | None = None) -> str:
     """The table `fseft models` prints."""
     rows = list_models(directory)
-    header = ("id", "architecture", "classes", "parameters", "weights")
+    header = ("id", "architecture", "classes", "parameters", "options", "weights")
     lines = [header]
     for r in rows:
         params = f"{r.parameters / 1e6:.2f}M" if r.parameters is not None else "-"
         problem = weights_file_problem(r.weights) if r.weights else None
         weights = "absent" if not r.weights else f"UNUSABLE: {r.weights}: {problem}" if problem else f"present: {r.weights}"
-        lines.append((r.model_id, r.arch, str(r.num_classes or "-"), params, weights))
+        options = ",".join(f"{k}={v}" for k, v in variant_options(r.arch, r.arch_kwargs).items())
+        lines.append((r.model_id, r.arch, str(r.num_classes or "-"), params, options, weights))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     text = ["  ".join(c.ljust(w) for c, w in zip(line[:-1], widths)) + "  " + line[-1] for line in lines]
     text.insert(1, "-" * len(text[0]))
@@ -460,4 +514,13 @@ def format_model_table(directory: str | os.PathLike | None = None) -> str:
     if absent:
         text.append("absent weights are published at:")
         text += [f"  {r.model_id}: {r.spec.url}" for r in absent]
+    text.append("")
+    text.append("options: patch_merging=legacy is MONAI 0.9-1.4's Swin patch merging, which every public Swin-UNETR "
+                "was trained with (current: MONAI >= 1.5); inference_norm=batch normalises with batch statistics at "
+                "inference, as the public SuPreM U-Net")
+    text.append("key layouts read (the one that fits the file is used), and what zero-shot means:")
+    for r in rows:
+        for layout in r.spec.layouts:
+            text.append(f"  {r.model_id}: {layout.name}")
+        text.append(f"  {r.model_id}: zero-shot: {r.spec.zero_shot}")
     return "\n".join(text)
