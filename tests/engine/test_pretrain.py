@@ -395,6 +395,12 @@ def test_init_starts_from_a_model_file_and_maps_the_head_by_class_name(tmp_path)
     with pytest.raises(ConfigError, match="model.init: .*same architecture and size"):
         pretrain(assembly_from_dict(data, base_dir=tmp_path), tmp_path / "third")
     assert not (tmp_path / "third").exists()  # checked before anything is written
+    # same tensors, but another function: batch statistics at inference instead of running ones
+    data["model"]["arch_kwargs"] = {**first.model.arch_kwargs, "inference_norm": "batch"}
+    with pytest.raises(ConfigError, match=r"model.init: .*trained with \{'inference_norm': 'running'\}, the assembly "
+                                          r"builds \{'inference_norm': 'batch'\}"):
+        pretrain(assembly_from_dict(data, base_dir=tmp_path), tmp_path / "third")
+    assert not (tmp_path / "third").exists()
 
 
 def test_diverged_pretraining_stops_before_writing_a_checkpoint(tmp_path, capsys):

@@ -620,11 +620,20 @@ def transfer_weights(donor: torch.nn.Module, model: torch.nn.Module) -> str:
         ConfigError: another architecture or size (names both).
     """
     from fseft.methods.head import head_rows, init_head
+    from fseft.models.architectures import variant_options
 
     ours, theirs = model.state_dict(), donor.state_dict()
     body = [k for k in ours if not k.startswith("head.")]
     absent = [k for k in body if k not in theirs]
     mismatched = [k for k in body if k in theirs and theirs[k].shape != ours[k].shape]
+    if donor.arch == model.arch:
+        donor_options = variant_options(donor.arch, donor.arch_kwargs)
+        options = variant_options(model.arch, model.arch_kwargs)
+        if donor_options != options:
+            # same tensors, another function (e.g. a public Swin-UNETR's legacy patch merging)
+            raise ConfigError(
+                f"the initial weights were trained with {donor_options}, the assembly builds {options}: "
+                "set them in the assembly's model.arch_kwargs")
     if donor.arch != model.arch or absent or mismatched:
         raise ConfigError(
             f"the initial weights are a {donor.arch} {donor.arch_kwargs}, the assembly builds a {model.arch} "
