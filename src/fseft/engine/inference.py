@@ -9,6 +9,7 @@ preprocessing, the return to native geometry and post-processing; `predict_path`
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from fseft.engine.sliding_window import (  # noqa: F401  (this module's API too)
     warn_if_bf16_is_emulated,
 )
 from fseft.errors import ConfigError, InputFileError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from fseft.data.io import Volume
@@ -307,6 +310,7 @@ def predict_path(
     if model is None and adapter is None:
         raise ConfigError("give a model (--model ID|PATH) or an adapter run folder (--adapter RUN)")
     cfg = cfg or InferenceConfig()
+    reference = model if isinstance(model, str) else None
     scans = find_scans(input_path)
     output = Path(output)
     check_predict_outputs(scans, output, output_type, per_structure_files, series_id)
@@ -323,11 +327,16 @@ def predict_path(
         reference, model = model, load_model(model, weights, device=cfg.device)
         preprocess_cfg = preprocess_cfg or model_preprocess(model, reference)
     _, names = select_structures(model.class_names, structures)  # fail before any work
+    from fseft.engine.scan_checks import check_scan, synthetic_model_warning, trained_on_synthetic_data
+
+    if trained_on_synthetic_data(model, reference if adapter is None else None, adapter):
+        logger.warning("%s", synthetic_model_warning(adapter is not None))  # once per run
     label_map = {i + 1: name for i, name in enumerate(names)}
     result = PredictResult(structures=names, statistics_file=statistics_path(output) if statistics else None)
     for case_id, scan in tqdm(scans, desc="predict", unit="case", disable=not cfg.progress or len(scans) < 2):
         volume = read_image(scan, series_id=series_id if scan.is_dir() else None)
         masks = segment_volume(model, volume, preprocess_cfg, cfg, names)
+        check_scan(volume, masks, names)  # a warning naming the scan where the masks look implausible
         if per_structure_files:
             written = [write_mask(masks[s], volume, output / case_id / f"{name}.nii.gz") for s, name in enumerate(names)]
         else:
