@@ -120,7 +120,7 @@ def test_selfsup_loads_the_current_pretraining_code_layout(tmp_path):
     message = str(rec[0].message)
     assert "rotation_pre" in message and "contrastive_head" in message and "module.conv" in message
     _assert_loaded(model, state, skip=(r"^(encoder|decoder)",))
-    assert model.model_config["layout"].startswith("research-contributions SwinUNETR/Pretrain, current code")
+    assert model.model_config["layout"].startswith("research-contributions SwinUNETR/Pretrain main.py")
 
 
 def test_btcv_takes_each_organ_against_the_background_channel(tmp_path):

@@ -54,25 +54,28 @@ PUBLIC_PREPROCESS: dict[str, Any] = {
 # encoder, and the names the public code gives the 1x1x1 head.
 _SWIN_RENAMES: tuple[tuple[str, str], ...] = (
     (r"\.mlp\.fc([12])\.", r".mlp.linear\1."),
+    (r"^swin_vit\.", "swinViT."),  # the self-supervised pre-training code before research-contributions 659d711
     (r"^out\.conv\.conv\.", "head."),
     (r"^classifier\.", "head."),
 )
 # The CLIP-Driven / SuPreM text-driven dynamic head (controller generating per-class conv
 # weights from organ embeddings) is not a 1x1x1 conv: dropped, the head is new.
-_DYNAMIC_HEAD = r"^module\.(precls_conv|GAP|controller|text_to_vision|organ_embedding)(\.|$)"
+_DYNAMIC_HEAD = r"^(module\.)?(precls_conv|GAP|controller|text_to_vision|organ_embedding)(\.|$)"
 # Every public Swin-UNETR checkpoint was trained with MONAI 0.9-1.4's patch merging order.
 _PUBLIC_SWIN = {"feature_size": 48, "patch_merging": "legacy"}
 
 
 def _universal_layouts(repository: str) -> tuple[KeyLayout, ...]:
     """The layouts of the CLIP-Driven Universal Model code (and SuPreM, which builds on it):
-    ``{"net": {"module.backbone.<key>", text-driven head}}`` saved by its ``train.py`` under DDP, and
-    the pre-refactor model that its ``test.py`` / ``pred_pseudo.py`` load, whose backbone modules
-    sit directly under ``module.`` (``module.swinViT.*``, ``module.encoder1.*``, ...)."""
-    head = (_DYNAMIC_HEAD, r"^module\.backbone\.out\.")
+    ``{"net": {"module.backbone.<key>", text-driven head}}`` saved by its ``train.py`` under DDP
+    (``backbone.<key>`` without ``--dist``), and the pre-refactor model that its ``test.py`` /
+    ``pred_pseudo.py`` load, whose backbone modules sit directly under ``module.``
+    (``module.swinViT.*``, ``module.encoder1.*``, ...; SuPreM's ``*_backbone.pth``: no prefix)."""
+    head = (_DYNAMIC_HEAD, r"^(module\.)?(backbone\.)?out\.")
     return (
         KeyLayout(f"{repository} train.py (module.backbone.*)",
-                  KeyRules(strip_prefixes=("module.backbone.",), renames=_SWIN_RENAMES, drop=head, new_modules=(r"^head\.",))),
+                  KeyRules(strip_prefixes=("module.backbone.", "backbone."), renames=_SWIN_RENAMES, drop=head,
+                           new_modules=(r"^head\.",))),
         KeyLayout(f"{repository} pre-refactor model (module.swinViT.*, module.encoder*, module.decoder*)",
                   KeyRules(strip_prefixes=("module.",), renames=_SWIN_RENAMES, drop=head, new_modules=(r"^head\.",))),
     )
@@ -137,12 +140,13 @@ MODEL_SPECS: dict[str, ModelSpec] = {
                     ),
                 ),
                 KeyLayout(
-                    "research-contributions SwinUNETR/Pretrain, current code (module.swinViT.*, mlp.linear1/2)",
+                    "research-contributions SwinUNETR/Pretrain main.py (module.swinViT.* or, before 659d711, "
+                    "module.swin_vit.*; mlp.linear1/2)",
                     KeyRules(
                         strip_prefixes=("module.",),
                         renames=_SWIN_RENAMES,
                         # rotation_pre/head, contrastive_pre/head and the reconstruction conv
-                        drop=(r"^(?!(module\.)?swinViT\.)",),
+                        drop=(r"^(?!(module\.)?(swinViT|swin_vit)\.)",),
                         new_modules=(r"^(encoder|decoder)\d+\.", r"^head\."),
                     ),
                 ),
@@ -198,7 +202,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             class_names=FSEFT_CLASSES,
             layouts=(
                 KeyLayout(
-                    "fewshot-finetuning pre-training ({net: module.* / module.backbone.*, classifier})",
+                    "fewshot-finetuning main_pretrain.py (bare state dict: swinViT.*, classifier.*; module.* with "
+                    "--dist; also inside {net} / {state_dict}, or module.backbone.*)",
                     KeyRules(strip_prefixes=("module.backbone.", "module.", "backbone."), renames=_SWIN_RENAMES),
                 ),
             ),
@@ -229,11 +234,11 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             class_names=SUPREM_CLASSES,
             layouts=(
                 KeyLayout(
-                    "SuPreM train.py (module.backbone.*)",
+                    "SuPreM train.py (module.backbone.*; backbone.* without --dist; *_backbone.pth: no prefix)",
                     KeyRules(
-                        strip_prefixes=("module.backbone.",),
+                        strip_prefixes=("module.backbone.", "backbone."),
                         renames=((r"^out_tr\.final_conv\.", "head."),),
-                        drop=(_DYNAMIC_HEAD, r"^module\.backbone\.out_tr\."),
+                        drop=(_DYNAMIC_HEAD, r"^(module\.)?(backbone\.)?out_tr\."),
                         new_modules=(r"^head\.",),
                     ),
                 ),
