@@ -73,7 +73,8 @@ def _universal_layouts(repository: str) -> tuple[KeyLayout, ...]:
     (``module.swinViT.*``, ``module.encoder1.*``, ...; SuPreM's ``*_backbone.pth``: no prefix)."""
     head = (_DYNAMIC_HEAD, r"^(module\.)?(backbone\.)?out\.")
     return (
-        KeyLayout(f"{repository} train.py (module.backbone.*)",
+        KeyLayout(f"{repository} train.py (module.backbone.*; backbone.* without --dist; a backbone's own "
+                  "state dict: no prefix)",
                   KeyRules(strip_prefixes=("module.backbone.", "backbone."), renames=_SWIN_RENAMES, drop=head,
                            new_modules=(r"^head\.",))),
         KeyLayout(f"{repository} pre-refactor model (module.swinViT.*, module.encoder*, module.decoder*)",
