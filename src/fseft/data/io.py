@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -250,15 +251,22 @@ def _read_array(path: str | os.PathLike, series_id: str | None = None) -> tuple[
             array, affine = _read_itk_file(path)
         else:
             raise InputFileError(f"{path}: unsupported file type {suffix!r}; expected {SUPPORTED}")
+    array, affine = _check_3d(array, affine, path)
+    return array, affine, path
+
+
+def _check_3d(array: np.ndarray, affine: np.ndarray, source: Any) -> tuple[np.ndarray, np.ndarray]:
+    """One 3D volume (a trailing axis of one volume dropped) and a usable affine, else an
+    `InputFileError` naming `source`."""
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim == 4:
-        raise InputFileError(f"{path}: 4D image with {array.shape[3]} volumes {array.shape}; expected one 3D volume")
+        raise InputFileError(f"{source}: 4D image with {array.shape[3]} volumes {array.shape}; expected one 3D volume")
     if array.ndim != 3 or min(array.shape) < 1:
-        raise InputFileError(f"{path}: {array.ndim}D array of shape {array.shape}; expected a 3D volume")
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputFileError(f"{path}: invalid voxel-to-world affine {affine.tolist()}")
-    return array, affine, path
+        raise InputFileError(f"{source}: {array.ndim}D array of shape {array.shape}; expected a 3D volume")
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputFileError(f"{source}: invalid voxel-to-world affine {affine.tolist()}")
+    return array, affine
 
 
 def read_image(path: str | os.PathLike, *, series_id: str | None = None) -> Volume:
@@ -272,16 +280,39 @@ def read_image(path: str | os.PathLike, *, series_id: str | None = None) -> Volu
     empty folder or one without DICOM series, a 2D or multi-volume 4D image, or NaN / inf values.
     """
     array, affine, path = _read_array(path, series_id)
+    return _scan_volume(array, affine, path)
+
+
+def volume_from_array(array: Any, affine: Any, source: str = "the array") -> Volume:
+    """A scan held in memory as a `Volume`, checked as `read_image` checks a file.
+
+    array: ``(X, Y, Z)`` (or ``(X, Y, Z, 1)``) real numbers, HU; affine: ``(4, 4)`` voxel index ->
+    RAS+ mm (nibabel's ``img.affine``). Returns `array` as float32 (a copy unless it is float32
+    already) with `affine` as float64. `InputFileError` naming `source` for another number of
+    dimensions, a non-numeric or complex type, NaN / inf voxels, or an affine that is not a finite
+    invertible 4x4 matrix; the warning of `hounsfield_problem` for values that do not look like HU.
+    """
+    try:
+        array = np.asarray(array)
+        affine = np.asarray(affine, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputFileError(f"{source}: not a numeric array and affine ({exc})") from exc
+    array, affine = _check_3d(array, affine, source)
+    return _scan_volume(array, affine, source)
+
+
+def _scan_volume(array: np.ndarray, affine: np.ndarray, source: Any) -> Volume:
+    """`read_image`'s checks of a 3D array: real numbers, finite, HU-like (else a warning)."""
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise InputFileError(f"{path}: voxel type {array.dtype} is not a real number type")
+        raise InputFileError(f"{source}: voxel type {array.dtype} is not a real number type")
     array = np.asarray(array, dtype=np.float32)
     if not np.all(np.isfinite(array)):
         n_bad = int(np.count_nonzero(~np.isfinite(array)))
-        raise InputFileError(f"{path}: {n_bad} voxels are NaN or infinite")
+        raise InputFileError(f"{source}: {n_bad} voxels are NaN or infinite")
     problem = hounsfield_problem(array)
     if problem:
-        logging.getLogger(__name__).warning("%s: %s; the models expect CT in Hounsfield units", path, problem)
-    return Volume(array=array, affine=affine, source=str(path))
+        logging.getLogger(__name__).warning("%s: %s; the models expect CT in Hounsfield units", source, problem)
+    return Volume(array=array, affine=affine, source=str(source))
 
 
 def hounsfield_problem(array: np.ndarray) -> str | None:
@@ -510,6 +541,13 @@ def _smallest_label_dtype(array: np.ndarray) -> type:
     raise InputFileError(f"label values {lo}..{hi} do not fit int32")
 
 
+def label_image(array: np.ndarray, affine: np.ndarray):
+    """The NIfTI image `write_mask` writes: integer labels ``(X, Y, Z)`` in the smallest type
+    that holds them (uint8, int16, int32), `affine` ``(4, 4)`` as sform and qform (code 1), mm."""
+    array = np.asarray(array)
+    return _nifti_image(array.astype(_smallest_label_dtype(array)), np.asarray(affine, dtype=np.float64))
+
+
 def write_mask(
     array: np.ndarray,
     reference: Volume,
@@ -535,8 +573,7 @@ def write_mask(
             f"{path}: mask of shape {tuple(array.shape)} does not match the shape "
             f"{reference.spatial_shape} of its reference {reference.source}"
         )
-    array = array.astype(_smallest_label_dtype(array))
-    img = _nifti_image(array, np.asarray(reference.affine, dtype=np.float64))
+    img = label_image(array, reference.affine)
     with atomic_path(path, suffix=suffix) as tmp:
         img.to_filename(str(tmp))
         if label_map is not None:  # inside the block: a mask is never left without its label map

@@ -17,6 +17,16 @@ lifecycle, registered with `register_method` (`fseft.methods.registry`). Each sa
 
 The modules of this package are imported the first time a method is looked up
 (`get_method`, `available_methods`), so adding a method adds one module and nothing else.
+
+The built-in methods' config dataclasses are re-exported here, one per method (its options,
+typed, with the method's protocol defaults), for the Python API
+(``fseft.adapt(..., method=fseft.methods.LoraConfig(rank=8))``): `LinearProbeConfig` (``lp``),
+`GeneralizationConfig` (``generalization``), `SpatialAdapterConfig` (``spatial-adapter``),
+`FineTuneConfig` (``ft``), `FineTuneLastConfig` (``ft-last``), `ScratchConfig` (``scratch``),
+`DecoderConfig` (``decoder``), `BitFitConfig` (``bitfit``), `AffineConfig` (``affine``),
+`LoraConfig` (``lora``; the class `fseft.methods.lora.LoraMethodConfig`, not peft's
+``LoraConfig``), `AdaptFormerConfig` (``adaptformer``), `ArenaConfig` (``arena``), and
+`TransductiveConfig` (the ``ti`` option of `fseft.adapt`).
 """
 
 from fseft.methods.features import (
@@ -28,6 +38,23 @@ from fseft.methods.features import (
     predict_cached,
 )
 from fseft.methods.head import foreground_fractions, head_rows, init_head, init_head_prior
+
+# the built-in methods' configs, imported in `registry.BUILTIN_MODULES`' order (the order the
+# methods are registered, hence listed, in)
+from fseft.methods.linear_probe import GeneralizationConfig, LinearProbeConfig
+from fseft.methods.spatial_adapter import SpatialAdapterConfig
+from fseft.methods.peft_methods import (
+    AffineConfig,
+    BitFitConfig,
+    DecoderConfig,
+    FineTuneConfig,
+    FineTuneLastConfig,
+    ScratchConfig,
+)
+from fseft.methods.lora import LoraMethodConfig as LoraConfig
+from fseft.methods.adaptformer import AdaptFormerConfig
+from fseft.methods.arena import ArenaConfig
+from fseft.methods.transductive import TransductiveConfig
 from fseft.methods.registry import (
     METHOD_KINDS,
     MethodConfig,
@@ -40,6 +67,19 @@ from fseft.methods.registry import (
 
 __all__ = [
     "METHOD_KINDS",
+    "AdaptFormerConfig",
+    "AffineConfig",
+    "ArenaConfig",
+    "BitFitConfig",
+    "DecoderConfig",
+    "FineTuneConfig",
+    "FineTuneLastConfig",
+    "GeneralizationConfig",
+    "LinearProbeConfig",
+    "LoraConfig",
+    "ScratchConfig",
+    "SpatialAdapterConfig",
+    "TransductiveConfig",
     "FeatureAdapter",
     "MethodConfig",
     "MethodSpec",
