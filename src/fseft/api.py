@@ -101,7 +101,7 @@ def to_volume(image: ImageLike, *, series_id: str | None = None) -> Volume:
 # ---------------------------------------------------------------------------- outputs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Segmentation:
     """What `Segmenter.predict` returns: binary masks in the input scan's own geometry.
 
