@@ -2,7 +2,17 @@ import numpy as np
 import pytest
 
 from fseft.errors import ConfigError
-from fseft.evaluation.figures import OverlayPanel, choose_axial_slice, plot_dice_vs_k, plot_overlays
+from fseft.evaluation.figures import (
+    DPI,
+    PAGE_WIDTH_IN,
+    OverlayPanel,
+    choose_axial_slice,
+    dice_figure,
+    overlay_figure,
+    plot_dice_vs_k,
+    plot_overlay_sections,
+    plot_overlays,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -75,6 +85,74 @@ def test_dice_vs_k_all_none_method_and_bad_summary(tmp_path):
     assert not (tmp_path / "b.png").exists()
 
 
+def _single_k(summary, k=5):
+    summary["ks"] = [k]
+    return summary
+
+
+def test_several_ks_draw_lines_against_k():
+    import matplotlib.pyplot as plt
+
+    fig = dice_figure(_summary())
+    try:
+        axes = [ax for ax in fig.axes if ax.axison]
+        assert len(axes) == 3  # liver, gallbladder, mean
+        assert all(not ax.containers or all(type(c).__name__ == "ErrorbarContainer" for c in ax.containers)
+                   for ax in axes)
+        assert [t.get_text() for t in axes[0].get_xticklabels()] == ["1", "5"]
+    finally:
+        plt.close(fig)
+
+
+def test_single_k_draws_grouped_bars():
+    import matplotlib.pyplot as plt
+    from matplotlib.container import BarContainer
+
+    s = _single_k(_summary())
+    fig = dice_figure(s)
+    try:
+        assert fig.get_size_inches()[0] == pytest.approx(PAGE_WIDTH_IN)  # shown 1:1 at page width
+        (ax,) = fig.axes
+        bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+        assert [c.get_label() for c in bars] == s["methods"]  # one bar series per method
+        assert all(len(c) == 3 for c in bars)  # one bar per structure and the mean
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["liver", "gallbladder", "mean over structures"]
+        heights = {c.get_label(): [round(p.get_height(), 6) for p in c] for c in bars}
+        assert heights["lp"] == [0.85, 0.5, 0.67]
+        assert heights["lora+dec"] == [0.92, 0.7, 0.81]
+        assert heights["generalization"] == [0.9, 0.0, 0.0]  # missing cells: no bar ...
+        assert sum(t.get_text() == "n/a" for t in ax.texts) == 2  # ... and "n/a" at their foot
+        # the seed spread as error bars (cells with n > 1): lp and lora+dec, not generalization
+        assert bars[0].errorbar is None
+        assert bars[1].errorbar is not None and bars[2].errorbar is not None
+        assert "k = 5" in ax.get_title() and "error bars" in ax.get_title()
+        # bars of one structure sit side by side within its group
+        liver_x = sorted(c[0].get_x() for c in bars)
+        assert liver_x[-1] + bars[0][0].get_width() < 0.5 and liver_x[0] > -0.5
+    finally:
+        plt.close(fig)
+
+
+def test_single_k_single_seed_has_no_error_bars(tmp_path):
+    import matplotlib.pyplot as plt
+
+    s = _single_k(_summary(), k=1)
+    for cells in s["cells"].values():
+        for row in cells.values():
+            for cell in row.values():
+                if cell is not None:
+                    cell.update(std=0.0, n=1)
+    fig = dice_figure(s)
+    try:
+        (ax,) = fig.axes
+        assert all(c.errorbar is None for c in ax.containers)
+        assert "error bars" not in ax.get_title() and "k = 1" in ax.get_title()
+    finally:
+        plt.close(fig)
+    rgb = _read_png(plot_dice_vs_k(s, tmp_path / "dice_vs_k.png"))
+    assert rgb.shape[1] == round(PAGE_WIDTH_IN * DPI)
+
+
 def test_choose_axial_slice():
     label = np.zeros((6, 6, 5), bool)
     label[1:3, 1:3, 1] = True
@@ -135,3 +213,31 @@ def test_overlays_anisotropic_slice_index_and_errors(tmp_path):
     with pytest.raises(ConfigError):
         plot_overlays([], tmp_path / "e.png")
     assert not (tmp_path / "e.png").exists()
+
+
+def test_overlay_sections_legible_at_page_width(tmp_path):
+    import matplotlib.pyplot as plt
+
+    label, image = _sphere(), _image()
+    sp = (1.0, 1.0, 2.5)
+    methods = ["generalization", "lp", "spatial-adapter", "spatial-adapter+ti", "decoder", "lora+dec"]
+    sections = [(structure, [OverlayPanel("support phantom_003", image, label, None, sp)]
+                 + [OverlayPanel(f"phantom_005: {m}", image, label, label, sp) for m in methods])
+                for structure in ("liver", "gallbladder")]
+    fig = overlay_figure(sections)
+    try:
+        assert fig.get_size_inches()[0] == pytest.approx(PAGE_WIDTH_IN)  # four panels a row
+        assert [sf.get_suptitle() for sf in fig.subfigs] == ["liver", "gallbladder"]
+        for sf in fig.subfigs:
+            shown = [ax for ax in sf.axes if ax.images]
+            assert len(shown) == 7  # 2 rows of 4, the last cell empty
+            titles = [ax.title for ax in shown]
+            assert all(t.get_fontsize() >= 10 for t in titles)
+            assert all(max(map(len, t.get_text().splitlines())) <= 30 for t in titles)  # wrapped to the panel
+        assert "spatial-adapter+ti" in fig.subfigs[0].axes[4].get_title()
+    finally:
+        plt.close(fig)
+    out = plot_overlay_sections(sections, tmp_path / "overlays.png")
+    assert _read_png(out).shape[1] == round(PAGE_WIDTH_IN * DPI)
+    with pytest.raises(ConfigError):
+        plot_overlay_sections([("liver", [])], tmp_path / "e.png")

@@ -80,6 +80,11 @@ def test_report_content(tmp_path):
     assert not re.search(r'(src|href)\s*=\s*"(https?:)?//', raw, re.I)
     assert "http" not in raw
     assert '"note": "a&amp;b"' in raw  # config in a <pre>, escaped
+    # the configuration is folded away: a closed <details> after its heading holds the <pre>
+    config = raw[raw.index("<h2>Configuration</h2>"):]
+    m = re.search(r"<details>\s*<summary>(.*?)</summary>\s*<pre>(.*?)</pre>\s*</details>", config, re.S)
+    assert m and "Configuration" in m.group(1) and '"note": "a&amp;b"' in m.group(2)
+    assert "<details open" not in raw and raw.count("<pre>") == 1
     assert [p.name for p in out.parent.iterdir()] == ["report.html"]
 
 

@@ -421,7 +421,9 @@ def write_results(exp: ExperimentConfig, out: Path, records: Sequence[RunRecord]
     write_json(files["records.json"], [r.to_dict() for r in records])
     figures: list[tuple[str, Path]] = []
     files["dice_vs_k"] = plot_dice_vs_k(summary, out / "dice_vs_k.png")
-    figures.append(("Mean Dice against the number of support volumes k (mean over seeds; bars: std)", files["dice_vs_k"]))
+    figures.append(("Mean Dice against the number of support volumes k (mean over seeds; bars: std)" if len(summary["ks"]) > 1
+                    else f"Mean Dice per structure and method at k = {summary['ks'][0]} "
+                         "(mean over seeds; error bars: std over seeds)", files["dice_vs_k"]))
     if overlay_tasks:
         k, seed = overlay_tasks[0].k, overlay_tasks[0].seed
         path = write_overlays(exp, out, dataset, overlay_tasks)
@@ -456,21 +458,22 @@ def _to_ras(volume: Any, array: np.ndarray | None = None) -> tuple[np.ndarray, t
 
 
 def write_overlays(exp: ExperimentConfig, out: Path, dataset: Any, tasks: Sequence[Any]) -> Path | None:
-    """The qualitative figure (the paper's Fig. 3): per task (one per structure), one support
-    volume with its mask, then the first query case with each method's prediction. None when no
-    run saved predictions."""
+    """The qualitative figure (the paper's Fig. 3): per task (one per structure), a section
+    headed by the structure: one support volume with its mask, then the first query case with
+    each method's prediction, four panels a row. None when no run saved predictions."""
     from fseft.data.io import read_labels
-    from fseft.evaluation.figures import OverlayPanel, plot_overlays
+    from fseft.evaluation.figures import OverlayPanel, plot_overlay_sections
 
-    panels: list[OverlayPanel] = []
+    sections: list[tuple[str, list[OverlayPanel]]] = []
     found = 0
     for task in tasks:
+        panels: list[OverlayPanel] = []
         structure = task.structures[0]
         support = task.support_cases(dataset)[0]
         query = task.query_cases(dataset)[0]
         image, label = support.load([structure])
         ras_image, spacing = _to_ras(image)
-        panels.append(OverlayPanel(f"support {support.case_id}: {structure}", ras_image,
+        panels.append(OverlayPanel(f"support {support.case_id}", ras_image,
                                    _to_ras(label, label.array[0] > 0)[0], None, spacing))
         image, label = query.load([structure])
         (ras_image, spacing), ras_label = _to_ras(image), _to_ras(label, label.array[0] > 0)[0]
@@ -478,9 +481,10 @@ def write_overlays(exp: ExperimentConfig, out: Path, dataset: Any, tasks: Sequen
             pred_path = out / run_folder(entry.name, task.k, task.seed, structure) / "predictions" / f"{query.case_id}.nii.gz"
             pred = _to_ras(read_labels(pred_path))[0] > 0 if pred_path.is_file() else None
             found += pred is not None
-            # a method without a prediction (not run for this structure) keeps its column: GT only
+            # a method without a prediction (not run for this structure) keeps its panel: GT only
             panels.append(OverlayPanel(f"{query.case_id}: {entry.name}" + ("" if pred is not None else " (n/a)"),
                                        ras_image, ras_label, pred, spacing))
+        sections.append((structure, panels))
     if not found:
         return None
-    return plot_overlays(panels, out / "overlays.png", columns=1 + len(exp.methods))
+    return plot_overlay_sections(sections, out / "overlays.png", columns=4)

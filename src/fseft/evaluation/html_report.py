@@ -50,6 +50,7 @@ figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { color: #444; font-size: 0.92em; margin-top: 0.3em; }
 pre { background: #f6f7f9; border: 1px solid #ddd; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 .caption { color: #555; font-size: 0.9em; }
+summary { cursor: pointer; color: #444; }
 """
 
 
@@ -137,8 +138,9 @@ def write_report_html(
     Sections: title and generation time, `notes` (a list), "Results" (one Table-1 block per
     k), "Trainable parameters" (count and mean training seconds per method), "Figures"
     (`figures`: ``(caption, image file)`` pairs, embedded as base64 data URIs) and
-    "Configuration" (`config` as indented JSON). A figure file that cannot be read raises
-    `InputFileError` naming it, before anything is written. Written atomically.
+    "Configuration" (`config` as indented JSON, folded away in a ``<details>`` element that a
+    click opens). A figure file that cannot be read raises `InputFileError` naming it, before
+    anything is written. Written atomically.
     """
     for key in ("methods", "structures", "ks", "cells"):
         if key not in summary:
@@ -163,7 +165,8 @@ def write_report_html(
                          f"<figcaption>{_e(caption)}</figcaption></figure>")
     parts.append("<h2>Configuration</h2>")
     config_text = json.dumps(config, indent=2, default=str, ensure_ascii=False)
-    parts.append(f"<pre>{html.escape(config_text, quote=False)}</pre>")  # readable JSON quotes
+    parts.append("<details><summary>Configuration (the experiment as run, JSON)</summary>"
+                 f"<pre>{html.escape(config_text, quote=False)}</pre></details>")  # readable JSON quotes
     parts += ["</body>", "</html>", ""]
     page = "\n".join(parts).encode("ascii", "xmlcharrefreplace").decode("ascii")
     write_text(path, page)
