@@ -324,7 +324,7 @@ def predict_path(
     elif isinstance(model, str):
         from fseft.models.zoo import load_model
 
-        reference, model = model, load_model(model, weights, device=cfg.device)
+        model = load_model(reference, weights, device=cfg.device)
         preprocess_cfg = preprocess_cfg or model_preprocess(model, reference)
     _, names = select_structures(model.class_names, structures)  # fail before any work
     from fseft.engine.scan_checks import check_scan, synthetic_model_warning, trained_on_synthetic_data
