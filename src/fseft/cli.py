@@ -164,7 +164,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "structure).",
     )
     p.add_argument("-i", "--input", required=True, metavar="IN",
-                   help="scan file, DICOM series folder, or folder of cases (scan files / DICOM sub-folders)")
+                   help="scan file, DICOM series folder, folder of cases (scan files / DICOM sub-folders), or a "
+                   "DICOMweb study URL http(s)://host/dicom-web/studies/<UID>[/series/<UID>] (credentials: "
+                   "$FSEFT_DICOMWEB_TOKEN, or $FSEFT_DICOMWEB_USER and $FSEFT_DICOMWEB_PASSWORD)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output folder (or a .nii.gz / .dcm file name for a single scan)")
     which = p.add_argument_group("the model (--model, --adapter or both)")
@@ -190,13 +192,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-lcc", action="store_true", help="keep every connected component (default: the largest only, except for multi-part structures such as vertebrae, tumours and vessel trees)")
     p.add_argument("--per-structure-files", action="store_true", help="one binary mask file per structure")
     p.add_argument("--series-id", metavar="UID",
-                   help="the DICOM series to read (SeriesInstanceUID) where a folder holds several")
+                   help="the DICOM series to read (SeriesInstanceUID) where a folder or a DICOMweb study holds several")
     p.add_argument("--output-type", choices=("nifti", "dicom-seg"), default="nifti",
                    help="nifti: a label map per case (default); dicom-seg: a DICOM SEG per DICOM series input, "
                    "referencing it (needs pip install \"fseft[dicom-seg]\")")
     p.add_argument("--statistics", action="store_true",
                    help="also write statistics.json beside the masks: per case and structure the volume (ml) and "
                    "the mean / std HU of the scan under the mask")
+    p.add_argument("--store", metavar="URL",
+                   help="DICOMweb service root (http(s)://host/dicom-web): send each DICOM SEG there by STOW-RS (needs "
+                   "--output-type dicom-seg), with --statistics also a DICOM SR (TID 1500) of the volumes and mean HU "
+                   "(<seg>_sr.dcm); prints the stored SOP Instance UIDs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_predict)
 
@@ -212,11 +218,13 @@ def _run_predict(args: argparse.Namespace) -> int:
     result = predict_path(args.input, args.output, args.model, weights=args.weights,
                           structures=args.structures, cfg=cfg, per_structure_files=args.per_structure_files,
                           adapter=args.adapter, merge=args.merge, series_id=args.series_id,
-                          output_type=args.output_type, statistics=args.statistics)
+                          output_type=args.output_type, statistics=args.statistics, store=args.store)
     n_files = sum(len(v) for v in result.outputs.values())
     print(f"wrote {n_files} mask file(s) for {len(result.outputs)} case(s) to {args.output}")
     if result.statistics_file is not None:
         print(f"statistics written to {result.statistics_file}")
+    for path, uid in result.stored.items():
+        print(f"stored {path.name} to {args.store}: SOP Instance UID {uid}")
     return 0
 
 

@@ -258,6 +258,7 @@ class PredictResult:
     structures: tuple[str, ...] = ()
     statistics: dict[str, dict[str, dict[str, float | int | None]]] = field(default_factory=dict)
     statistics_file: Path | None = None
+    stored: dict[Path, str] = field(default_factory=dict)  # with store: file -> stored SOP Instance UID
 
 
 def predict_path(
@@ -274,6 +275,7 @@ def predict_path(
     series_id: str | None = None,
     output_type: str = "nifti",
     statistics: bool = False,
+    store: str | None = None,
 ) -> PredictResult:
     """`fseft predict`: segment every scan found at `input_path` (see `find_scans`).
 
@@ -301,7 +303,15 @@ def predict_path(
     adapter: an `fseft adapt` run folder (any method, copied anywhere): its base model +
         adaptation (`fseft.engine.runs.load_adapted_model`) and its recorded preprocessing.
     merge: with `adapter`, fold LoRA / ARENA updates into the base weights first.
-    series_id: the DICOM series to read in folders that hold several.
+    series_id: the DICOM series to read in folders that hold several (or in a DICOMweb study).
+    input_path may also be a DICOMweb study URL, ``<root>/studies/<UID>[/series/<UID>]``: its CT
+        series is retrieved to a temporary folder, segmented as a series folder (case id = its
+        SeriesInstanceUID) and removed afterwards (`fseft.data.dicomweb.retrieved_series`).
+    store: a DICOMweb URL (service root): STOW-RS every DICOM SEG written (needs
+        ``output_type="dicom-seg"``) and, with `statistics`, a TID 1500 report of its volumes
+        (``<seg>_sr.dcm`` beside it, `fseft.data.dicom_sr`); `PredictResult.stored` holds the
+        stored SOP Instance UIDs. The server is checked before any work; a failed store raises
+        `StoreError` and leaves every local output in place.
     """
     from tqdm.auto import tqdm
 
@@ -309,6 +319,19 @@ def predict_path(
 
     if model is None and adapter is None:
         raise ConfigError("give a model (--model ID|PATH) or an adapter run folder (--adapter RUN)")
+    from fseft.data.dicomweb import is_dicomweb_url
+
+    if store is not None or is_dicomweb_url(str(input_path)):  # a PACS: checked before the model loads
+        from fseft.data.dicomweb import check_server, retrieved_series
+
+        if store is not None:
+            if output_type != "dicom-seg":
+                raise ConfigError("--store sends DICOM SEG objects to a PACS: add --output-type dicom-seg")
+            check_server(store)
+        if is_dicomweb_url(str(input_path)):
+            with retrieved_series(str(input_path), series_id) as (folder, _):
+                return predict_path(folder, output, model, weights, structures, cfg, preprocess_cfg, per_structure_files,
+                                    adapter, merge, None, output_type, statistics, store)
     cfg = cfg or InferenceConfig()
     reference = model if isinstance(model, str) else None
     scans = find_scans(input_path)
@@ -357,6 +380,10 @@ def predict_path(
 
             result.statistics[case_id] = structure_statistics(volume, masks, names)
             write_json(result.statistics_file, result.statistics)
+    if store is not None:
+        from fseft.data.dicomweb import store_results
+
+        result.stored = store_results(store, result.outputs, result.statistics if statistics else None)
     return result
 
 
