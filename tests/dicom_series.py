@@ -106,3 +106,46 @@ def write_ct_series(
         files[k] = folder / f"IM{n}"
         ds.save_as(files[k], enforce_file_format=True)
     return [files[k] for k in range(hu.shape[0])]
+
+
+def write_volume_series(folder: Path, hu_xyz: np.ndarray, affine: np.ndarray, *, study_uid: str | None = None,
+                        patient_id: str = "FSEFT-1") -> list[Path]:
+    """Write a volume ``(X, Y, Z)`` HU with its RAS+ `affine` (any axis order, as a phantom case
+    comes) as a CT series with pydicom, as a scanner would: slice k = voxels ``[:, :, k]``,
+    column c = voxel axis X, row r = voxel axis Y, stored signed (int16, rescale 1 / 0). Returns
+    the files in slice order; `study_uid` puts the series in an existing study."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    hu_xyz, affine = np.asarray(hu_xyz), np.asarray(affine, float)
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0])
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    row_dir = lps @ affine[:3, 0] / spacing[0]  # along a row: increasing column = voxel X
+    col_dir = lps @ affine[:3, 1] / spacing[1]  # down a column: increasing row = voxel Y
+    study, series, frame = study_uid or generate_uid(), generate_uid(), generate_uid()
+    files = []
+    for k in range(hu_xyz.shape[2]):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.Manufacturer, ds.ImageType = "CT", "fseft-tests", ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Test", patient_id, "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20240101", "120000", "1", "", ""
+        ds.SeriesNumber, ds.InstanceNumber = 2, k + 1
+        ds.ImagePositionPatient = [float(v) for v in lps @ (affine @ [0.0, 0.0, k, 1.0])[:3]]
+        ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # between rows, between columns
+        ds.SliceThickness = float(spacing[2])
+        ds.Rows, ds.Columns = hu_xyz.shape[1], hu_xyz.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, 0, "HU"
+        ds.PixelData = np.ascontiguousarray(hu_xyz[:, :, k].T.astype(np.int16)).tobytes()  # (rows = Y, columns = X)
+        path = folder / f"CT{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files

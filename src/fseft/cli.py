@@ -97,8 +97,10 @@ def _add_datasets(sub: argparse._SubParsersAction) -> None:
         "names, with the dataset's own names where they differ) and per-structure voxel counts "
         "(cases containing it; min / median / max voxels). Counts are cached per label file.",
     )
-    inspect.add_argument("dir", help="dataset folder (nnU-Net v2 raw, TotalSegmentator or FLARE22)")
-    inspect.add_argument("--layout", default="auto", choices=["auto", "nnunet", "totalseg", "flare22"],
+    inspect.add_argument("dir", help="dataset folder (nnU-Net v2 raw, TotalSegmentator, FLARE22, or a DICOM dataset: one "
+                         "sub-folder per study with a CT series and its DICOM SEG objects), or a text file of DICOMweb "
+                         "study URLs")
+    inspect.add_argument("--layout", default="auto", choices=["auto", "nnunet", "totalseg", "flare22", "dicom"],
                          help="dataset layout (default: detected)")
     inspect.add_argument("--cases", action="store_true", help="also print the per-case voxel counts")
     inspect.add_argument("--check", action="store_true",
@@ -319,7 +321,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
         description=_ADAPT_DESCRIPTION,
     )
     p.add_argument("--model", required=True, metavar="ID|PATH", help="model zoo id or fseft model file (.safetensors)")
-    p.add_argument("--data", metavar="DIR", help="dataset folder (nnU-Net, TotalSegmentator, FLARE22); not with --dry-run")
+    p.add_argument("--data", metavar="DIR", help="dataset folder (nnU-Net, TotalSegmentator, FLARE22, or DICOM: one "
+                   "sub-folder per study, CT series + DICOM SEG), or a text file of DICOMweb study URLs; not with --dry-run")
     p.add_argument("--structures", required=True, type=_csv, metavar="A,B", help="structures to adapt to")
     p.add_argument("--k", type=int, help="number of labelled support cases (not with --dry-run)")
     p.add_argument("--seed", type=int, default=0, help="task sampling and training seed (default: 0)")

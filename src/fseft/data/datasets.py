@@ -365,15 +365,31 @@ def _read_totalseg(root: Path) -> Dataset:
 _READERS = {"nnunet": _read_nnunet, "totalseg": _read_totalseg, "flare22": _read_flare22}
 
 
+def _read_dicom(path: str | os.PathLike) -> Dataset:
+    """A DICOM dataset (CT series + DICOM SEG, a folder or a DICOMweb URL list) as cases with
+    one converted mask file per structure (`fseft.data.dicom_dataset`)."""
+    from fseft.data.dicom_dataset import DICOM_LAYOUT, read_dicom_dataset
+
+    listing = read_dicom_dataset(path)
+    cases = [Case(c.case_id, c.image, label_files=c.label_files) for c in listing.cases]
+    return Dataset(listing.name, DICOM_LAYOUT, listing.root, cases, listing.original_names)
+
+
 def open_dataset(path: str | os.PathLike, layout: str = "auto") -> Dataset:
     """Read a dataset folder's file listing (no volumes are read).
 
-    `layout` is ``"auto"`` (detected, see `detect_layout`) or one of `LAYOUTS`.
+    `layout` is ``"auto"`` (detected, see `detect_layout`) or one of `LAYOUTS`, or ``"dicom"``: a
+    folder of studies (CT series + DICOM SEG) or a text file of DICOMweb study URLs
+    (`fseft.data.dicom_dataset`, detected first under ``"auto"``).
     Raises `InputFileError` for a missing folder, a folder matching no layout, an image without
     its label (or the reverse) and a malformed dataset.json; `ConfigError` for an unknown layout.
     """
-    if layout not in ("auto", *LAYOUTS):
-        raise ConfigError(f"unknown dataset layout {layout!r}; choose auto, {', '.join(LAYOUTS)}")
+    from fseft.data.dicom_dataset import DICOM_LAYOUT, is_dicom_dataset
+
+    if layout not in ("auto", *LAYOUTS, DICOM_LAYOUT):
+        raise ConfigError(f"unknown dataset layout {layout!r}; choose auto, {', '.join(LAYOUTS)}, {DICOM_LAYOUT}")
+    if layout == DICOM_LAYOUT or (layout == "auto" and is_dicom_dataset(path)):
+        return _read_dicom(path)
     root = _check_folder(path)
     if layout == "auto":
         layout = detect_layout(root)
