@@ -41,6 +41,7 @@ CA_BUNDLE_ENV = "FSEFT_DICOMWEB_CA_BUNDLE"
 # Seconds to wait for a connection / for each response chunk: a PACS that hangs is an error,
 # not a run that never ends.
 TIMEOUT_S = (10.0, 120.0)
+RETRY_ATTEMPTS = 3
 
 # DICOM UIDs: digits and dots (PS3.5 9.1).
 _UID = r"[0-9.]+"
@@ -154,7 +155,11 @@ def make_client(root: str) -> Any:
         session.verify = bundle
     else:
         session.verify = True
-    return DICOMwebClient(root, session=session, timeout=TIMEOUT_S)
+    client = DICOMwebClient(root, session=session, timeout=TIMEOUT_S)
+    # dicomweb-client retries every failed request (connection refused included) 5 times with
+    # 2-16 s back-off (30 s); 3 attempts 1-2 s apart still ride out a busy PACS (503, 429)
+    client.set_http_retry_params(retry=True, max_attempts=RETRY_ATTEMPTS, wait_exponential_multiplier=500)
+    return client
 
 
 def _server_error(exc: Exception, url: str, what: str) -> InputFileError:

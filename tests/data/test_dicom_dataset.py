@@ -1,0 +1,182 @@
+"""DICOM datasets (CT series + DICOM SEG annotations) as fseft cases: segments mapped to
+structures by code or label, masks equal to the annotation on the CT grid, SEGs that do not
+belong to their CT refused naming the object, and, against a real PACS (Orthanc), `fseft adapt`
+on a list of study URLs scoring exactly as on the same cases in NIfTI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_series import write_volume_series
+from fseft.cli import main
+from fseft.data.datasets import open_dataset
+from fseft.data.dicom_dataset import segment_structure
+from fseft.errors import InputFileError
+
+hd = pytest.importorskip("highdicom")
+
+# phantom label value -> structure (fseft.data.structures.PHANTOM_CLASSES order)
+STRUCTURES = {1: "liver", 2: "spleen", 4: "kidney_left"}
+
+
+def _export_case(study: Path, case_index: int, seed: int = 7):
+    """A phantom case exported as a PACS holds it: a CT series (``study/ct``) and a DICOM SEG of
+    liver, spleen and left kidney (``study/seg.dcm``). Returns (CT volume, {structure: mask})
+    with the masks on the CT grid as `read_image` reads it."""
+    from fseft.data.dicom_seg import write_dicom_seg
+    from fseft.data.io import align_to_grid, read_image
+    from fseft.data.phantom import generate_case
+
+    case = generate_case(domain="target", seed=seed, case_index=case_index)
+    write_volume_series(study / "ct", case.image.array, case.image.affine)
+    ct = read_image(study / "ct")
+    labels = align_to_grid(ct, case.labels).array
+    label_map = {i + 1: name for i, name in enumerate(STRUCTURES.values())}
+    merged = np.zeros(labels.shape, np.uint8)
+    for i, value in enumerate(STRUCTURES):
+        merged[labels == value] = i + 1
+    write_dicom_seg(merged, ct, label_map, study / "ct", study / "seg.dcm")
+    return ct, {name: (merged == i + 1).astype(np.uint8) for i, name in enumerate(STRUCTURES.values())}
+
+
+def _segment(label: str, type_: str, modifier: str | None = None, region: str | None = None):
+    from pydicom.dataset import Dataset
+    from pydicom.sr.codedict import codes
+
+    def item(code):
+        ds = Dataset()
+        ds.CodeValue, ds.CodingSchemeDesignator, ds.CodeMeaning = code.value, code.scheme_designator, code.meaning
+        return ds
+
+    segment = Dataset()
+    segment.SegmentNumber, segment.SegmentLabel = 3, label
+    prop = item(getattr(codes.SCT, type_))
+    if modifier:
+        prop.SegmentedPropertyTypeModifierCodeSequence = [item(getattr(codes.SCT, modifier))]
+    segment.SegmentedPropertyTypeCodeSequence = [prop]
+    if region:
+        segment.AnatomicRegionSequence = [item(getattr(codes.SCT, region))]
+    return segment
+
+
+def test_segments_map_to_structures_by_code_with_laterality_else_by_label():
+    assert segment_structure(_segment("Segment_1", "Kidney", "Left"), "x") == "kidney_left"  # code beats label
+    assert segment_structure(_segment("whatever", "Kidney", "Right"), "x") == "kidney_right"
+    assert segment_structure(_segment("Spleen", "Spleen"), "x") == "spleen"
+    # a code two structures share is settled by the label
+    assert segment_structure(_segment("hepatic vessel tumor", "Neoplasm", region="Liver"), "x") == "hepatic_vessel_tumor"
+    assert segment_structure(_segment("Liver Tumor", "Neoplasm", region="Liver"), "x") == "liver_tumor"
+    with pytest.raises(InputFileError, match="fits liver_tumor, hepatic_vessel_tumor"):
+        segment_structure(_segment("lesion 1", "Neoplasm", region="Liver"), "x")
+    # a kidney without laterality, or a generic code: by the label, through the catalogue
+    assert segment_structure(_segment("kidney_right", "Kidney"), "x") == "kidney_right"
+    assert segment_structure(_segment("Gallbladder", "AnatomicalStructure"), "x") == "gallbladder"
+    with pytest.raises(InputFileError, match=r"seg\.dcm: segment 3 label 'Lievr' .*did you mean 'liver'"):
+        segment_structure(_segment("Lievr", "AnatomicalStructure"), "seg.dcm")
+
+
+def test_a_folder_of_studies_gives_the_annotated_masks_on_the_ct_grid(tmp_path):
+    expected = {f"patient{i}": _export_case(tmp_path / "data" / f"patient{i}", i) for i in range(2)}
+    (tmp_path / "data" / "patient1" / "README.txt").write_text("not DICOM: ignored")
+    dataset = open_dataset(tmp_path / "data")
+    assert dataset.layout == "dicom" and dataset.name == "data"
+    assert [c.case_id for c in dataset.cases] == ["patient0", "patient1"]
+    assert dataset.structures == tuple(STRUCTURES.values())
+    for case in dataset.cases:
+        ct, masks = expected[case.case_id]
+        image, labels = case.load()
+        np.testing.assert_array_equal(image.array, ct.array)
+        np.testing.assert_allclose(image.affine, ct.affine)
+        for i, name in enumerate(STRUCTURES.values()):
+            assert masks[name].any()
+            np.testing.assert_array_equal(labels.array[i], masks[name], err_msg=f"{case.case_id} {name}")
+    assert main(["datasets", "inspect", str(tmp_path / "data"), "--check", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+
+
+def test_a_seg_of_another_series_or_off_the_slices_is_refused_naming_it(tmp_path):
+    _export_case(tmp_path / "a" / "p0", 0)
+    _export_case(tmp_path / "b" / "p1", 1)
+    # a SEG made on another patient's series, filed with this one
+    shutil.copy(tmp_path / "b" / "p1" / "seg.dcm", tmp_path / "a" / "p0" / "seg_p1.dcm")
+    with pytest.raises(InputFileError, match=r"seg_p1\.dcm references series .* not a CT series of this study"):
+        open_dataset(tmp_path / "a")
+    (tmp_path / "a" / "p0" / "seg_p1.dcm").unlink()
+    # a frame moved 5 mm off its slice, the reference to the slice removed
+    seg = pydicom.dcmread(tmp_path / "a" / "p0" / "seg.dcm")
+    frame = seg.PerFrameFunctionalGroupsSequence[3]
+    del frame.DerivationImageSequence
+    position = frame.PlanePositionSequence[0]
+    position.ImagePositionPatient = [float(v) + 5.0 for v in position.ImagePositionPatient]
+    seg.save_as(tmp_path / "a" / "p0" / "seg.dcm")
+    with pytest.raises(InputFileError, match=r"seg\.dcm: frame 4 at position .* lies on no slice of the CT series"):
+        open_dataset(tmp_path / "a")
+
+
+# ------------------------------------------------------------------------- against a PACS
+
+
+@pytest.mark.slow
+def test_adapt_on_pacs_studies_scores_as_the_same_cases_in_nifti(tmp_path, capsys):
+    """Three phantom cases, each a CT series + SEG stored in Orthanc; `fseft adapt --data
+    <study list>` gives the same per-query Dice as on the same cases written as an nnU-Net
+    NIfTI dataset; `fseft datasets inspect` on the list counts the same voxels."""
+    import torch
+
+    from fseft.data.io import write_image, write_mask
+    from fseft.models.checkpoint import save_model_file
+    from fseft.models.zoo import create_model
+    from orthanc_server import running_orthanc, upload
+
+    nnunet = tmp_path / "nifti"
+    (nnunet / "imagesTr").mkdir(parents=True)
+    (nnunet / "labelsTr").mkdir()
+    names = list(STRUCTURES.values())
+    (nnunet / "dataset.json").write_text(json.dumps({"labels": {"background": 0, **{n: i + 1 for i, n in enumerate(names)}},
+                                                     "file_ending": ".nii.gz", "channel_names": {"0": "CT"}}))
+    with running_orthanc(tmp_path / "orthanc") as server:
+        urls = []
+        for i in range(3):
+            study = tmp_path / "export" / f"case{i}"
+            ct, masks = _export_case(study, i)
+            files = sorted((study / "ct").iterdir()) + [study / "seg.dcm"]
+            upload(server, files)
+            uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+            urls.append(server.study_url(uid))
+            # the same case in NIfTI, named as its study will be (the case id of a PACS study is its UID)
+            write_image(ct, nnunet / "imagesTr" / f"{uid}_0000.nii.gz")
+            merged = np.zeros(ct.spatial_shape, np.uint8)
+            for j, name in enumerate(names):
+                merged[masks[name] > 0] = j + 1
+            write_mask(merged, ct, nnunet / "labelsTr" / f"{uid}.nii.gz")
+        study_list = tmp_path / "studies.txt"
+        study_list.write_text("# annotated in OHIF\n" + "\n".join(urls) + "\n")
+
+        torch.manual_seed(0)
+        model_file = save_model_file(create_model("swin_unetr", ["liver", "spleen"], feature_size=12),
+                                     tmp_path / "swin12.safetensors", preprocess={"spacing": [6.0, 6.0, 6.0]})
+        common = ["--model", str(model_file), "--structures", "liver,kidney_left", "--k", "1", "--seed", "1",
+                  "--method", "lp", "--epochs", "2", "--patch-size", "32", "32", "32", "--roi-size", "64", "32", "32",
+                  "--patches-per-volume", "2", "--no-progress"]
+        assert main(["adapt", "--data", str(study_list), "--out", str(tmp_path / "run_pacs"),
+                     "--cache-dir", str(tmp_path / "cache_pacs"), *common]) == 0
+        assert main(["datasets", "inspect", str(study_list), "--cases", "--json", str(tmp_path / "pacs.json"),
+                     "--no-progress", "--cache-dir", str(tmp_path / "cache_pacs")]) == 0
+    assert main(["adapt", "--data", str(nnunet), "--out", str(tmp_path / "run_nifti"),
+                 "--cache-dir", str(tmp_path / "cache_nifti"), *common]) == 0
+    assert main(["datasets", "inspect", str(nnunet), "--json", str(tmp_path / "nifti.json"), "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache_nifti")]) == 0
+    pacs = json.loads((tmp_path / "run_pacs" / "metrics.json").read_text())
+    nifti = json.loads((tmp_path / "run_nifti" / "metrics.json").read_text())
+    assert sorted(pacs["queries"]) == sorted(nifti["queries"]) and len(pacs["queries"]) == 2
+    for case_id, scores in nifti["queries"].items():
+        for name in ("liver", "kidney_left"):
+            assert pacs["queries"][case_id][name]["dice"] == pytest.approx(scores[name]["dice"], abs=1e-6)
+    assert json.loads((tmp_path / "pacs.json").read_text())["voxel_counts"] == \
+        json.loads((tmp_path / "nifti.json").read_text())["voxel_counts"]
