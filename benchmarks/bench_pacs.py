@@ -37,7 +37,7 @@ def local_orthanc(folder: Path) -> Iterator[str]:
     """A throw-away Orthanc with DICOMweb on a free loopback port; yields its DICOMweb root."""
     import requests
 
-    binary = shutil.which("Orthanc")
+    binary = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
     if binary is None or not Path(PLUGIN).exists():
         raise SystemExit("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb); "
                          "or give --url")

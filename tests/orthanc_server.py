@@ -38,7 +38,7 @@ class Orthanc:
 
 def orthanc_binary() -> str:
     """The Orthanc executable; skips the calling test where it is absent."""
-    binary = shutil.which("Orthanc") or shutil.which("orthanc")
+    binary = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/bin")  # sbin: off a user's PATH
     plugin = next((p for p in PLUGIN_PATHS if Path(p).exists()), None)
     if binary is None or plugin is None:
         pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
