@@ -87,9 +87,13 @@ def test_segments_map_to_structures_by_code_with_laterality_else_by_label():
 def test_a_folder_of_studies_gives_the_annotated_masks_on_the_ct_grid(tmp_path):
     expected = {f"patient{i}": _export_case(tmp_path / "data" / f"patient{i}", i) for i in range(2)}
     (tmp_path / "data" / "patient1" / "README.txt").write_text("not DICOM: ignored")
+    # patient1 exported flat: the SEG among the CT's files
+    (tmp_path / "data" / "patient1" / "seg.dcm").rename(tmp_path / "data" / "patient1" / "ct" / "seg.dcm")
     dataset = open_dataset(tmp_path / "data")
     assert dataset.layout == "dicom" and dataset.name == "data"
     assert [c.case_id for c in dataset.cases] == ["patient0", "patient1"]
+    assert dataset.cases[0].image == tmp_path / "data" / "patient0" / "ct"  # a series alone: read in place
+    assert dataset.cases[1].image != tmp_path / "data" / "patient1" / "ct"  # with the SEG: its CT files linked apart
     assert dataset.structures == tuple(STRUCTURES.values())
     for case in dataset.cases:
         ct, masks = expected[case.case_id]

@@ -307,6 +307,24 @@ def _headers(files: Sequence[Path]) -> list[tuple[Path, Dataset]]:
     return out
 
 
+def _series_folder(files: Sequence[Path], scratch: Path) -> Path:
+    """A folder holding the series `files` alone, which `read_image` reads exactly: their own
+    folder when nothing else is in it (a stable path, so feature caches keyed by it hit again),
+    else `scratch` with a link to each file."""
+    own = {f.parent for f in files}
+    if len(own) == 1:
+        folder = own.pop()
+        if {p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")} == set(files) and \
+                not any(p.is_dir() for p in folder.iterdir()):
+            return folder
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
+    for n, f in enumerate(files):
+        (scratch / f"{n:05d}.dcm").symlink_to(f.resolve())
+    return scratch
+
+
 def _where(source: str, folder: Path, path: Path, ds: Dataset) -> str:
     """How messages name a SEG: its file in a local study, its SOP Instance UID in a retrieved one."""
     return f"{path}" if source == str(folder) else f"{source}: SEG {ds.SOPInstanceUID}"
@@ -344,12 +362,7 @@ def _study_case(study_id: str, folder: Path, source: str, out: Path) -> list[Dic
     cases = []
     for n, (series_uid, files) in enumerate(sorted(ct.items())):
         case_id = study_id if len(ct) == 1 else f"{study_id}_{n + 1}"
-        image = out / "series" / case_id
-        if image.exists():
-            shutil.rmtree(image)
-        image.mkdir(parents=True)
-        for f in files:  # the series alone in its folder: read_image reads exactly it
-            (image / f"{len(list(image.iterdir())):05d}.dcm").symlink_to(f.resolve())
+        image = _series_folder(files, out / "series" / case_id)
         case = DicomCase(case_id, image)
         if by_series[series_uid]:
             headers = read_source_headers(image)
