@@ -8,7 +8,7 @@ import pytest
 import fseft
 from fseft.data.phantom import PHANTOM_LABELS, generate_case
 from fseft.data.preprocessing import PreprocessConfig
-from fseft.engine.inference import InferenceConfig, segment_volume
+from fseft.prediction.segment import InferenceConfig, segment_volume
 from fseft.evaluation.metrics import dice
 from fseft.models.checkpoint import read_model_file_config
 from fseft.models.zoo import load_model
