@@ -18,7 +18,8 @@ import pytest
 
 import fseft
 from fseft.cli import main
-from fseft.data.io import Volume, write_image, write_mask
+from fseft.data.io import write_image, write_mask
+from fseft.data.volume import Volume
 from fseft.data.structures import UnknownStructureError
 from fseft.errors import ConfigError, InputFileError
 

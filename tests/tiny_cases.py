@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fseft.data.io import Volume, write_image, write_mask
+from fseft.data.io import write_image, write_mask
+from fseft.data.volume import Volume
 from fseft.models.base import SegmentationModel
 from fseft.models.zoo import create_model
 from fseft.utils import write_json

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import nibabel as nib
     from torch import nn
 
-    from fseft.data.io import Volume
+    from fseft.data.volume import Volume
     from fseft.data.preprocessing import PreprocessConfig
     from fseft.methods.registry import MethodConfig
 
@@ -68,7 +68,8 @@ def to_volume(image: ImageLike, *, series_id: str | None = None) -> Volume:
     finite, an invertible affine; `InputFileError` naming the problem. Anything else (a bare
     array without its affine, a tensor, ...) is a `TypeError` saying what is accepted.
     """
-    from fseft.data.io import Volume, read_image, volume_from_array
+    from fseft.data.io import read_image, volume_from_array
+    from fseft.data.volume import Volume
 
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)

@@ -14,7 +14,8 @@ import torch
 from fseft.data.datasets import open_dataset
 from fseft.data.preprocessing import PreprocessConfig, preprocess
 from fseft.inference.feature_cache import CacheError, FeatureCache, compute_features, model_fingerprint
-from fseft.data.io import Volume, write_image, write_mask
+from fseft.data.io import write_image, write_mask
+from fseft.data.volume import Volume
 from fseft.prediction.segment import InferenceConfig
 from tiny_cases import tiny_model, write_tiny_dataset
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from dicom_series import write_ct_series
-from fseft.data.io import Volume, read_image
+from fseft.data.io import read_image
+from fseft.data.volume import Volume
 from fseft.data.preprocessing import PreprocessConfig
 from fseft.data.structures import UnknownStructureError
 from fseft.prediction.segment import (

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fseft.data.io import Volume
+from fseft.data.volume import Volume
 from fseft.prediction.scan_checks import (
     check_scan,
     implausible_masks,

@@ -7,7 +7,8 @@ import torch
 import yaml
 
 from fseft.cli import main
-from fseft.data.io import Volume, write_image, write_mask
+from fseft.data.io import write_image, write_mask
+from fseft.data.volume import Volume
 from fseft.pretraining.loop import (
     AssemblyConfig,
     PretrainConfig,

@@ -35,7 +35,7 @@ from fseft.errors import ConfigError, InputFileError
 from fseft.utils import default_cache_dir, write_json
 
 if TYPE_CHECKING:
-    from fseft.data.io import Volume
+    from fseft.data.volume import Volume
 
 LAYOUTS: tuple[str, ...] = ("nnunet", "totalseg", "flare22")
 
@@ -105,7 +105,8 @@ class Case:
         another voxel order are reoriented, other geometries refused). `unmapped`: label values
         the map lacks, see `fseft.data.io.read_multilabel`.
         """
-        from fseft.data.io import align_to_grid, read_binary_masks, read_image, read_multilabel
+        from fseft.data.io import read_binary_masks, read_image, read_multilabel
+        from fseft.data.volume import align_to_grid
 
         names = self._requested(structures)
         image = read_image(self.image)

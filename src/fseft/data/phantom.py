@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from fseft.data.io import Volume, write_image, write_mask
+from fseft.data.io import write_image, write_mask
+from fseft.data.volume import Volume
 from fseft.data.structures import PHANTOM_CLASSES, canonical_names
 from fseft.errors import ConfigError, InputFileError
 from fseft.utils import atomic_dir, write_json

@@ -144,7 +144,7 @@ def implausible_masks_warning(source: str, found: Sequence[tuple[str, float, flo
 
 
 def check_scan(volume: Any, masks: np.ndarray, names: Sequence[str]) -> str | None:
-    """`fseft predict`'s per-scan check: the warning for `volume` (a `fseft.data.io.Volume`,
+    """`fseft predict`'s per-scan check: the warning for `volume` (a `fseft.data.volume.Volume`,
     native geometry) and its predicted masks ``(S, X, Y, Z)``, or None (also logged)."""
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     found = implausible_masks(volume.array, masks, names, voxel_ml)

@@ -35,7 +35,7 @@ from fseft.errors import ConfigError, InputFileError
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from fseft.data.io import Volume
+    from fseft.data.volume import Volume
     from fseft.data.preprocessing import PreprocessConfig
     from fseft.models.base import SegmentationModel
 
@@ -219,7 +219,7 @@ def check_predict_outputs(
         if _dicom_seg_output(output):
             raise ConfigError(f"{output}: a .dcm output is a DICOM SEG: add --output-type dicom-seg, "
                               "or give an output folder or a .nii.gz file name")
-        from fseft.data.io import dicom_series_files
+        from fseft.data.dicom_series import dicom_series_files
 
         for _, scan in scans:  # DICOM headers (series, missing slices) checked before the model loads
             if scan.is_dir():
