@@ -111,7 +111,7 @@ def _add_datasets(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_datasets_inspect(args: argparse.Namespace) -> int:
-    from fseft.data.datasets import inspect_dataset
+    from fseft.data.inspection import inspect_dataset
 
     print(inspect_dataset(args.dir, args.layout, cases=args.cases, json_path=args.json,
                           cache_dir=args.cache_dir, progress=not args.no_progress, check=args.check))

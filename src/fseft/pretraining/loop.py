@@ -506,7 +506,7 @@ def _main_first(ctx: DistributedContext, fn: Any, *args: Any) -> Any:
 
 def _check_label_values(sources: list[_Source], cache_dir: Path, progress: bool) -> None:
     # voxel_counts raises InputFileError for a label value absent from the label map (cached).
-    from fseft.data.datasets import voxel_counts
+    from fseft.data.inspection import voxel_counts
 
     for source in sources:
         voxel_counts(source.dataset, source.structures, cache_dir=cache_dir, progress=progress)
