@@ -295,7 +295,7 @@ _PRETRAIN_OVERRIDES = ("epochs", "batch_size", "patches_per_volume", "patch_size
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from fseft.pretraining.loop import load_assembly, pretrain
+    from fseft.pretraining import load_assembly, pretrain
 
     assembly = load_assembly(args.config, overrides={k: getattr(args, k) for k in _PRETRAIN_OVERRIDES})
     pretrain(assembly, args.out, resume=args.resume, until_epoch=args.until_epoch)

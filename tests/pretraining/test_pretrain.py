@@ -9,7 +9,7 @@ import yaml
 from fseft.cli import main
 from fseft.data.io import write_image, write_mask
 from fseft.data.volume import Volume
-from fseft.pretraining.loop import (
+from fseft.pretraining import (
     AssemblyConfig,
     PretrainConfig,
     assembly_from_dict,
@@ -285,7 +285,7 @@ def test_validation_dice_is_logged_and_head_prior_sets_the_biases(tmp_path):
 
 
 def test_soft_labels_train_on_mask_fractions_cached_apart_from_binary_masks(tmp_path):
-    from fseft.pretraining.loop import prepare_cache, resolve_sources
+    from fseft.pretraining import prepare_cache, resolve_sources
     from fseft.training.distributed import DistributedContext
 
     data = tiny_assembly(tmp_path, epochs=1, soft_labels=True)

@@ -42,7 +42,7 @@ def _register_tiny():
 
 
 def _assembly(root: Path, validation: bool = False, **train):
-    from fseft.pretraining.loop import assembly_from_dict
+    from fseft.pretraining import assembly_from_dict
 
     data = tiny_assembly(root, **train)
     data["model"] = {"arch": "tiny_test"}
@@ -90,7 +90,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, root: str, options: dict)
     torch.set_num_threads(1)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `_spawn_bounded` asks a stuck rank where it is
     _register_tiny()
-    from fseft.pretraining.loop import pretrain
+    from fseft.pretraining import pretrain
 
     result = pretrain(_assembly(Path(root), epochs=1, batch_size=1, device="cpu", **options), Path(root) / "ddp")
     torch.save({"weights": result.model.state_dict(), "history": result.history},
@@ -115,7 +115,7 @@ def test_single_process_context_has_no_process_group(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, {**RECIPE, "validation": True}], ids=["defaults", "v3-recipe"])
 def test_two_gloo_ranks_match_a_single_process_with_the_same_global_batch(tmp_path, monkeypatch, options):
-    from fseft.pretraining.loop import pretrain
+    from fseft.pretraining import pretrain
     from fseft.models import zoo
     from fseft.utils import seed_everything
 

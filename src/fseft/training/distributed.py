@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fseft.errors import ConfigError
+from fseft.errors import ConfigError, FseftError, InputFileError
 
 
 @dataclass(frozen=True)
@@ -150,3 +150,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def main_first(ctx: DistributedContext, fn: Any, *args: Any) -> Any:
+    """Run `fn` on rank 0 and share its result, or its error, with every rank."""
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn(*args)
+        except FseftError as exc:
+            error = (type(exc).__name__, str(exc))
+    result, error = broadcast_object((result, error), ctx)
+    if error is not None:
+        kind = {"InputFileError": InputFileError}.get(error[0], ConfigError)
+        raise kind(error[1])
+    return result

@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from monai.losses import DiceCELoss
+from monai.optimizers import WarmupCosineSchedule
 from torch import nn
+from tqdm.auto import tqdm
 
 from fseft.errors import ConfigError
+from fseft.training.losses import check_finite_loss, check_finite_parameters, per_class_bce_dice
+
+T = TypeVar("T")
 
 LOSSES = ("dice", "bce+dice")
 
@@ -80,11 +86,7 @@ def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, multiclass: bool
         raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     ce_weight = 0.0 if loss == "dice" else 1.0
     if not multiclass:
-        from fseft.training.losses import per_class_bce_dice
-
         return per_class_bce_dice(logits, labels, bce_weight=ce_weight).mean()
-    from monai.losses import DiceCELoss
-
     index = torch.zeros_like(labels[:, :1], dtype=torch.long)
     for s in range(labels.shape[1]):
         index[labels[:, s : s + 1] > 0] = s + 1
@@ -102,8 +104,6 @@ def make_optimizer(params: Any, lr: float, weight_decay: float, warmup_steps: in
                    warmup_multiplier: float = 0.0) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW with a linear warm-up over `warmup_steps` then cosine decay to `total_steps` (MONAI
     `WarmupCosineSchedule`): the schedule of pre-training and of every adaptation method."""
-    from monai.optimizers import WarmupCosineSchedule
-
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = WarmupCosineSchedule(optimizer, warmup_steps=warmup_steps, t_total=total_steps,
                                      warmup_multiplier=warmup_multiplier)
@@ -136,6 +136,48 @@ class ExtraLoss:
     accumulate: Callable[[int], float]
 
 
+def train_epochs(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    epochs: Iterable[int],
+    epoch_steps: Callable[[int], Iterable[T]],
+    step: Callable[[T, int], float],
+    *,
+    after_step: Callable[[torch.optim.Optimizer], None] | None = None,
+    end_epoch: Callable[[int], bool] | None = None,
+    first_step: int = 0,
+) -> int:
+    """The training loop of the project: pre-training (`fseft.pretraining.loop`) and every
+    adaptation method (`fit`) run on it.
+
+    For each epoch of `epochs` (an iterable: a range, or a progress bar over one), the epoch's
+    steps come from ``epoch_steps(epoch)`` (a list of volume groups, a DataLoader, a progress bar
+    over either); each optimiser step clears the gradients, calls ``step(item, global step)``
+    (forward, loss checks and ``backward``: a step may accumulate gradients over several
+    volumes; it returns the step's loss), steps the optimiser, then `after_step` (a method's
+    hook, e.g. ARENA's proximal step) and the schedule. ``end_epoch(epoch)`` logs and decides:
+    True stops training. A progress bar over the steps shows the last step's loss. Returns the
+    global step count (`first_step` plus the steps run).
+    """
+    global_step = first_step
+    for epoch in epochs:
+        items = epoch_steps(epoch)
+        for item in items:
+            optimizer.zero_grad(set_to_none=True)
+            loss = step(item, global_step)
+            optimizer.step()
+            if after_step is not None:
+                after_step(optimizer)
+            scheduler.step()
+            global_step += 1
+            if hasattr(items, "set_postfix"):  # a progress bar over the steps
+                items.set_postfix(loss=f"{loss:.4f}")
+        if end_epoch is not None and end_epoch(epoch):
+            break
+    return global_step
+
+
 def fit(
     module: nn.Module,
     n_volumes: int,
@@ -147,7 +189,8 @@ def fit(
     after_step: Callable[[torch.optim.Optimizer], None] | None = None,
     extra_loss: ExtraLoss | None = None,
 ) -> TrainResult:
-    """Train the parameters of `module` that require gradients on `n_volumes` support volumes.
+    """Train the parameters of `module` that require gradients on `n_volumes` support volumes
+    (`train_epochs` with adaptation's steps, early stopping and extra loss).
 
     Each epoch visits the volumes in a random order (`seed`), `settings.batch_size` per
     optimiser step; ``batch(volume index, rng)`` gives the logits and labels of that volume's
@@ -156,10 +199,6 @@ def fit(
     volumes. Returns the per-epoch mean losses (and extra-loss values when `extra_loss` is
     given); `NOT_TRAINED` when nothing is trainable or there are no epochs.
     """
-    from tqdm.auto import tqdm
-
-    from fseft.training.losses import check_finite_loss, check_finite_parameters
-
     device = torch.device(settings.device)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params or settings.epochs == 0 or not n_volumes:
@@ -173,49 +212,52 @@ def fit(
     rng = np.random.RandomState(seed)
     losses: list[float] = []
     extra_losses: list[float] = []
-    step, stopped = 0, False
     stopping = EarlyStopping(settings.patience, settings.min_delta)
-    start = time.perf_counter()
-    bar = tqdm(range(epochs), desc=settings.desc, unit="epoch", disable=not settings.progress)
-    for epoch in bar:
+    # running sums of the epoch, in the order the volumes are visited
+    epoch = {"loss": 0.0, "extra": 0.0, "extra_on": False, "stopped": False}
+
+    def epoch_steps(index: int) -> list[np.ndarray]:
         if on_epoch is not None:
-            on_epoch(epoch)
+            on_epoch(index)
         order = rng.permutation(n_volumes)
-        epoch_loss, epoch_extra = 0.0, 0.0
-        extra_on = extra_start is not None and epoch >= extra_start
-        for it in range(iters):
-            optimizer.zero_grad(set_to_none=True)
-            volumes = order[it * settings.batch_size : (it + 1) * settings.batch_size]
-            for index in volumes:
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-                    logits, labels = batch(int(index), rng)
-                loss = supervised_loss(logits, labels, settings.multiclass, settings.loss) / len(volumes)
-                check_finite_loss(loss, step + 1, optimizer.param_groups[0]["lr"], settings.desc)
-                loss.backward()
-                epoch_loss += float(loss.detach())
-            if extra_on:
-                epoch_extra += extra_loss.accumulate(step)
-            optimizer.step()
-            if after_step is not None:
-                after_step(optimizer)
-            scheduler.step()
-            step += 1
-        losses.append(epoch_loss / iters)
+        epoch.update(loss=0.0, extra=0.0, extra_on=extra_start is not None and index >= extra_start)
+        return [order[it * settings.batch_size : (it + 1) * settings.batch_size] for it in range(iters)]
+
+    def step(volumes: np.ndarray, global_step: int) -> float:
+        total = 0.0
+        for index in volumes:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+                logits, labels = batch(int(index), rng)
+            loss = supervised_loss(logits, labels, settings.multiclass, settings.loss) / len(volumes)
+            check_finite_loss(loss, global_step + 1, optimizer.param_groups[0]["lr"], settings.desc)
+            loss.backward()
+            value = float(loss.detach())
+            epoch["loss"] += value
+            total += value
+        if epoch["extra_on"]:
+            epoch["extra"] += extra_loss.accumulate(global_step)
+        return total
+
+    def end_epoch(index: int) -> bool:
+        losses.append(epoch["loss"] / iters)
         if extra_loss is None:
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         else:
-            extra_losses.append(epoch_extra / iters)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", **({"ti": f"{extra_losses[-1]:.4f}"} if extra_on else {}))
-            if epoch + 1 < extra_start:
-                continue  # the constrained phase must run: no early stop before it
-        if stopping.stop(losses[-1] + (extra_losses[-1] if extra_losses else 0.0)):
-            stopped = True
-            break
+            extra_losses.append(epoch["extra"] / iters)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", **({"ti": f"{extra_losses[-1]:.4f}"} if epoch["extra_on"] else {}))
+            if index + 1 < extra_start:
+                return False  # the constrained phase must run: no early stop before it
+        epoch["stopped"] = stopping.stop(losses[-1] + (extra_losses[-1] if extra_losses else 0.0))
+        return epoch["stopped"]
+
+    start = time.perf_counter()
+    bar = tqdm(range(epochs), desc=settings.desc, unit="epoch", disable=not settings.progress)
+    train_epochs(module, optimizer, scheduler, bar, epoch_steps, step, after_step=after_step, end_epoch=end_epoch)
     bar.close()
     module.eval()
     check_finite_parameters(module, settings.desc)
-    return TrainResult(len(losses), losses, extra_losses, time.perf_counter() - start, stopped)
+    return TrainResult(len(losses), losses, extra_losses, time.perf_counter() - start, bool(epoch["stopped"]))
 
 
 __all__ = ["LOSSES", "NOT_TRAINED", "EarlyStopping", "ExtraLoss", "FitSettings", "TrainResult", "epoch_budget", "fit",
-           "make_optimizer", "supervised_loss"]
+           "make_optimizer", "supervised_loss", "train_epochs"]
