@@ -10,11 +10,11 @@ scans in memory.
     seg.masks, seg.affine, seg.label_map, seg.to_nifti()  # in the scan's own geometry
 
 Everything here is built on the functions `fseft` commands run, so the numbers are theirs:
-`fseft.models.zoo.load_model` and `fseft.engine.runs.load_adapted_model` load,
-`fseft.engine.adapt.adapt` adapts (and writes the run folder through the one run writer),
-`fseft.engine.inference.segment_volume` segments (preprocessing to model space, sliding window,
+`fseft.models.zoo.load_model` and `fseft.runs.load.load_adapted_model` load,
+`fseft.adaptation.runner.adapt` adapts (and writes the run folder through the one run writer),
+`fseft.prediction.segment.segment_volume` segments (preprocessing to model space, sliding window,
 back to the scan's geometry, threshold and largest component), with the checks of `fseft
-predict` (`fseft.engine.scan_checks`). `fseft predict` and `fseft adapt` call those same
+predict` (`fseft.prediction.scan_checks`). `fseft predict` and `fseft adapt` call those same
 functions (`predict_path`, `adapt`). Nothing here writes a file unless given a path to write.
 
 `import fseft` stays cheap: `fseft.load_model`, `fseft.adapt`, `fseft.load_run`,
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import nibabel as nib
     from torch import nn
 
-    from fseft.data.io import Volume
+    from fseft.data.volume import Volume
     from fseft.data.preprocessing import PreprocessConfig
     from fseft.methods.registry import MethodConfig
 
@@ -68,7 +68,8 @@ def to_volume(image: ImageLike, *, series_id: str | None = None) -> Volume:
     finite, an invertible affine; `InputFileError` naming the problem. Anything else (a bare
     array without its affine, a tensor, ...) is a `TypeError` saying what is accepted.
     """
-    from fseft.data.io import Volume, read_image, volume_from_array
+    from fseft.data.io import read_image, volume_from_array
+    from fseft.data.volume import Volume
 
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -131,7 +132,7 @@ class Segmentation:
     def labels(self) -> np.ndarray:
         """The label map ``(X, Y, Z)`` (uint8, int16 beyond 255 structures): value s + 1 where
         structure s is, the first structure winning overlaps, as `fseft predict` writes it."""
-        from fseft.engine.inference import merge_masks
+        from fseft.prediction.segment import merge_masks
 
         return merge_masks(self.masks)
 
@@ -162,7 +163,7 @@ class Segmenter:
 
     Attributes:
         network: the torch module (a `fseft.models.base.SegmentationModel`, or the adapted
-            model of `fseft.engine.runs.load_adapted_model`), in eval mode on `device`; its
+            model of `fseft.runs.load.load_adapted_model`), in eval mode on `device`; its
             ``forward`` gives per-structure logits ``(B, S, D, H, W)``.
         preprocess: the `PreprocessConfig` it was trained with (model space: orientation,
             spacing in mm, HU window, crop).
@@ -225,16 +226,16 @@ class Segmenter:
         structures: which of `self.structures` (any spelling, a list or ``"a,b"``), in the order
             wanted; None: all.
         roi_size, overlap, sw_batch_size, bf16, threshold, largest_component, progress: the
-            `fseft.engine.inference.InferenceConfig` fields (None: its defaults, as `fseft
+            `fseft.prediction.segment.InferenceConfig` fields (None: its defaults, as `fseft
             predict`'s: the window the model records, overlap 0.25, threshold 0.5, largest
             connected component per structure).
         Returns a `Segmentation`: ``masks`` ``(S, X, Y, Z)`` uint8 on the input's grid,
         ``affine`` the input's, ``structures``, ``label_map``, ``labels``, ``to_nifti()``.
         Logs `fseft predict`'s warnings: once, when the model was trained on synthetic phantoms
-        only; per scan, when a mask's mean HU is unlike its organ (`fseft.engine.scan_checks`).
+        only; per scan, when a mask's mean HU is unlike its organ (`fseft.prediction.scan_checks`).
         """
-        from fseft.engine.inference import InferenceConfig, segment_volume, select_structures
-        from fseft.engine.scan_checks import check_scan, synthetic_model_warning
+        from fseft.prediction.segment import InferenceConfig, segment_volume, select_structures
+        from fseft.prediction.scan_checks import check_scan, synthetic_model_warning
 
         given = {"roi_size": roi_size, "overlap": overlap, "sw_batch_size": sw_batch_size, "bf16": bf16,
                  "threshold": threshold, "largest_component": largest_component}
@@ -256,10 +257,10 @@ def load_model(model: str | os.PathLike, weights: str | os.PathLike | None = Non
     weights: the weights file of a zoo id (default: ``$FSEFT_WEIGHTS_DIR/<id>.pth`` or the
     embedded file). device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (checked: `ConfigError` when CUDA
     is absent). Loaded by `fseft.models.zoo.load_model`, with the preprocessing its file records
-    (`fseft.engine.inference.model_preprocess`), as `fseft predict --model` loads it.
+    (`fseft.prediction.segment.model_preprocess`), as `fseft predict --model` loads it.
     """
-    from fseft.engine.inference import InferenceConfig, model_preprocess
-    from fseft.engine.scan_checks import trained_on_synthetic_data
+    from fseft.prediction.segment import InferenceConfig, model_preprocess
+    from fseft.prediction.scan_checks import trained_on_synthetic_data
     from fseft.models.zoo import load_model as zoo_load_model
 
     InferenceConfig(device=device)  # the device, checked before loading
@@ -275,7 +276,7 @@ def load_run(
     weights: str | os.PathLike | None = None, device: str = "cpu", merge: bool = False,
 ) -> Segmenter:
     """An `fseft adapt` run folder (copied anywhere) as a model, as `fseft predict --adapter RUN`
-    loads it (`fseft.engine.runs.load_adapted_model`): its recorded base model, or `base` (a zoo
+    loads it (`fseft.runs.load.load_adapted_model`): its recorded base model, or `base` (a zoo
     id, with `weights` for its file; a model file; a `Segmenter` of `load_model`) where the base
     moved, checked against the weights fingerprint the run recorded; the run's preprocessing.
 
@@ -284,9 +285,9 @@ def load_run(
     """
     import json
 
-    from fseft.engine.inference import InferenceConfig
-    from fseft.engine.runs import METRICS_FILE, load_adapted_model
-    from fseft.engine.scan_checks import trained_on_synthetic_data
+    from fseft.prediction.segment import InferenceConfig
+    from fseft.runs.load import METRICS_FILE, load_adapted_model
+    from fseft.prediction.scan_checks import trained_on_synthetic_data
 
     InferenceConfig(device=device)
     run_dir = Path(run)
@@ -313,7 +314,7 @@ def method_options(method: str | MethodConfig) -> tuple[str, dict[str, Any]]:
     options; ``"auto"`` too), or a method's config dataclass (`fseft.methods.LoraConfig(rank=8)`,
     one class per method): the options are the fields that differ from the class's defaults,
     as `fseft adapt` records the options given on its command line."""
-    from fseft.engine.auto import AUTO
+    from fseft.adaptation.method_choice import AUTO
     from fseft.methods.registry import MethodConfig, available_methods, get_method
 
     if isinstance(method, str):
@@ -357,7 +358,7 @@ def adapt(
     **options: Any,
 ) -> Segmenter:
     """Few-shot adaptation of `model` to `structures` from `k` labelled cases of `data`, as
-    `fseft adapt` runs it (`fseft.engine.adapt.adapt`: the same task draw, training and scoring).
+    `fseft adapt` runs it (`fseft.adaptation.runner.adapt`: the same task draw, training and scoring).
 
     model: a zoo id, an fseft model file, or a `Segmenter` of `load_model` (its zoo id or file is
         what the run records; one loaded with other `weights` is adapted as an in-memory model).
@@ -370,7 +371,7 @@ def adapt(
     out: where to write the run folder (`fseft adapt --out`: the same files); None writes no run
         folder (the run is made in a temporary folder, loaded, and removed, so that the model
         returned is exactly the one a run folder would hold). overwrite: replace a run in `out`.
-    **options: `fseft.engine.adapt.AdaptConfig`'s fields, typed there: ``epochs``, ``max_steps``,
+    **options: `fseft.adaptation.runner.AdaptConfig`'s fields, typed there: ``epochs``, ``max_steps``,
         ``lr``, ``batch_size``, ``patch_size``, ``patches_per_volume``, ``transductive``, ``ti``
         (a `fseft.methods.TransductiveConfig`), ``objective``, ``loss``, ``n_query``, ``cache_dir``,
         ``device``, ``bf16``, ``roi_size``, ``progress``, ... (None or absent: the method's protocol).
@@ -380,7 +381,7 @@ def adapt(
     import shutil
     import tempfile
 
-    from fseft.engine.adapt import adapt as run_adapt
+    from fseft.adaptation.runner import adapt as run_adapt
 
     name, given = method_options(method)
     cfg = _adapt_config(name, given, options)
@@ -403,8 +404,8 @@ def adapt(
 def _adapt_config(name: str, given: Mapping[str, Any], options: dict[str, Any]) -> Any:
     """`AdaptConfig(method=name, method_options=given, **options)`, with an error that points a
     method option given as a keyword (``rank=8``) at the method's config."""
-    from fseft.engine.adapt import AdaptConfig
-    from fseft.engine.auto import AUTO
+    from fseft.adaptation.runner import AdaptConfig
+    from fseft.adaptation.method_choice import AUTO
     from fseft.methods.registry import get_method
 
     if "method_options" in options or "method" in options:
@@ -425,7 +426,7 @@ def _adapt_config(name: str, given: Mapping[str, Any], options: dict[str, Any]) 
 
 
 def _base_of(model: Any) -> tuple[Any, Any]:
-    """(what `fseft.engine.adapt.adapt` is given, the `base` `load_run` loads the run onto)."""
+    """(what `fseft.adaptation.runner.adapt` is given, the `base` `load_run` loads the run onto)."""
     if isinstance(model, Segmenter):
         if model.adapted:
             raise ConfigError(f"{model!r} is already adapted; adapt a base model (fseft.load_model(ID|PATH))")

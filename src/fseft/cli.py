@@ -113,7 +113,7 @@ def _add_datasets(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_datasets_inspect(args: argparse.Namespace) -> int:
-    from fseft.data.datasets import inspect_dataset
+    from fseft.data.inspection import inspect_dataset
 
     print(inspect_dataset(args.dir, args.layout, cases=args.cases, json_path=args.json,
                           cache_dir=args.cache_dir, progress=not args.no_progress, check=args.check))
@@ -143,7 +143,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 def _run_models(args: argparse.Namespace) -> int:
     if args.adapters is not None:
-        from fseft.engine.runs import format_run_table
+        from fseft.runs.load import format_run_table
 
         print(format_run_table(args.adapters))
         return 0
@@ -210,7 +210,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from fseft.engine.inference import InferenceConfig, predict_path
+    from fseft.prediction.segment import InferenceConfig, predict_path
 
     cfg = InferenceConfig(
         roi_size=args.roi_size and tuple(args.roi_size), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
@@ -305,7 +305,7 @@ _PRETRAIN_OVERRIDES = ("epochs", "batch_size", "patches_per_volume", "patch_size
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from fseft.engine.pretrain import load_assembly, pretrain
+    from fseft.pretraining import load_assembly, pretrain
 
     assembly = load_assembly(args.config, overrides={k: getattr(args, k) for k in _PRETRAIN_OVERRIDES})
     pretrain(assembly, args.out, resume=args.resume, until_epoch=args.until_epoch)
@@ -313,7 +313,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def _add_adapt(sub: argparse._SubParsersAction) -> None:
-    from fseft.engine.auto import DEFAULT_BUDGET, DEFAULT_CANDIDATES  # no torch
+    from fseft.adaptation.method_choice import DEFAULT_BUDGET, DEFAULT_CANDIDATES  # no torch
 
     p = sub.add_parser(
         "adapt",
@@ -419,8 +419,8 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
 
 
 def _run_adapt(args: argparse.Namespace) -> int:
-    from fseft.engine.adapt import AdaptConfig, adapt, count_parameters
-    from fseft.engine.auto import metrics_lines as auto_lines
+    from fseft.adaptation.runner import AdaptConfig, adapt, count_parameters
+    from fseft.adaptation.method_choice import metrics_lines as auto_lines
     from fseft.errors import ConfigError
     from fseft.methods import get_method
     from fseft.methods.transductive import TransductiveConfig
@@ -486,7 +486,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from fseft.engine.benchmark import load_experiment, run_benchmark
+    from fseft.experiments.grid import load_experiment, run_benchmark
     from fseft.evaluation.tables import to_text
 
     result = run_benchmark(load_experiment(args.config), args.out, progress=not args.no_progress)
@@ -495,7 +495,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from fseft.engine.demo import DemoConfig
+    from fseft.experiments.demo import DemoConfig
 
     d = DemoConfig()
     p = sub.add_parser(
@@ -514,7 +514,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from fseft.engine.demo import DemoConfig, run_demo
+    from fseft.experiments.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=args.out, cases=args.cases, device=args.device), progress=not args.no_progress)
     return 0

@@ -31,7 +31,7 @@ from fseft.errors import ConfigError, InputFileError
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-    from fseft.data.io import Volume
+    from fseft.data.volume import Volume
 
 DICOM_SEG_EXTRA = "dicom-seg"
 DICOM_SEG_SUFFIX = ".dcm"
@@ -165,7 +165,7 @@ def read_source_headers(folder: str | os.PathLike, series_id: str | None = None)
     require_highdicom()
     import pydicom
 
-    from fseft.data.io import dicom_series_files
+    from fseft.data.dicom_series import dicom_series_files
 
     headers: list[Dataset] = []
     seen: dict[str, Path] = {}

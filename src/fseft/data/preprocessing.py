@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fseft.data.io import Volume, check_same_geometry
+from fseft.data.volume import Volume, check_same_geometry
 from fseft.errors import ConfigError, InputFileError
 
 _AXCODE_PAIRS = ("LR", "PA", "IS")

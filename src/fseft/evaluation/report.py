@@ -35,7 +35,7 @@ from fseft.evaluation.metrics import DEFAULT_NSD_TOLERANCE_MM, evaluate_masks
 from fseft.utils import write_json, write_text
 
 if TYPE_CHECKING:
-    from fseft.data.io import Volume
+    from fseft.data.volume import Volume
 
 METRICS: tuple[str, ...] = ("dice", "nsd", "hd95")
 
@@ -313,7 +313,7 @@ def evaluate_folders(
     """
     from tqdm.auto import tqdm
 
-    from fseft.data.io import align_to_grid
+    from fseft.data.volume import align_to_grid
 
     if not (tolerance_mm >= 0 and math.isfinite(tolerance_mm)):  # before any file is read
         raise ConfigError(f"the NSD tolerance must be a distance >= 0 mm, got --tolerance {tolerance_mm}")

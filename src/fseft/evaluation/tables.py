@@ -1,6 +1,6 @@
 """Results tables of a benchmark, in the layout of the FSEFT paper's Table 1.
 
-A benchmark (`fseft.engine.benchmark`) produces one `RunRecord` per (method, k, seed,
+A benchmark (`fseft.experiments.grid`) produces one `RunRecord` per (method, k, seed,
 structure). `summarize` reduces them to a summary dict, the one input of every table, figure
 and report:
 

@@ -14,7 +14,7 @@ zero (so training starts from the pre-trained model). Default targets:
 The decoder (when ``fine-tuned`` or ``new``) and the head are peft ``modules_to_save``: peft
 trains a copy of them and stores it in ``adapter_model.safetensors`` beside the LoRA factors,
 so the run folder is a plain peft adapter (``PeftModel.from_pretrained(base, run_dir)`` loads
-it once the base has the run's head, see `fseft.methods.adapter_io.load_adapted`).
+it once the base has the run's head, see `fseft.runs.format.load_adapted`).
 """
 
 from __future__ import annotations

@@ -7,12 +7,12 @@ config dataclass (a `MethodConfig`) plus a `prepare` function registered by name
     model = apply_method(base, "lora", structures=["liver", "gallbladder"], decoder="fine-tuned", rank=4)
     params = [p for p in model.parameters() if p.requires_grad]      # what the optimiser gets
     ... after each optimizer.step(): post_step(model, optimizer)     # the method's after-step hook
-    save_adapter(model, run_dir); load_adapted(fresh_base, run_dir)   # fseft.methods.adapter_io
+    save_adapter(model, run_dir); load_adapted(fresh_base, run_dir)   # fseft.runs.format
 
 They are registered in the one method registry of `fseft.methods` with ``kind="network"``
 (``register_method(name, config_cls, description, kind="network")`` on the `prepare` function);
 their configs subclass `MethodConfig` (``default_lr``, ``to_dict``). `fseft adapt` trains them on
-image patches (`fseft.engine.adapt`), the ``"features"`` methods on cached features.
+image patches (`fseft.adaptation.runner`), the ``"features"`` methods on cached features.
 
 The parts of each architecture (what "encoder", "decoder", "last block" mean) are declared by
 the architecture class itself (`fseft.models.base.ModelParts`, ``SegmentationModel.parts``):
@@ -415,7 +415,7 @@ class DecoderConfig(MethodConfig):
     decoder: ``"fine-tuned"`` (from the pre-trained weights) or ``"new"`` (re-initialised).
     include_skip_blocks: Swin-UNETR's ``encoder1..4`` / ``encoder10`` train with the decoder.
     Every trainable weight lies after the encoder, so `fseft adapt` trains it on cached encoder
-    outputs (`fseft.engine.encoder_cache`).
+    outputs (`fseft.adaptation.encoder_cache`).
     """
 
     default_lr: ClassVar[float] = 1e-3

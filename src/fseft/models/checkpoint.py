@@ -462,7 +462,7 @@ def _parse_config(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | N
 
 
 def _check_recorded_choices(config: Mapping[str, Any], path: Path) -> None:
-    """The records inference follows (`fseft.engine.sliding_window.recommended_roi_size`,
+    """The records inference follows (`fseft.inference.sliding_window.recommended_roi_size`,
     `recorded_whole_structures`) have their written shape: `InputFileError` naming the file
     and the entry otherwise (a hand-edited file), not a Python error at prediction time."""
     extra = config.get("extra") or {}
