@@ -109,7 +109,7 @@ def main() -> None:
     from dicomweb_client.api import DICOMwebClient
 
     from fseft.data.dicomweb import retrieved_series, store_results
-    from fseft.engine.inference import InferenceConfig, predict_path
+    from fseft.prediction.segment import InferenceConfig, predict_path
     from fseft.models.zoo import load_model
 
     scratch = Path(tempfile.mkdtemp(prefix="fseft-bench-pacs-"))

@@ -30,7 +30,8 @@ def _export_case(study: Path, case_index: int, seed: int = 7):
     liver, spleen and left kidney (``study/seg.dcm``). Returns (CT volume, {structure: mask})
     with the masks on the CT grid as `read_image` reads it."""
     from fseft.data.dicom_seg import write_dicom_seg
-    from fseft.data.io import align_to_grid, read_image
+    from fseft.data.io import read_image
+    from fseft.data.volume import align_to_grid
     from fseft.data.phantom import generate_case
 
     case = generate_case(domain="target", seed=seed, case_index=case_index)

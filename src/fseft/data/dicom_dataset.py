@@ -39,7 +39,7 @@ from fseft.errors import InputFileError
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-    from fseft.data.io import Volume
+    from fseft.data.volume import Volume
 
 DICOM_LAYOUT = "dicom"
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
