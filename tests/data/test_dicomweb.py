@@ -6,7 +6,7 @@ not CT), and the parts that need no server (URL parsing, credentials)."""
 from __future__ import annotations
 
 import json
-import shutil
+import logging
 import tempfile
 from pathlib import Path
 
@@ -224,7 +224,7 @@ def test_missing_study_and_a_series_that_is_not_ct(orthanc, tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
 
 
-def test_a_server_with_authentication_answers_401_without_credentials(tmp_path, capsys, monkeypatch):
+def test_a_server_with_authentication_answers_401_without_credentials(tmp_path, capsys, monkeypatch, caplog):
     from fseft.data.dicomweb import check_server
 
     with running_orthanc(tmp_path / "orthanc", user="alice", password="s3cret") as server:
@@ -238,6 +238,14 @@ def test_a_server_with_authentication_answers_401_without_credentials(tmp_path, 
         assert "refused" in err and "wrong" not in err
         monkeypatch.setenv(PASSWORD_ENV, "s3cret")
         check_server(server.root)  # accepted
+        # a bearer token (which Orthanc does not take) is sent but never logged, even at debug level
+        monkeypatch.setenv(TOKEN_ENV, "tok-9f2c-secret")
+        with caplog.at_level(logging.DEBUG):
+            assert _predict(server.study_url("1.2.3"), tmp_path) == 2
+        err = capsys.readouterr().err
+        assert "not authorised (401)" in err and "the credentials in FSEFT_DICOMWEB_TOKEN were refused" in err
+        assert "GET" in caplog.text and "tok-9f2c-secret" not in caplog.text + err
+        monkeypatch.delenv(TOKEN_ENV)
         assert _predict(server.study_url("1.2.3"), tmp_path) == 2
         assert "no such study" in capsys.readouterr().err  # past the authentication
 

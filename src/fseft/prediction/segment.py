@@ -330,8 +330,10 @@ def predict_path(
             check_server(store)
         if is_dicomweb_url(str(input_path)):
             with retrieved_series(str(input_path), series_id) as (folder, _):
-                return predict_path(folder, output, model, weights, structures, cfg, preprocess_cfg, per_structure_files,
-                                    adapter, merge, None, output_type, statistics, store)
+                return predict_path(folder, output, model, weights=weights, structures=structures, cfg=cfg,
+                                    preprocess_cfg=preprocess_cfg, per_structure_files=per_structure_files,
+                                    adapter=adapter, merge=merge, output_type=output_type, statistics=statistics,
+                                    store=store)
     cfg = cfg or InferenceConfig()
     reference = model if isinstance(model, str) else None
     scans = find_scans(input_path)
