@@ -24,23 +24,39 @@ functions (`predict_path`, `adapt`). Nothing here writes a file unless given a p
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+import nibabel as nib
 import numpy as np
 
+import fseft.methods
+from fseft.adaptation.config import AUTO
+from fseft.adaptation.runner import AdaptConfig
+from fseft.adaptation.runner import adapt as run_adapt
+from fseft.data.io import label_image, read_image, volume_from_array
+from fseft.data.structures import UnknownStructureError, canonical_name
+from fseft.data.volume import Volume
 from fseft.errors import ConfigError, InputFileError
+from fseft.methods.registry import MethodConfig, available_methods, get_method
+from fseft.models.zoo import load_model as zoo_load_model
+from fseft.prediction.scan_checks import check_scan, synthetic_model_warning, trained_on_synthetic_data
+from fseft.prediction.segment import InferenceConfig, merge_masks, model_preprocess, segment_volume, select_structures
+from fseft.runs.load import METRICS_FILE, load_adapted_model
 
 if TYPE_CHECKING:
     import nibabel as nib
     from torch import nn
 
-    from fseft.data.volume import Volume
     from fseft.data.preprocessing import PreprocessConfig
+    from fseft.data.volume import Volume
     from fseft.methods.registry import MethodConfig
 
 logger = logging.getLogger(__name__)
@@ -68,8 +84,6 @@ def to_volume(image: ImageLike, *, series_id: str | None = None) -> Volume:
     finite, an invertible affine; `InputFileError` naming the problem. Anything else (a bare
     array without its affine, a tensor, ...) is a `TypeError` saying what is accepted.
     """
-    from fseft.data.io import read_image, volume_from_array
-    from fseft.data.volume import Volume
 
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -84,7 +98,6 @@ def to_volume(image: ImageLike, *, series_id: str | None = None) -> Volume:
             raise TypeError("(array, affine): the affine is None; give the (4, 4) voxel-to-world matrix "
                             "(nibabel's img.affine)")
         return volume_from_array(array, affine, f"the array of shape {np.shape(array)}")
-    import nibabel as nib
 
     if isinstance(image, nib.spatialimages.SpatialImage):
         source = image.get_filename() or f"the nibabel image of shape {image.shape}"
@@ -132,13 +145,11 @@ class Segmentation:
     def labels(self) -> np.ndarray:
         """The label map ``(X, Y, Z)`` (uint8, int16 beyond 255 structures): value s + 1 where
         structure s is, the first structure winning overlaps, as `fseft predict` writes it."""
-        from fseft.prediction.segment import merge_masks
 
         return merge_masks(self.masks)
 
     def mask(self, structure: str) -> np.ndarray:
         """The binary mask ``(X, Y, Z)`` uint8 of one structure (any spelling)."""
-        from fseft.data.structures import UnknownStructureError, canonical_name
 
         name = canonical_name(structure)
         if name not in self.structures:
@@ -149,7 +160,6 @@ class Segmentation:
         """`labels` as the NIfTI image `fseft predict` writes (`fseft.data.io.label_image`: the
         smallest integer type, `affine` as sform and qform); save it with ``img.to_filename``
         and `label_map` beside it if you want files."""
-        from fseft.data.io import label_image
 
         return label_image(self.labels, self.affine)
 
@@ -234,8 +244,6 @@ class Segmenter:
         Logs `fseft predict`'s warnings: once, when the model was trained on synthetic phantoms
         only; per scan, when a mask's mean HU is unlike its organ (`fseft.prediction.scan_checks`).
         """
-        from fseft.prediction.segment import InferenceConfig, segment_volume, select_structures
-        from fseft.prediction.scan_checks import check_scan, synthetic_model_warning
 
         given = {"roi_size": roi_size, "overlap": overlap, "sw_batch_size": sw_batch_size, "bf16": bf16,
                  "threshold": threshold, "largest_component": largest_component}
@@ -259,9 +267,6 @@ def load_model(model: str | os.PathLike, weights: str | os.PathLike | None = Non
     is absent). Loaded by `fseft.models.zoo.load_model`, with the preprocessing its file records
     (`fseft.prediction.segment.model_preprocess`), as `fseft predict --model` loads it.
     """
-    from fseft.prediction.segment import InferenceConfig, model_preprocess
-    from fseft.prediction.scan_checks import trained_on_synthetic_data
-    from fseft.models.zoo import load_model as zoo_load_model
 
     InferenceConfig(device=device)  # the device, checked before loading
     reference = os.fspath(model)
@@ -283,11 +288,6 @@ def load_run(
     merge: fold LoRA / ARENA updates into the base weights (network runs). ``metrics`` holds
     the run's ``metrics.json`` where there is one.
     """
-    import json
-
-    from fseft.prediction.segment import InferenceConfig
-    from fseft.runs.load import METRICS_FILE, load_adapted_model
-    from fseft.prediction.scan_checks import trained_on_synthetic_data
 
     InferenceConfig(device=device)
     run_dir = Path(run)
@@ -314,8 +314,6 @@ def method_options(method: str | MethodConfig) -> tuple[str, dict[str, Any]]:
     options; ``"auto"`` too), or a method's config dataclass (`fseft.methods.LoraConfig(rank=8)`,
     one class per method): the options are the fields that differ from the class's defaults,
     as `fseft adapt` records the options given on its command line."""
-    from fseft.adaptation.method_choice import AUTO
-    from fseft.methods.registry import MethodConfig, available_methods, get_method
 
     if isinstance(method, str):
         if method != AUTO:
@@ -339,7 +337,6 @@ def method_options(method: str | MethodConfig) -> tuple[str, dict[str, Any]]:
 
 def _config_name(cls: type) -> str:
     """A method config's name in `fseft.methods` (``LoraConfig`` for `LoraMethodConfig`)."""
-    import fseft.methods
 
     exported = [n for n in fseft.methods.__all__ if getattr(fseft.methods, n) is cls]
     return exported[0] if exported else cls.__name__
@@ -378,10 +375,6 @@ def adapt(
     Returns a `Segmenter` of the adapted model (``structures`` = the adapted ones, ``metrics``
     = the run's ``metrics.json``, ``run_dir`` = `out` or None).
     """
-    import shutil
-    import tempfile
-
-    from fseft.adaptation.runner import adapt as run_adapt
 
     name, given = method_options(method)
     cfg = _adapt_config(name, given, options)
@@ -404,9 +397,6 @@ def adapt(
 def _adapt_config(name: str, given: Mapping[str, Any], options: dict[str, Any]) -> Any:
     """`AdaptConfig(method=name, method_options=given, **options)`, with an error that points a
     method option given as a keyword (``rank=8``) at the method's config."""
-    from fseft.adaptation.runner import AdaptConfig
-    from fseft.adaptation.method_choice import AUTO
-    from fseft.methods.registry import get_method
 
     if "method_options" in options or "method" in options:
         raise TypeError("give the method and its options as method=NAME or method=fseft.methods.<Name>Config(...)")

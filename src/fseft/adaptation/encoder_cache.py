@@ -37,8 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from fseft.inference.feature_cache import CacheError, staged_entry
+from fseft.methods.peft_methods import unwrap
+from fseft.training.sampling import plain_tensor
+from fseft.utils import default_cache_dir
 
 CACHE_FORMAT = "encoder-v1"
 
@@ -51,7 +55,6 @@ def split_point_for(model: nn.Module) -> str | None:
     `SegmentationModel`; any trainable parameter outside the architecture's top-level modules
     (a LoRA or AdaptFormer layer inside the encoder) gives None.
     """
-    from fseft.methods.peft_methods import unwrap
 
     base = unwrap(model)
     points = getattr(base, "split_points", {}) or {}
@@ -88,8 +91,6 @@ class EncoderCache:
 
     def __init__(self, model: nn.Module, point: str, fingerprint: str, root: str | os.PathLike | None = None,
                  device: str | torch.device = "cpu", dtype: Any = np.float16) -> None:
-        from fseft.methods.peft_methods import unwrap
-        from fseft.utils import default_cache_dir
 
         self.model = unwrap(model)
         if point not in self.model.split_points:
@@ -159,10 +160,6 @@ class PatchPool:
     """
 
     def __init__(self, patches: Any, cache: EncoderCache, pool_epochs: int, progress: bool = False) -> None:
-        from tqdm.auto import tqdm
-
-        from fseft.training.sampling import plain_tensor
-
         self.pool: list[list[dict[str, Any]]] = [[] for _ in range(len(patches.volumes))]
         seen: list[set[str]] = [set() for _ in self.pool]
         for epoch in tqdm(range(pool_epochs), desc=f"encoder cache ({cache.point})", unit="epoch",

@@ -17,8 +17,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from fseft.training.fit import NOT_TRAINED, ExtraLoss, TrainResult, fit
+from fseft.adaptation.query_scoring import cached_probabilities, evaluate_queries, run_metrics
 from fseft.errors import ConfigError
+from fseft.inference.feature_cache import FeatureCache
+from fseft.methods import adapter_on, count_trainable_parameters, foreground_fractions, get_method, init_head_prior
+from fseft.methods.transductive import size_constraint_step, target_sizes
+from fseft.prediction.segment import model_preprocess
+from fseft.runs.format import write_run_files
+from fseft.runs.load import METRICS_FILE, run_extra
+from fseft.training.fit import NOT_TRAINED, ExtraLoss, TrainResult, fit
+from fseft.training.sampling import feature_patch_batch, feature_volume, sample_patch_slices
+from fseft.utils import write_json
 
 
 def train_adapter(
@@ -37,8 +46,6 @@ def train_adapter(
     accumulates the size penalty of one query volume (taken in turn). Returns the per-epoch
     mean losses.
     """
-    from fseft.training.sampling import feature_patch_batch, feature_volume, sample_patch_slices
-    from fseft.methods.transductive import size_constraint_step, target_sizes
 
     cfg = cfg.resolved()
     device = torch.device(cfg.device)
@@ -77,13 +84,6 @@ def run_features(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task: 
                  cfg: Any, out: Path) -> dict[str, Any]:
     """`adapt` for a ``"features"`` method: the base stays frozen, the adapter trains on its
     cached features. Writes the run folder and returns its metrics."""
-    from fseft.inference.feature_cache import FeatureCache
-    from fseft.prediction.segment import model_preprocess
-    from fseft.adaptation.query_scoring import cached_probabilities, evaluate_queries, run_metrics
-    from fseft.runs.load import METRICS_FILE, run_extra
-    from fseft.methods import adapter_on, count_trainable_parameters, foreground_fractions, get_method, init_head_prior
-    from fseft.runs.format import write_run_files
-    from fseft.utils import write_json
 
     spec = get_method(cfg.method)
     multiclass = cfg.objective == "multiclass"

@@ -28,16 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tqdm.auto import tqdm
+
+from fseft.adaptation.config import AUTO, AUTO_OPTIONS
+from fseft.data.datasets import check_cases, open_dataset
+from fseft.data.tasks import FewShotTask
 from fseft.errors import ConfigError
+from fseft.methods import available_methods, get_method
+from fseft.models.zoo import describe_model
+from fseft.runs.load import METRICS_FILE, mean_query_dice
+from fseft.utils import closest_hint, write_json
 
 if TYPE_CHECKING:  # `fseft --help` imports no torch (the benchmark imports this module)
     from torch import nn
 
-AUTO = "auto"
 DEFAULT_CANDIDATES = ("spatial-adapter+ti", "spatial-adapter", "lp", "lora+dec")
 DEFAULT_BUDGET = 2000
-#: `AdaptConfig` fields that belong to ``method="auto"`` alone
-AUTO_OPTIONS = ("candidates", "auto_budget")
 #: hidden work folder of the leave-one-out runs inside the run folder (removed when done)
 FOLDS_DIR = ".auto-folds"
 _DECODER_SUFFIXES = {"+dec": "fine-tuned", "+newdec": "new"}
@@ -62,8 +68,6 @@ def parse_candidate(text: str | Mapping[str, Any]) -> MethodEntry:
     """A candidate from its name (``lp``, ``spatial-adapter+ti``, ``lora+dec``, ``lora+newdec``) or from a
     `MethodEntry` mapping (what an experiment file's named rows become). `ConfigError` for an
     unknown method (with the closest name) or a suffix the method cannot take."""
-    from fseft.methods import available_methods, get_method
-    from fseft.utils import closest_hint
 
     if isinstance(text, Mapping):
         try:
@@ -145,7 +149,6 @@ def _protocol_steps(cfg: Any, k: int) -> float:
 def rule_at_k1(entries: Sequence[MethodEntry], known: bool, structures: Sequence[str]) -> tuple[MethodEntry, str]:
     """The k = 1 choice (module docstring): ``(entry, reason)``; `ConfigError` when the
     candidates have no method of the kind the rule asks for."""
-    from fseft.methods import get_method
 
     kind, words = ("features", "black-box") if known else ("network", "network (PEFT + decoder)")
     for entry in entries:
@@ -178,14 +181,6 @@ def adapt_auto(
     seconds spent choosing), also written to ``metrics.json``. `run` is `adapt` itself (passed
     in, so that this module does not import the one that dispatches to it).
     """
-    from tqdm.auto import tqdm
-
-    from fseft.data.datasets import check_cases, open_dataset
-    from fseft.data.tasks import FewShotTask
-    from fseft.runs.load import METRICS_FILE, mean_query_dice
-    from fseft.methods import get_method
-    from fseft.models.zoo import describe_model
-    from fseft.utils import write_json
 
     entries = parse_candidates(cfg.candidates)
     budget = DEFAULT_BUDGET if cfg.auto_budget is None else int(cfg.auto_budget)

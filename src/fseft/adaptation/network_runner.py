@@ -8,6 +8,7 @@ every trainable weight lies after a split point), then scored by sliding-window 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from fseft.training.fit import NOT_TRAINED, TrainResult, fit
+from fseft.adaptation.encoder_cache import EncoderCache, PatchPool, split_point_for
+from fseft.adaptation.feature_runner import train_adapter
+from fseft.adaptation.query_scoring import evaluate_queries, network_probabilities, run_metrics
+from fseft.data.preprocessing import preprocess
 from fseft.errors import ConfigError
+from fseft.inference.feature_cache import FeatureCache, model_fingerprint
+from fseft.methods import adapter_on, foreground_fractions, get_method, init_head_prior
+from fseft.methods.peft_methods import apply_method, count_trainable, method_train_mode, post_step, unwrap
+from fseft.prediction.segment import model_preprocess
+from fseft.runs.format import save_adapter
+from fseft.runs.load import METRICS_FILE, AdaptedNetwork, run_extra
+from fseft.training.fit import NOT_TRAINED, TrainResult, fit
+from fseft.training.sampling import EpochPatchDataset, patch_transforms, plain_tensor
+from fseft.utils import write_json
 
 
 def train_network(
@@ -40,8 +53,6 @@ def train_network(
     (`PatchPool`, the first `cfg.encoder_pool_epochs` epochs' draws) and each step runs only
     ``decode`` and the head on patches drawn from that pool.
     """
-    from fseft.training.sampling import EpochPatchDataset, patch_transforms, plain_tensor
-    from fseft.methods.peft_methods import method_train_mode, post_step, unwrap
 
     cfg = cfg.resolved()
     settings = cfg.fit_settings()
@@ -54,8 +65,6 @@ def train_network(
     patches = EpochPatchDataset(support, transform, seed)
     arch = getattr(model, "arch", type(model).__name__)
     if encoder_cache is not None:
-        from fseft.adaptation.encoder_cache import PatchPool
-
         epochs = settings.schedule(len(support))[1]
         pool = PatchPool(patches, encoder_cache, min(cfg.encoder_pool_epochs, epochs), cfg.progress)
         base = unwrap(model)
@@ -92,11 +101,6 @@ def probe_head(base: nn.Module, preprocess_cfg: Any, dataset: Any, task: Any, na
     spends its large early gradients distorting the pre-trained features; a head that already
     fits them leaves fine-tuning to refine. Costs one `lp` run (features cached as `lp`'s).
     """
-    import dataclasses
-
-    from fseft.adaptation.feature_runner import train_adapter
-    from fseft.inference.feature_cache import FeatureCache
-    from fseft.methods import adapter_on, foreground_fractions, init_head_prior
 
     cache = FeatureCache(base, preprocess_cfg, cfg.cache_dir, cfg.inference)
     support = [(c.features, c.labels) for c in (cache.load(case, names) for case in task.support_cases(dataset))]
@@ -116,17 +120,6 @@ def run_network(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task: A
     the preprocessed support volumes, evaluation by sliding-window inference. The run folder's
     files are `save_adapter`'s (peft's format for peft methods), the run's information in the
     record's ``extra``; the method's `extra_metrics` hook adds to ``metrics.json``."""
-    from fseft.data.preprocessing import preprocess
-    from fseft.adaptation.encoder_cache import EncoderCache, split_point_for
-    from fseft.inference.feature_cache import model_fingerprint
-    from fseft.prediction.segment import model_preprocess
-    from fseft.adaptation.query_scoring import evaluate_queries, network_probabilities, run_metrics
-    from fseft.runs.load import METRICS_FILE, AdaptedNetwork, run_extra
-    from fseft.training.sampling import plain_tensor
-    from fseft.methods import foreground_fractions, get_method, init_head_prior
-    from fseft.runs.format import save_adapter
-    from fseft.methods.peft_methods import apply_method, count_trainable, unwrap
-    from fseft.utils import write_json
 
     multiclass = cfg.objective == "multiclass"
     preprocess_cfg = model_preprocess(base, base_ref["path"] or base_ref["id"])

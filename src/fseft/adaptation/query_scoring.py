@@ -14,11 +14,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from fseft.data.io import write_mask
+from fseft.data.preprocessing import preprocess, to_native
+from fseft.evaluation.metrics import evaluate_masks
+from fseft.evaluation.postprocess import binarize, keep_largest_components
+from fseft.inference.feature_cache import CacheError
+from fseft.methods.features import predict_cached
+from fseft.prediction.segment import merge_masks, predict_probabilities
 
 
 def _masks(probs_native: np.ndarray, cfg: Any, multiclass: bool, structures: Sequence[str]) -> np.ndarray:
     """Binary masks ``(S, X, Y, Z)`` uint8 from native-space probabilities of `structures`."""
-    from fseft.evaluation.postprocess import binarize, keep_largest_components
 
     if not multiclass:
         return binarize(probs_native, cfg.threshold, cfg.largest_component, structures)
@@ -64,8 +72,6 @@ def run_metrics(cfg: Any, names: Sequence[str], task: Any, trainable: int, secon
 def cached_probabilities(adapter: nn.Module, cache: Any, cfg: Any) -> Callable[[Any, Any], torch.Tensor]:
     """`evaluate_queries`' probability function of a feature adapter: the adapter over the
     query's cached features, the whole volume slab by slab."""
-    from fseft.inference.feature_cache import CacheError
-    from fseft.methods.features import predict_cached
 
     def probabilities(case: Any, pre: Any) -> torch.Tensor:
         cached = cache.load(case)
@@ -82,7 +88,6 @@ def cached_probabilities(adapter: nn.Module, cache: Any, cfg: Any) -> Callable[[
 def network_probabilities(model: nn.Module, cfg: Any) -> Callable[[Any, Any], torch.Tensor]:
     """`evaluate_queries`' probability function of an adapted network (`AdaptedNetwork`): the
     project's sliding-window inference (`predict_probabilities`), as `fseft predict` runs it."""
-    from fseft.prediction.segment import predict_probabilities
 
     inference = cfg.inference
     return lambda case, pre: predict_probabilities(model, pre.image[None], inference)[0]
@@ -105,12 +110,6 @@ def evaluate_queries(
     multiclass) and reduced to each structure's largest component; Dice / NSD / HD95 by
     `fseft.evaluation.metrics.evaluate_masks` (NaN written as null).
     """
-    from tqdm.auto import tqdm
-
-    from fseft.data.io import write_mask
-    from fseft.data.preprocessing import preprocess, to_native
-    from fseft.prediction.segment import merge_masks
-    from fseft.evaluation.metrics import evaluate_masks
 
     multiclass = cfg.objective == "multiclass"
     results: dict[str, dict[str, dict[str, float | None]]] = {}

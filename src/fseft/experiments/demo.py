@@ -25,8 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fseft.experiments.grid import BenchmarkResult, ExperimentConfig, MethodEntry
-from fseft.evaluation.tables import RunRecord
+from fseft.data.phantom import write_phantom_dataset
+from fseft.errors import ConfigError
+from fseft.evaluation.tables import RunRecord, to_text
+from fseft.experiments.grid import BenchmarkResult, ExperimentConfig, MethodEntry, run_benchmark
+from fseft.utils import write_json
 
 
 @dataclass
@@ -84,8 +87,6 @@ def demo_experiment(cfg: DemoConfig, data: str | Path) -> ExperimentConfig:
 
 def _write_data(cfg: DemoConfig, data: Path, progress: bool) -> None:
     """Target-domain phantoms at `data`, reused when an earlier demo wrote the same ones."""
-    from fseft.data.phantom import write_phantom_dataset
-    from fseft.utils import write_json
 
     spec = {"cases": cfg.cases, "domain": "target", "seed": cfg.data_seed}
     record = data.parent / "data.json"
@@ -102,9 +103,6 @@ def _write_data(cfg: DemoConfig, data: Path, progress: bool) -> None:
 def run_demo(cfg: DemoConfig | None = None, *, progress: bool = True,
              log: Callable[[str], None] = print) -> BenchmarkResult:
     """Write the phantoms, run the demo benchmark into ``cfg.out`` and print its table."""
-    from fseft.experiments.grid import run_benchmark
-    from fseft.errors import ConfigError
-    from fseft.evaluation.tables import to_text
 
     cfg = cfg or DemoConfig()
     if max(cfg.ks) > cfg.cases - cfg.holdout:

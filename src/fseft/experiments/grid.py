@@ -48,11 +48,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel.orientations as nio
 import numpy as np
+from tqdm.auto import tqdm
 
-from fseft.adaptation.method_choice import AUTO, AUTO_OPTIONS, MethodEntry
+from fseft.adaptation.config import AUTO, AUTO_OPTIONS
+from fseft.adaptation.method_choice import DEFAULT_CANDIDATES, MethodEntry, parse_candidates
+from fseft.adaptation.runner import AdaptConfig, adapt
+from fseft.data.datasets import open_dataset
+from fseft.data.io import read_labels
+from fseft.data.structures import canonical_names
+from fseft.data.tasks import FewShotTask, eligible_cases
 from fseft.errors import ConfigError
-from fseft.evaluation.tables import RunRecord
+from fseft.evaluation.figures import OverlayPanel, plot_dice_vs_k, plot_overlay_sections
+from fseft.evaluation.html_report import write_report_html
+from fseft.evaluation.tables import RunRecord, auto_choices_markdown, summarize, to_csv, to_markdown
+from fseft.methods import get_method
+from fseft.models.zoo import MODEL_SPECS, describe_model, model_reference
+from fseft.runs.load import METRICS_FILE
+from fseft.utils import check_keys, read_yaml_mapping, unknown_key_error, write_json, write_text
 
 RUN_SPEC = "run.json"
 _TOP_KEYS = ("name", "model", "data", "structures", "k", "seeds", "holdout", "adapt", "methods", "overlays", "title")
@@ -80,7 +94,6 @@ class ExperimentConfig:
 
     def adapt_config(self, entry: MethodEntry, **extra: Any) -> Any:
         """The `AdaptConfig` of one method entry (experiment defaults, then the entry's)."""
-        from fseft.adaptation.runner import AdaptConfig
 
         fields = {**self.adapt, **entry.overrides, **extra, "method": entry.method, "method_options": dict(entry.options)}
         try:
@@ -102,15 +115,10 @@ def _int_list(value: Any, key: str, source: str) -> tuple[int, ...]:
 
 
 def _adapt_fields() -> list[str]:
-    from fseft.adaptation.runner import AdaptConfig
-
     return [name for name in AdaptConfig.option_names() if name not in ("method", "method_options")]
 
 
 def _parse_entry(raw: Any, i: int, source: str) -> MethodEntry:
-    from fseft.methods import get_method
-    from fseft.utils import unknown_key_error
-
     where = f"methods[{i}]"
     if isinstance(raw, str):
         raw = {"method": raw}
@@ -139,7 +147,6 @@ def _parse_entry(raw: Any, i: int, source: str) -> MethodEntry:
 def _resolve_candidates(entry: MethodEntry, rows: Sequence[MethodEntry], source: str) -> MethodEntry:
     """An ``auto`` row's candidates, each the experiment's row of that name (method, options,
     overrides) or else a candidate name (`fseft.adaptation.method_choice.parse_candidate`)."""
-    from fseft.adaptation.method_choice import DEFAULT_CANDIDATES, parse_candidates
 
     if entry.method != AUTO:
         return entry
@@ -160,9 +167,6 @@ def experiment_from_dict(data: Mapping[str, Any], source: str = "<experiment>",
                          base_dir: str | os.PathLike | None = None) -> ExperimentConfig:
     """Parse an experiment mapping strictly: unknown keys, unknown methods or method options and
     invalid `AdaptConfig` values raise `ConfigError` naming the file and the key."""
-    from fseft.data.structures import canonical_names
-    from fseft.models.zoo import MODEL_SPECS
-    from fseft.utils import check_keys, unknown_key_error
 
     top = check_keys(data, _TOP_KEYS, "the top level", source)
     for key in ("model", "data", "structures", "k", "methods"):
@@ -208,7 +212,6 @@ def experiment_from_dict(data: Mapping[str, Any], source: str = "<experiment>",
 
 def load_experiment(path: str | os.PathLike) -> ExperimentConfig:
     """Read an experiment YAML; `model` and `data` paths are relative to its folder."""
-    from fseft.utils import read_yaml_mapping
 
     path = Path(path)
     data = read_yaml_mapping(path, "experiment file", _TOP_KEYS)
@@ -253,7 +256,6 @@ def holdout_partition(dataset: Any, structures: Sequence[str], n_test: int, cach
                       ) -> tuple[list[str], list[str]]:
     """A fixed ``(train ids, test ids)`` split of the cases where every structure is labelled:
     `n_test` test cases drawn with a fixed seed, so every k and seed is scored on the same queries."""
-    from fseft.data.tasks import eligible_cases
 
     eligible = eligible_cases(dataset, structures, cache_dir=cache_dir)
     if n_test >= len(eligible):
@@ -266,7 +268,6 @@ def holdout_partition(dataset: Any, structures: Sequence[str], n_test: int, cach
 def plan_runs(exp: ExperimentConfig, class_names: Sequence[str]) -> tuple[list[PlannedRun], list[str]]:
     """Every run of the experiment (method-major, as the table reads), and notes on the
     combinations skipped (a head-only method for a structure the model does not know)."""
-    from fseft.methods import get_method
 
     runs, notes = [], []
     for entry in exp.methods:
@@ -284,7 +285,6 @@ def plan_runs(exp: ExperimentConfig, class_names: Sequence[str]) -> tuple[list[P
 def _finished_metrics(folder: Path, spec: Mapping[str, Any]) -> dict[str, Any] | None:
     """A finished run's metrics: None when the folder has no run of this `spec`, or its
     ``metrics.json`` is unreadable (then the run is done again, with a warning)."""
-    from fseft.runs.load import METRICS_FILE
 
     try:
         if json.loads((folder / RUN_SPEC).read_text()) != json.loads(json.dumps(spec)):
@@ -334,15 +334,6 @@ def run_benchmark(
     The feature cache is shared by all runs (``adapt.cache_dir``, default ``OUT/cache``). The
     tasks are validated (k against the eligible cases, the holdout) before any training.
     """
-    from tqdm.auto import tqdm
-
-    from fseft.data.datasets import open_dataset
-    from fseft.data.tasks import FewShotTask
-    from fseft.adaptation.runner import adapt
-    from fseft.runs.load import METRICS_FILE
-    from fseft.evaluation.tables import summarize
-    from fseft.models.zoo import describe_model, model_reference
-    from fseft.utils import write_json
 
     start = time.perf_counter()
     out = Path(out)
@@ -402,10 +393,6 @@ def write_results(exp: ExperimentConfig, out: Path, records: Sequence[RunRecord]
                   ) -> dict[str, Path]:
     """Tables (JSON, CSV, Markdown), records, figures and ``report.html`` of a benchmark.
     `overlay_tasks`: one `FewShotTask` of `dataset` per structure for the overlay figure."""
-    from fseft.evaluation.figures import plot_dice_vs_k
-    from fseft.evaluation.html_report import write_report_html
-    from fseft.evaluation.tables import auto_choices_markdown, summarize, to_csv, to_markdown
-    from fseft.utils import write_json, write_text
 
     files = {name: out / name for name in ("results.json", "results.csv", "results.md", "records.json")}
     order = {"methods": summary["methods"], "structures": summary["structures"], "ks": summary["ks"]}
@@ -446,7 +433,6 @@ def write_results(exp: ExperimentConfig, out: Path, records: Sequence[RunRecord]
 def _to_ras(volume: Any, array: np.ndarray | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
     """`volume`'s voxels (or `array`, in its grid) reordered to RAS axes (nibabel's canonical
     orientation), and the voxel spacing along those axes."""
-    import nibabel.orientations as nio
 
     ornt = nio.io_orientation(np.asarray(volume.affine))
     transform = nio.ornt_transform(ornt, nio.axcodes2ornt(("R", "A", "S")))
@@ -461,8 +447,6 @@ def write_overlays(exp: ExperimentConfig, out: Path, dataset: Any, tasks: Sequen
     """The qualitative figure (the paper's Fig. 3): per task (one per structure), a section
     headed by the structure: one support volume with its mask, then the first query case with
     each method's prediction, four panels a row. None when no run saved predictions."""
-    from fseft.data.io import read_labels
-    from fseft.evaluation.figures import OverlayPanel, plot_overlay_sections
 
     sections: list[tuple[str, list[OverlayPanel]]] = []
     found = 0

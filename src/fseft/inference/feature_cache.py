@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fseft.data.io import read_image
+from fseft.data.preprocessing import preprocess
 from fseft.errors import FseftError
-from fseft.utils import apply_default_permissions, reserve_disk_space
+from fseft.inference.sliding_window import InferenceConfig, sliding_window_map
+from fseft.utils import apply_default_permissions, atomic_path, default_cache_dir, reserve_disk_space
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +107,6 @@ def compute_features(model: torch.nn.Module, image: torch.Tensor, cfg: Any = Non
     `predict_probabilities` blends logits; the head being a 1x1x1 convolution,
     ``head(features)`` equals the blended logits.
     """
-    from fseft.inference.sliding_window import sliding_window_map
 
     return sliding_window_map(model, image, cfg, model.features)
 
@@ -157,7 +160,6 @@ def remove_orphaned_staging(entry: Path, max_age_s: float = 24 * 3600) -> list[P
     gone is removed; one without a pid in its name (older fseft) once it is `max_age_s` old.
     Returns the folders removed.
     """
-    import time
 
     removed = []
     for tmp in entry.parent.glob(f".{entry.name}.*.tmp"):
@@ -223,8 +225,6 @@ class FeatureCache:
         root: str | os.PathLike | None = None,
         inference: Any = None,
     ) -> None:
-        from fseft.utils import default_cache_dir
-        from fseft.inference.sliding_window import InferenceConfig
 
         self.model = model
         self.preprocess_config = preprocess
@@ -297,9 +297,6 @@ class FeatureCache:
     # -- writing
 
     def _build_entry(self, case: Any, structures: Sequence[str], material: Mapping[str, Any], entry: Path) -> None:
-        from fseft.data.io import read_image
-        from fseft.data.preprocessing import preprocess
-
         if structures:
             image, labels = case.load(structures)
         else:
@@ -318,8 +315,6 @@ class FeatureCache:
                 np.save(tmp / self._label_file(case, name), pre.label[s].as_tensor().numpy().astype(np.uint8))
 
     def _add_labels(self, case: Any, structures: Sequence[str], entry: Path, shape: tuple[int, ...]) -> None:
-        from fseft.data.preprocessing import preprocess
-
         image, labels = case.load(structures)
         pre = preprocess(image, labels, self.preprocess_config)
         if tuple(pre.label.shape[1:]) != shape:
@@ -327,7 +322,6 @@ class FeatureCache:
                 f"feature cache entry {entry} holds features of shape {shape} but {case.image} "
                 f"preprocesses to {tuple(pre.label.shape[1:])}; delete the entry and run again"
             )
-        from fseft.utils import atomic_path
 
         try:
             for s, name in enumerate(structures):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.inferers import sliding_window_inference
 from torch import nn
 
 from fseft.errors import ConfigError
@@ -210,7 +211,6 @@ def sliding_window_map(
         mode (its training flag is restored afterwards).
     Returns ``(1, C, X, Y, Z)`` float32 on the CPU, windows blended in float32.
     """
-    from monai.inferers import sliding_window_inference
 
     cfg = (cfg or InferenceConfig()).for_model(model)
     if image.ndim != 5 or image.shape[:2] != (1, 1):

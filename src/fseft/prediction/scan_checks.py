@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fseft.models.zoo import MODEL_SPECS
+from fseft.runs.format import read_run_record
+from fseft.utils import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +47,6 @@ MIN_CHECKED_ML = 1.0  # masks smaller than this are too few voxels to judge
 
 
 def _bundled_phantom() -> Path | None:
-    from importlib import resources
-
-    from fseft.models.zoo import MODEL_SPECS
-
     bundled = MODEL_SPECS[PHANTOM_ID].bundled
     path = Path(str(resources.files("fseft").joinpath(bundled))) if bundled else None
     return path if path is not None and path.is_file() else None
@@ -53,7 +54,6 @@ def _bundled_phantom() -> Path | None:
 
 def _is_bundled_phantom_file(path: str | Path | None, sha256: str | None = None) -> bool:
     """Whether a weights file (or a recorded SHA-256) is the embedded phantom model's file."""
-    from fseft.utils import file_sha256
 
     bundled = _bundled_phantom()
     if bundled is None:
@@ -79,8 +79,6 @@ def trained_on_synthetic_data(model: Any, reference: str | None = None, adapter:
     ``phantom`` (by id, or its file under another name), or a model file whose
     ``extra.training_data`` says ``"synthetic"``."""
     if adapter is not None:
-        from fseft.runs.format import read_run_record
-
         base = ((read_run_record(adapter).get("extra") or {}).get("base_model")) or {}
         return base.get("id") == PHANTOM_ID or _is_bundled_phantom_file(None, base.get("file_sha256"))
     config: Mapping[str, Any] = getattr(model, "model_config", None) or {}
@@ -100,7 +98,6 @@ def _and(names: Sequence[str]) -> str:
 def synthetic_model_warning(adapter: bool = False) -> str:
     """The once-per-run warning for a model (or an `adapter`'s base) trained on synthetic
     phantoms only."""
-    from fseft.models.zoo import MODEL_SPECS
 
     public = [m for m in MODEL_SPECS if m != PHANTOM_ID]
     ready = [m for m in public if MODEL_SPECS[m].head_pretrained]

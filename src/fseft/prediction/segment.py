@@ -17,8 +17,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import SimpleITK as sitk
+from tqdm.auto import tqdm
 
-from fseft.data.structures import UnknownStructureError, canonical_name
+from fseft.data.dicom_seg import read_source_headers, write_dicom_seg
+from fseft.data.dicom_series import dicom_series_files
+from fseft.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, SUPPORTED, read_image, write_mask
+from fseft.data.preprocessing import PreprocessConfig, preprocess, to_native
+from fseft.data.structures import UnknownStructureError, canonical_name, did_you_mean
+from fseft.errors import ConfigError, InputFileError
+from fseft.evaluation.postprocess import binarize
+from fseft.evaluation.statistics import structure_statistics
 from fseft.inference.sliding_window import (  # noqa: F401  (this module's API too)
     BLEND_MODES,
     DEFAULT_ROI_SIZE,
@@ -30,13 +39,16 @@ from fseft.inference.sliding_window import (  # noqa: F401  (this module's API t
     sliding_window_map,
     warn_if_bf16_is_emulated,
 )
-from fseft.errors import ConfigError, InputFileError
+from fseft.models.zoo import load_model
+from fseft.prediction.scan_checks import check_scan, synthetic_model_warning, trained_on_synthetic_data
+from fseft.runs.load import load_adapted_model
+from fseft.utils import write_json
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from fseft.data.volume import Volume
     from fseft.data.preprocessing import PreprocessConfig
+    from fseft.data.volume import Volume
     from fseft.models.base import SegmentationModel
 
 
@@ -56,8 +68,6 @@ def select_structures(class_names: Sequence[str], structures: Sequence[str] | st
     for s in structures:
         name = canonical_name(s)
         if name not in index:
-            from fseft.data.structures import did_you_mean
-
             raise UnknownStructureError(
                 f"the model has no class {s!r}{did_you_mean(s)}; its classes are: {', '.join(class_names)}"
             )
@@ -86,8 +96,6 @@ def segment_volume(
     (`recorded_whole_structures`).
     Returns ``(S, X, Y, Z)`` uint8 binary masks in `volume`'s geometry.
     """
-    from fseft.data.preprocessing import PreprocessConfig, preprocess, to_native
-    from fseft.evaluation.postprocess import binarize
 
     cfg = cfg or InferenceConfig()
     preprocess_cfg = preprocess_cfg or PreprocessConfig()
@@ -110,8 +118,6 @@ _NNUNET_CHANNEL_SUFFIX = "_0000"
 
 
 def _image_suffix(path: Path) -> str | None:
-    from fseft.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES
-
     name = path.name.lower()
     for suffix in (*NIFTI_SUFFIXES, *ITK_SUFFIXES):
         if name.endswith(suffix):
@@ -126,8 +132,6 @@ def _case_id(path: Path) -> str:
 
 
 def _holds_dicom_series(folder: Path) -> bool:
-    import SimpleITK as sitk
-
     try:
         return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError:
@@ -150,8 +154,6 @@ def find_scans(path: str | os.PathLike) -> list[tuple[str, Path]]:
         raise InputFileError(f"{path}: no such file or folder")
     if path.is_file():
         if _image_suffix(path) is None:
-            from fseft.data.io import SUPPORTED
-
             raise InputFileError(f"{path}: unsupported file type; expected {SUPPORTED}")
         return [(_case_id(path), path)]
     entries = _visible(path)
@@ -160,8 +162,6 @@ def find_scans(path: str | os.PathLike) -> list[tuple[str, Path]]:
         return [(path.name, path)]
     scans = [p for p in files if _image_suffix(p)] + [p for p in entries if p.is_dir() and _holds_dicom_series(p)]
     if not scans:
-        from fseft.data.io import SUPPORTED
-
         raise InputFileError(f"{path}: no readable scans in this folder; expected {SUPPORTED}, or sub-folders of DICOM series")
     cases: dict[str, Path] = {}
     for scan in scans:
@@ -219,7 +219,6 @@ def check_predict_outputs(
         if _dicom_seg_output(output):
             raise ConfigError(f"{output}: a .dcm output is a DICOM SEG: add --output-type dicom-seg, "
                               "or give an output folder or a .nii.gz file name")
-        from fseft.data.dicom_series import dicom_series_files
 
         for _, scan in scans:  # DICOM headers (series, missing slices) checked before the model loads
             if scan.is_dir():
@@ -235,7 +234,6 @@ def check_predict_outputs(
                 f"{scan}: not a DICOM series; a DICOM SEG (--output-type dicom-seg) references the DICOM series "
                 "it segments: give the series folder, or use --output-type nifti for this file"
             )
-    from fseft.data.dicom_seg import read_source_headers
 
     for _, scan in scans:  # every series, so that none fails after hours of inference
         read_source_headers(scan, series_id)
@@ -313,9 +311,6 @@ def predict_path(
         stored SOP Instance UIDs. The server is checked before any work; a failed store raises
         `StoreError` and leaves every local output in place.
     """
-    from tqdm.auto import tqdm
-
-    from fseft.data.io import read_image, write_mask
 
     if model is None and adapter is None:
         raise ConfigError("give a model (--model ID|PATH) or an adapter run folder (--adapter RUN)")
@@ -342,17 +337,12 @@ def predict_path(
     if merge and adapter is None:
         raise ConfigError("merge folds an adapter into its base model: give an adapter run folder (--adapter RUN)")
     if adapter is not None:
-        from fseft.runs.load import load_adapted_model
-
         model = load_adapted_model(adapter, cfg.device, merge=merge, base=model, weights=weights)
         preprocess_cfg = preprocess_cfg or model.preprocess
     elif isinstance(model, str):
-        from fseft.models.zoo import load_model
-
         model = load_model(reference, weights, device=cfg.device)
         preprocess_cfg = preprocess_cfg or model_preprocess(model, reference)
     _, names = select_structures(model.class_names, structures)  # fail before any work
-    from fseft.prediction.scan_checks import check_scan, synthetic_model_warning, trained_on_synthetic_data
 
     if trained_on_synthetic_data(model, reference if adapter is None else None, adapter):
         logger.warning("%s", synthetic_model_warning(adapter is not None))  # once per run
@@ -367,8 +357,6 @@ def predict_path(
         else:
             masks = merge_masks(masks)  # the label map: what the file holds, and what is measured
             if output_type == "dicom-seg":
-                from fseft.data.dicom_seg import read_source_headers, write_dicom_seg
-
                 target = output if _dicom_seg_output(output) else output / f"{case_id}.dcm"
                 headers = read_source_headers(scan, series_id)  # the series read_image read
                 written = [write_dicom_seg(masks, volume, label_map, headers, target)]
@@ -377,9 +365,6 @@ def predict_path(
                 written = [write_mask(masks, volume, target, label_map)]
         result.outputs[case_id] = written
         if statistics:
-            from fseft.evaluation.statistics import structure_statistics
-            from fseft.utils import write_json
-
             result.statistics[case_id] = structure_statistics(volume, masks, names)
             write_json(result.statistics_file, result.statistics)
     if store is not None:
@@ -394,7 +379,6 @@ def model_preprocess(model: Any, source: str | None = None) -> PreprocessConfig:
     metadata by `load_model`: a `PreprocessConfig` or its dict), else the default
     `PreprocessConfig()`. An invalid recorded config is an `InputFileError` naming `source`
     (the model file or id)."""
-    from fseft.data.preprocessing import PreprocessConfig
 
     stored = getattr(model, "preprocess", None)
     if isinstance(stored, PreprocessConfig):

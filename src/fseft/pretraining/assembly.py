@@ -410,7 +410,6 @@ def resolve_validation(assembly: AssemblyConfig, catalogue: Sequence[str]) -> As
 
 
 def build_model(assembly: AssemblyConfig, catalogue: Sequence[str]) -> torch.nn.Module:
-
     kwargs = dict(assembly.arch_kwargs)
     if assembly.train.grad_checkpointing:
         kwargs["use_checkpoint"] = True

@@ -84,7 +84,6 @@ def prepare_cache(sources: list[AssemblySource], catalogue: Sequence[str], prepr
     the cached volumes. A cache file is reused while its inputs (files, sizes, mtimes),
     structures, preprocessing config and `soft_labels` are unchanged."""
 
-
     index = {c: i for i, c in enumerate(catalogue)}
     jobs: list[tuple[Any, tuple[str, ...], Path]] = []
     volumes: list[CachedVolume] = []

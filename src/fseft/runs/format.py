@@ -35,12 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fseft.errors import ConfigError, InputFileError
 from fseft.methods.peft_methods import NORM_TYPES, apply_method, replace_head, unwrap
 from fseft.methods.registry import get_method
 from fseft.models.architectures import variant_options
+from fseft.models.checkpoint import require_finite_tensors
 from fseft.utils import atomic_path
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -90,8 +94,6 @@ def save_adapter(model: nn.Module, run_dir: str | os.PathLike, extra: dict[str, 
     if extra:
         record["extra"] = extra
     if get_method(record["method"], kind="network").uses_peft:
-        from peft import get_peft_model_state_dict
-
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in get_peft_model_state_dict(model).items()}
         config = model.peft_config["default"].to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
@@ -105,7 +107,6 @@ def write_run_files(run_dir: str | os.PathLike, tensors: dict[str, torch.Tensor]
     """The one writer of the run format: `tensors` into ``adapter_model.safetensors`` with
     `record` (made a `RUN_FORMAT` record) in its metadata, and ``adapter_config.json`` (the
     record, or `config_text`: peft's config). Atomic. Returns ``{file name: size in bytes}``."""
-    from safetensors.torch import save_file
 
     record = {"format": RUN_FORMAT, **{k: v for k, v in record.items() if k != "format"}}
     run_dir = Path(run_dir)
@@ -121,7 +122,6 @@ def read_run_record(run_dir: str | os.PathLike) -> dict[str, Any]:
 
     `InputFileError` naming the file when the folder holds no readable run.
     """
-    from safetensors import SafetensorError, safe_open
 
     run_dir = Path(run_dir)
     path = run_dir / ADAPTER_WEIGHTS
@@ -193,9 +193,6 @@ def load_adapted(base: nn.Module, run_dir: str | os.PathLike) -> nn.Module:
     equal those of the model `save_adapter` wrote. `InputFileError` when the folder does not
     match `base` (architecture, classes, tensor names or shapes).
     """
-    from safetensors.torch import load_file
-
-    from fseft.models.checkpoint import require_finite_tensors
 
     run_dir = Path(run_dir)
     record = read_run_record(run_dir)
@@ -207,8 +204,6 @@ def load_adapted(base: nn.Module, run_dir: str | os.PathLike) -> nn.Module:
     weights_path = run_dir / ADAPTER_WEIGHTS
     require_finite_tensors(tensors, weights_path)
     if spec.uses_peft:
-        from peft import set_peft_model_state_dict
-
         try:
             result = set_peft_model_state_dict(model, tensors)
         except RuntimeError as exc:

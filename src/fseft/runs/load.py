@@ -29,11 +29,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
+from fseft.data.preprocessing import PreprocessConfig
 from fseft.errors import ConfigError, InputFileError
+from fseft.inference.feature_cache import compute_features, model_fingerprint
+from fseft.inference.sliding_window import InferenceConfig
+from fseft.methods.features import adapter_on, predict_cached
+from fseft.methods.registry import available_methods, get_method
+from fseft.models.checkpoint import require_finite_tensors
+from fseft.models.zoo import (
+    MODEL_SPECS,
+    WEIGHTS_DIR_ENV,
+    describe_model,
+    find_weights,
+    load_model,
+    model_reference,
+    weight_candidates,
+)
+from fseft.runs import format as run_format
 from fseft.runs.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_run_record
-from fseft.methods.registry import get_method
 
 METRICS_FILE = "metrics.json"
 #: what a run writes into its folder (an earlier run's are replaced, see `fseft.adaptation.runner`)
@@ -87,9 +104,6 @@ class AdaptedModel(nn.Module):
         """Probabilities ``(1, S, X, Y, Z)`` (CPU float32) of a preprocessed volume
         ``(1, 1, X, Y, Z)`` as `adapt` computes them: sliding-window base features
         (`InferenceConfig` `cfg`), then the adapter over the whole volume, slab by slab."""
-        from fseft.inference.feature_cache import compute_features
-        from fseft.inference.sliding_window import InferenceConfig
-        from fseft.methods.features import predict_cached
 
         cfg = cfg or InferenceConfig()
         features = compute_features(self.base, image, cfg)[0]
@@ -135,8 +149,6 @@ def load_base(
         base = (copy.deepcopy(model) if fresh else model).to(device)
         ref: dict[str, Any] = {"id": None, "path": None, "file_sha256": None}
     else:
-        from fseft.models.zoo import describe_model, load_model, model_reference
-
         text = str(model)
         overrides = {}
         if grad_checkpointing:
@@ -174,8 +186,6 @@ def load_recorded_base(
     Whichever it is, weights other than the recorded fingerprint are an `InputFileError` naming
     the model and the run.
     """
-    from fseft.inference.feature_cache import model_fingerprint
-    from fseft.models.zoo import MODEL_SPECS, WEIGHTS_DIR_ENV, find_weights, load_model, weight_candidates
 
     try:
         model_id, model_path, fingerprint = base_info["id"], base_info["path"], base_info["fingerprint"]
@@ -268,8 +278,6 @@ def load_adapted_model(
 
 def _load_network_run(run_dir: Path, record: dict[str, Any], device: str | torch.device, merge: bool,
                       base_model: Any = None, weights: Any = None) -> AdaptedNetwork:
-    from fseft.data.preprocessing import PreprocessConfig
-    from fseft.runs import format as run_format
 
     base = load_recorded_base(record["extra"]["base_model"], run_dir / ADAPTER_WEIGHTS, run_dir, device,
                               base_model, weights)
@@ -282,13 +290,6 @@ def _load_network_run(run_dir: Path, record: dict[str, Any], device: str | torch
 
 def _load_features_run(run_dir: Path, record: dict[str, Any], device: str | torch.device, merge: bool,
                        base_model: Any = None, weights: Any = None) -> AdaptedModel:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from fseft.data.preprocessing import PreprocessConfig
-    from fseft.methods.features import adapter_on
-    from fseft.methods.registry import available_methods
-    from fseft.models.checkpoint import require_finite_tensors
 
     if merge:
         mergeable = [name for name in available_methods() if get_method(name).merge is not None]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fseft.errors import ConfigError, FseftError, InputFileError
 
@@ -139,7 +140,6 @@ def wrap_model(model: nn.Module, ctx: DistributedContext) -> nn.Module:
     model = model.to(ctx.device)
     if not ctx.is_distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
@@ -147,7 +147,6 @@ def wrap_model(model: nn.Module, ctx: DistributedContext) -> nn.Module:
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (or `model` itself)."""
-    from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
 

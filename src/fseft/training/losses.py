@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 
 from fseft.errors import ConfigError, TrainingDivergedError
+from fseft.models.checkpoint import non_finite_tensors
 
 # Per-sample, per-class soft Dice (batch=False): a volume's Dice never mixes with another's.
 # Smoothing in numerator and denominator keeps the Dice of an empty target finite (its
@@ -86,7 +87,6 @@ def check_finite_loss(loss: torch.Tensor, step: int, lr: float, what: str = "tra
 def check_finite_parameters(module: torch.nn.Module, what: str = "training") -> None:
     """Raise `TrainingDivergedError` when a trained module holds non-finite weights (checked
     before anything is saved)."""
-    from fseft.models.checkpoint import non_finite_tensors
 
     bad = non_finite_tensors(module.state_dict())
     if bad:

@@ -17,8 +17,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.transforms import (
+    Compose,
+    CopyItemsd,
+    DeleteItemsd,
+    FgBgToIndicesd,
+    Lambdad,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialCrop,
+    SpatialPadd,
+)
+from monai.transforms.utils import generate_pos_neg_label_crop_centers, map_binary_to_indices
+from scipy.optimize import linprog
 
 from fseft.errors import ConfigError
+from fseft.training.class_crop import ClassBalancedCropd
 
 
 def plain_tensor(x: Any) -> torch.Tensor:
@@ -58,19 +75,6 @@ def patch_transforms(
     left kidney where the right one was without swapping their labels.
     Output patches: image ``(1, *patch_size)``, label ``(C, *patch_size)``.
     """
-    from monai.transforms import (
-        Compose,
-        CopyItemsd,
-        DeleteItemsd,
-        FgBgToIndicesd,
-        Lambdad,
-        RandCropByPosNegLabeld,
-        RandFlipd,
-        RandRotate90d,
-        RandScaleIntensityd,
-        RandShiftIntensityd,
-        SpatialPadd,
-    )
 
     patch = tuple(int(s) for s in patch_size)
     if len(patch) != 3 or min(patch) < 1:
@@ -96,8 +100,6 @@ def patch_transforms(
                                    bg_indices_key=f"{union}_bg_indices"),
         ]
     else:
-        from fseft.training.class_crop import ClassBalancedCropd
-
         classes = f"{label_key}_classes"
         steps += [
             # channel 0 = background, then one channel per structure: MONAI drops the ratio of a
@@ -154,7 +156,6 @@ def class_balanced_group_weights(annotates: np.ndarray, sizes: Sequence[int] | N
     dataset), or evenly without `sizes`; the programme alone may give one of them all of it.
     Returns ``(G,)`` probabilities; ties are broken towards uniform.
     """
-    from scipy.optimize import linprog
 
     a = np.asarray(annotates, dtype=np.float64)
     groups, classes = a.shape
@@ -260,8 +261,6 @@ class FeatureVolume:
 
 
 def feature_volume(features: np.ndarray, labels: np.ndarray) -> FeatureVolume:
-    from monai.transforms.utils import map_binary_to_indices
-
     fg, bg = map_binary_to_indices(labels.any(axis=0)[None])
     return FeatureVolume(features, np.ascontiguousarray(labels), np.asarray(fg), np.asarray(bg))
 
@@ -283,8 +282,6 @@ def sample_patch_slices(
     (`patch_transforms` crops in-memory arrays, which would read the whole feature volume for
     every draw). A patch is smaller than `patch_size` along an axis where the volume is.
     """
-    from monai.transforms import SpatialCrop
-    from monai.transforms.utils import generate_pos_neg_label_crop_centers
 
     size = [min(int(p), int(s)) for p, s in zip(patch_size, label_shape)]
     centers = generate_pos_neg_label_crop_centers(
