@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from fseft.data.dicom_seg import read_source_headers, write_dicom_seg
 from fseft.data.dicom_series import dicom_series_files
+from fseft.data.dicomweb import check_server, is_dicomweb_url, retrieved_series, store_results
 from fseft.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, SUPPORTED, read_image, write_mask
 from fseft.data.preprocessing import PreprocessConfig, preprocess, to_native
 from fseft.data.structures import UnknownStructureError, canonical_name, did_you_mean
@@ -314,11 +315,7 @@ def predict_path(
 
     if model is None and adapter is None:
         raise ConfigError("give a model (--model ID|PATH) or an adapter run folder (--adapter RUN)")
-    from fseft.data.dicomweb import is_dicomweb_url
-
     if store is not None or is_dicomweb_url(str(input_path)):  # a PACS: checked before the model loads
-        from fseft.data.dicomweb import check_server, retrieved_series
-
         if store is not None:
             if output_type != "dicom-seg":
                 raise ConfigError("--store sends DICOM SEG objects to a PACS: add --output-type dicom-seg")
@@ -368,8 +365,6 @@ def predict_path(
             result.statistics[case_id] = structure_statistics(volume, masks, names)
             write_json(result.statistics_file, result.statistics)
     if store is not None:
-        from fseft.data.dicomweb import store_results
-
         result.stored = store_results(store, result.outputs, result.statistics if statistics else None)
     return result
 
