@@ -101,3 +101,14 @@ def test_inference_does_not_import_the_adaptation_engine():
     code = "import sys, fseft.prediction.segment; print(sorted(m for m in sys.modules if m.startswith('fseft.adaptation.runner')))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "[]"
+
+
+def test_import_fseft_and_the_cli_help_import_no_torch():
+    # the command line answers --help in a fraction of a second; every command's own imports
+    # (torch, MONAI) happen when it runs
+    code = ("import sys, fseft\nassert 'torch' not in sys.modules, 'import fseft'\n"
+            "from fseft.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

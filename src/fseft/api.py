@@ -38,9 +38,9 @@ import nibabel as nib
 import numpy as np
 
 import fseft.methods
+from fseft.adaptation import AdaptConfig
+from fseft.adaptation import adapt as run_adapt
 from fseft.adaptation.config import AUTO
-from fseft.adaptation.runner import AdaptConfig
-from fseft.adaptation.runner import adapt as run_adapt
 from fseft.data.io import label_image, read_image, volume_from_array
 from fseft.data.structures import UnknownStructureError, canonical_name
 from fseft.data.volume import Volume
@@ -368,7 +368,7 @@ def adapt(
     out: where to write the run folder (`fseft adapt --out`: the same files); None writes no run
         folder (the run is made in a temporary folder, loaded, and removed, so that the model
         returned is exactly the one a run folder would hold). overwrite: replace a run in `out`.
-    **options: `fseft.adaptation.runner.AdaptConfig`'s fields, typed there: ``epochs``, ``max_steps``,
+    **options: `fseft.adaptation.AdaptConfig`'s fields, typed there: ``epochs``, ``max_steps``,
         ``lr``, ``batch_size``, ``patch_size``, ``patches_per_volume``, ``transductive``, ``ti``
         (a `fseft.methods.TransductiveConfig`), ``objective``, ``loss``, ``n_query``, ``cache_dir``,
         ``device``, ``bf16``, ``roi_size``, ``progress``, ... (None or absent: the method's protocol).

@@ -14,7 +14,7 @@ from tiny_cases import IntensityFeatures, tiny_model, write_tiny_dataset
 from fseft.cli import main
 from fseft.data.datasets import open_dataset
 from fseft.data.structures import UnknownStructureError
-from fseft.adaptation.runner import AdaptConfig, adapt
+from fseft.adaptation import AdaptConfig, adapt
 from fseft.runs.load import load_adapted_model
 from fseft.training.sampling import sample_patch_slices
 from fseft.errors import ConfigError

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_cases import tiny_model
 
-from fseft.adaptation.runner import AdaptConfig
+from fseft.adaptation import AdaptConfig
 from fseft.adaptation.network_runner import train_network
 from fseft.adaptation.encoder_cache import EncoderCache, split_point_for
 from fseft.methods.peft_methods import apply_method, method_train_mode

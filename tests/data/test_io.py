@@ -20,8 +20,8 @@ from fseft.data.io import (
     write_image,
     write_mask,
 )
-from fseft.data.volume import Volume, check_same_geometry
 from fseft.data.structures import UnknownStructureError
+from fseft.data.volume import Volume, check_same_geometry
 from fseft.errors import InputFileError
 
 OBLIQUE = np.array(  # a proper rotation (about z by 30 degrees, then x by 10): tests non-axis-aligned frames

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fseft.data.io import read_image, read_multilabel, write_mask
-from fseft.data.volume import Volume
 from fseft.data.preprocessing import PreprocessConfig, PreprocessedCase, preprocess, to_native
+from fseft.data.volume import Volume
 from fseft.errors import ConfigError, InputFileError
 
 # LAS, anisotropic, off-origin: exercises orientation, spacing and translation together.

@@ -68,7 +68,7 @@ def test_zero_shot_floors_on_real_abdomens(realct: Path, tmp_path: Path, cache: 
     (its liver is at the top of the volume); vertebrae 0.249 / 0.401 on s0009 / example_ct_sm.
     Scored as `generalization` runs (the model's own head on the queries, what `fseft predict`
     + `fseft evaluate` give), whose feature cache the 1-shot runs below reuse."""
-    from fseft.adaptation.runner import AdaptConfig, adapt
+    from fseft.adaptation import AdaptConfig, adapt
 
     cfg = AdaptConfig(method="generalization", cache_dir=str(cache), progress=False)
     liver = adapt("phantom", realct, "liver", 1, 0, tmp_path / "liver", cfg,
@@ -85,7 +85,7 @@ def test_one_shot_liver_across_patients(realct: Path, tmp_path: Path, cache: Pat
     """docs/real_ct.md, few-shot table: support on one patient, query the others (partition
     fixed, so the direction is the test's, not a seed's). lp from example_ct_sm: 0.80 on the
     DICOM patient, 0.54 on s0009; lp from the DICOM patient: 0.76 on example_ct_sm."""
-    from fseft.adaptation.runner import AdaptConfig, adapt
+    from fseft.adaptation import AdaptConfig, adapt
 
     cfg = AdaptConfig(method="lp", cache_dir=str(cache), progress=False)
     forward = adapt("phantom", realct, "liver", 1, 0, tmp_path / "lp_sm", cfg,

@@ -12,11 +12,11 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from numpy.typing import ArrayLike
 
 from fseft.data.dicom_series import dicom_series_files
 from fseft.data.structures import UnknownStructureError, canonical_name, canonical_names, structure_color
@@ -125,7 +125,7 @@ def _read_array(path: str | os.PathLike, series_id: str | None = None) -> tuple[
     return array, affine, path
 
 
-def _check_3d(array: np.ndarray, affine: np.ndarray, source: Any) -> tuple[np.ndarray, np.ndarray]:
+def _check_3d(array: np.ndarray, affine: np.ndarray, source: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """One 3D volume (a trailing axis of one volume dropped) and a usable affine, else an
     `InputFileError` naming `source`."""
     if array.ndim == 4 and array.shape[3] == 1:
@@ -153,7 +153,7 @@ def read_image(path: str | os.PathLike, *, series_id: str | None = None) -> Volu
     return _scan_volume(array, affine, path)
 
 
-def volume_from_array(array: Any, affine: Any, source: str = "the array") -> Volume:
+def volume_from_array(array: ArrayLike, affine: ArrayLike, source: str = "the array") -> Volume:
     """A scan held in memory as a `Volume`, checked as `read_image` checks a file.
 
     array: ``(X, Y, Z)`` (or ``(X, Y, Z, 1)``) real numbers, HU; affine: ``(4, 4)`` voxel index ->
@@ -171,7 +171,7 @@ def volume_from_array(array: Any, affine: Any, source: str = "the array") -> Vol
     return _scan_volume(array, affine, source)
 
 
-def _scan_volume(array: np.ndarray, affine: np.ndarray, source: Any) -> Volume:
+def _scan_volume(array: np.ndarray, affine: np.ndarray, source: str | os.PathLike[str]) -> Volume:
     """`read_image`'s checks of a 3D array: real numbers, finite, HU-like (else a warning)."""
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
         raise InputFileError(f"{source}: voxel type {array.dtype} is not a real number type")

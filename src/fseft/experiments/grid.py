@@ -52,9 +52,9 @@ import nibabel.orientations as nio
 import numpy as np
 from tqdm.auto import tqdm
 
+from fseft.adaptation import AdaptConfig, adapt
 from fseft.adaptation.config import AUTO, AUTO_OPTIONS
 from fseft.adaptation.method_choice import DEFAULT_CANDIDATES, MethodEntry, parse_candidates
-from fseft.adaptation.runner import AdaptConfig, adapt
 from fseft.data.datasets import open_dataset
 from fseft.data.io import read_labels
 from fseft.data.structures import canonical_names

@@ -47,6 +47,7 @@ from torch import nn
 from fseft.errors import ConfigError
 from fseft.methods.head import head_rows, init_head
 from fseft.methods.registry import MethodConfig, get_method, register_method, spec_of_config
+from fseft.models.architectures import ARCHITECTURES, create_model
 from fseft.models.base import ModelParts
 
 DECODER_MODES = ("frozen", "fine-tuned", "new")
@@ -68,8 +69,6 @@ def model_parts(model: nn.Module) -> ModelParts:
     """The encoder / decoder split `model`'s architecture declares (``SegmentationModel.parts``)."""
     parts = getattr(unwrap(model), "parts", None)
     if parts is None:
-        from fseft.models.architectures import ARCHITECTURES
-
         known = ", ".join(name for name, cls in ARCHITECTURES.items() if cls.parts is not None)
         raise ConfigError(f"encoder fine-tuning methods know the architectures {known}, not "
                           f"{getattr(unwrap(model), 'arch', '')!r} (it declares no encoder / decoder parts)")
@@ -305,7 +304,7 @@ def empty_weights() -> Iterator[None]:
     """Build modules with parameters on the meta device (no memory, no initialisation).
     `accelerate` (a dependency of peft) does it by patching `register_parameter`; MONAI's
     SwinUNETR cannot be built under ``torch.device("meta")`` (it calls ``.item()``)."""
-    from accelerate import init_empty_weights
+    from accelerate import init_empty_weights  # ~0.7 s to import; only parameter counting (--dry-run) needs it
 
     with init_empty_weights(include_buffers=False):
         yield
@@ -329,8 +328,6 @@ def count_method_parameters(
     scalars of the decoder (and skip blocks), "total_model": all scalars of the adapted
     network}``.
     """
-    from fseft.models.architectures import create_model
-
     class_names = tuple(class_names) if class_names is not None else tuple(structures)
     with empty_weights():
         base = create_model(arch, class_names, **(arch_kwargs or {}))

@@ -51,7 +51,7 @@ NOT_TRAINED = TrainResult(0, [], [], 0.0, False)
 
 @dataclass
 class FitSettings:
-    """What `fit` reads of a run's settings (`fseft.adaptation.runner.AdaptConfig.resolved`)."""
+    """What `fit` reads of a run's settings (`fseft.adaptation.AdaptConfig.resolved`)."""
 
     epochs: int
     max_steps: int | None
