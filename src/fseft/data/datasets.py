@@ -28,6 +28,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from fseft.data.dicom_dataset import DICOM_LAYOUT, is_dicom_dataset, read_dicom_dataset
 from fseft.data.io import read_binary_masks, read_image, read_multilabel
 from fseft.data.structures import FLARE22_LABELS, canonical_name, canonical_names
 from fseft.data.volume import Volume, align_to_grid
@@ -362,8 +363,6 @@ _READERS = {"nnunet": _read_nnunet, "totalseg": _read_totalseg, "flare22": _read
 def _read_dicom(path: str | os.PathLike) -> Dataset:
     """A DICOM dataset (CT series + DICOM SEG, a folder or a DICOMweb URL list) as cases with
     one converted mask file per structure (`fseft.data.dicom_dataset`)."""
-    from fseft.data.dicom_dataset import DICOM_LAYOUT, read_dicom_dataset
-
     listing = read_dicom_dataset(path)
     cases = [Case(c.case_id, c.image, label_files=c.label_files) for c in listing.cases]
     return Dataset(listing.name, DICOM_LAYOUT, listing.root, cases, listing.original_names)
@@ -378,8 +377,6 @@ def open_dataset(path: str | os.PathLike, layout: str = "auto") -> Dataset:
     Raises `InputFileError` for a missing folder, a folder matching no layout, an image without
     its label (or the reverse) and a malformed dataset.json; `ConfigError` for an unknown layout.
     """
-    from fseft.data.dicom_dataset import DICOM_LAYOUT, is_dicom_dataset
-
     if layout not in ("auto", *LAYOUTS, DICOM_LAYOUT):
         raise ConfigError(f"unknown dataset layout {layout!r}; choose auto, {', '.join(LAYOUTS)}, {DICOM_LAYOUT}")
     if layout == DICOM_LAYOUT or (layout == "auto" and is_dicom_dataset(path)):

@@ -33,13 +33,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fseft.data.structures import canonical_name, did_you_mean
+from fseft.data.dicom_seg import SEGMENT_CODES, read_source_headers, require_highdicom, slice_voxel_indices
+from fseft.data.dicomweb import (
+    find_ct_series,
+    is_dicomweb_url,
+    make_client,
+    parse_study_url,
+    retrieve_series,
+    study_series,
+)
+from fseft.data.io import read_image, write_mask
+from fseft.data.structures import canonical_name, did_you_mean, is_known
+from fseft.data.volume import Volume
 from fseft.errors import InputFileError
 
 if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
-
-    from fseft.data.volume import Volume
+    from pydicom.dataset import Dataset  # optional extra (dicom-seg)
 
 DICOM_LAYOUT = "dicom"
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -111,8 +120,6 @@ def read_url_list(path: str | os.PathLike) -> list[str]:
 def is_dicom_dataset(path: str | os.PathLike) -> bool:
     """Whether `path` is a DICOM dataset: a text file whose first entry is an http(s) URL, or a
     folder (without a dataset.json) whose files include DICOM files (a look at the first few)."""
-    from fseft.data.dicomweb import is_dicomweb_url
-
     path = Path(path).expanduser()
     if path.is_file():
         if path.stat().st_size > 1_000_000 or _is_dicom_file(path):
@@ -146,8 +153,6 @@ def _first(ds: Any, keyword: str) -> Any:
 
 def _catalogue_by_code() -> dict[tuple[str | None, str | None], list[tuple[str, str | None]]]:
     """(type code, modifier code) -> [(structure, region code or None)] of `SEGMENT_CODES`."""
-    from fseft.data.dicom_seg import SEGMENT_CODES
-
     table: dict[tuple[str | None, str | None], list[tuple[str, str | None]]] = {}
     for name, codes in SEGMENT_CODES.items():
         coded = codes.resolve()
@@ -185,8 +190,6 @@ def segment_structure(segment: Dataset, where: str) -> str:
         raise InputFileError(f"{where}: segment {number} has no label and its code is not in fseft's catalogue; "
                              "label it with a structure name (e.g. liver)")
     hint = did_you_mean(label)
-    from fseft.data.structures import is_known
-
     if not is_known(by_label) and hint:
         raise InputFileError(f"{where}: segment {number} label {label!r} is not a known structure{hint}; "
                              "rename the segment or give it the structure's SNOMED CT code")
@@ -223,8 +226,6 @@ def seg_masks(seg: Dataset, where: str, headers: Sequence[Dataset], volume: Volu
     Raises `InputFileError` naming `where` when the SEG does not reference the CT's series or
     its frames do not lie on the CT's slices.
     """
-    from fseft.data.dicom_seg import slice_voxel_indices
-
     ct_series = str(headers[0].SeriesInstanceUID)
     referenced = [str(s.SeriesInstanceUID) for s in getattr(seg, "ReferencedSeriesSequence", []) or []]
     if referenced and ct_series not in referenced:
@@ -296,7 +297,7 @@ def seg_masks(seg: Dataset, where: str, headers: Sequence[Dataset], volume: Volu
 
 
 def _headers(files: Sequence[Path]) -> list[tuple[Path, Dataset]]:
-    import pydicom
+    import pydicom  # optional extra: dicom-seg
 
     out = []
     for path in files:
@@ -333,12 +334,8 @@ def _where(source: str, folder: Path, path: Path, ds: Dataset) -> str:
 def _study_case(study_id: str, folder: Path, source: str, out: Path) -> list[DicomCase]:
     """The cases of one study folder (`source`: its folder or URL, for messages): its CT series
     (each linked alone into ``out/<series>``) with the masks of the SEGs referencing them."""
-    import pydicom
-
-    from fseft.data.dicom_seg import read_source_headers, require_highdicom
-    from fseft.data.io import read_image, write_mask
-
     require_highdicom()  # pydicom comes with it
+    import pydicom  # optional extra: dicom-seg
     found = _headers(sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")))
     ct: dict[str, list[Path]] = {}
     segs: list[tuple[Path, Dataset]] = []
@@ -400,8 +397,6 @@ def _read_folder(root: Path) -> list[DicomCase]:
 
 def _read_urls(path: Path) -> list[DicomCase]:
     """Retrieve every study of a URL list (its CT series and its SEG series) and read it."""
-    from fseft.data.dicomweb import find_ct_series, make_client, parse_study_url, retrieve_series, study_series
-
     urls = read_url_list(path)
     if not urls:
         raise InputFileError(f"{path}: no DICOMweb study URLs in this file")

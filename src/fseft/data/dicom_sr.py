@@ -16,18 +16,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fseft import __version__
+from fseft.data.dicom_seg import require_highdicom
 from fseft.errors import InputFileError
+from fseft.utils import atomic_path
 
 if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
+    from pydicom.dataset import Dataset  # optional extra (dicom-seg)
 
 REPORT_SERIES_NUMBER = 901
 REPORT_SERIES_DESCRIPTION = "fseft structure volumes"
 
 
 def _units() -> dict[str, Any]:
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
+    import highdicom as hd  # optional extra: dicom-seg
+    from pydicom.sr.codedict import codes  # optional extra: dicom-seg (pydicom comes with highdicom)
 
     return {
         "ml": hd.sr.CodedConcept("ml", "UCUM", "milliliter"),
@@ -45,12 +48,8 @@ def measurement_report(seg: Dataset, statistics: Mapping[str, Mapping[str, Any]]
     a structure without a segment is an `InputFileError`. The report is a new series in the SEG's
     study, with the SEG as evidence.
     """
-    from fseft.data.dicom_seg import require_highdicom
-
     hd = require_highdicom()
-    from pydicom.sr.codedict import codes
-
-    from fseft import __version__
+    from pydicom.sr.codedict import codes  # optional extra: dicom-seg
 
     units = _units()
     segments = {str(s.SegmentLabel): s for s in seg.SegmentSequence}
@@ -105,9 +104,7 @@ def measurement_report(seg: Dataset, statistics: Mapping[str, Mapping[str, Any]]
 def write_measurement_report(seg_path: str | os.PathLike, statistics: Mapping[str, Mapping[str, Any]],
                              path: str | os.PathLike) -> Path:
     """`measurement_report` of the SEG file `seg_path`, written to `path` atomically."""
-    import pydicom
-
-    from fseft.utils import atomic_path
+    import pydicom  # optional extra: dicom-seg
 
     report = measurement_report(pydicom.dcmread(str(seg_path)), statistics)
     path = Path(path)
@@ -119,8 +116,8 @@ def write_measurement_report(seg_path: str | os.PathLike, statistics: Mapping[st
 def read_measurement_report(report: Dataset) -> dict[str, dict[str, Any]]:
     """The measurements of a TID 1500 report, per tracked structure: ``{name: {"volume_ml",
     "hu_mean" (absent for an empty structure), "segment_number", "seg_uid"}}``."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
+    import highdicom as hd  # optional extra: dicom-seg
+    from pydicom.sr.codedict import codes  # optional extra: dicom-seg
 
     units = _units()
     content = hd.sr.Comprehensive3DSR.from_dataset(report).content

@@ -16,6 +16,7 @@ to do: unreachable server, 401 / 403, a missing study or series, a series that i
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -27,10 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from fseft.data.dicom_sr import write_measurement_report
 from fseft.errors import ConfigError, InputFileError
 
 if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
+    from pydicom.dataset import Dataset  # optional extra (dicomweb / dicom-seg)
 
 DICOMWEB_EXTRA = "dicomweb"
 TOKEN_ENV = "FSEFT_DICOMWEB_TOKEN"
@@ -112,7 +114,7 @@ def service_root(url: str) -> str:
 def require_dicomweb_client() -> Any:
     """The `dicomweb_client` module, or a `ConfigError` naming the extra that installs it."""
     try:
-        import dicomweb_client
+        import dicomweb_client  # optional extra: dicomweb
     except ImportError as exc:
         raise ConfigError(f'reading from or storing to a PACS needs dicomweb-client: pip install "fseft[{DICOMWEB_EXTRA}]" '
                           "(or pip install dicomweb-client)") from exc
@@ -122,8 +124,6 @@ def require_dicomweb_client() -> Any:
 def auth_headers() -> dict[str, str]:
     """The ``Authorization`` header from the environment: bearer `TOKEN_ENV`, else basic
     `USER_ENV` / `PASSWORD_ENV`, else none. One of the pair without the other is a `ConfigError`."""
-    import base64
-
     token = os.environ.get(TOKEN_ENV, "").strip()
     if token:
         return {"Authorization": f"Bearer {token}"}
@@ -142,8 +142,8 @@ def make_client(root: str) -> Any:
     credentials (`auth_headers`), TLS verification on (against `CA_BUNDLE_ENV` if set) and
     `TIMEOUT_S`."""
     require_dicomweb_client()
-    import requests
-    from dicomweb_client.api import DICOMwebClient
+    import requests  # comes with the dicomweb extra (dicomweb-client)
+    from dicomweb_client.api import DICOMwebClient  # optional extra: dicomweb
 
     root = _check_root(root)
     session = requests.Session()
@@ -164,7 +164,7 @@ def make_client(root: str) -> Any:
 
 def _server_error(exc: Exception, url: str, what: str) -> InputFileError:
     """The `InputFileError` (exit 2) of a failed request to `url` while doing `what`."""
-    import requests
+    import requests  # comes with the dicomweb extra
 
     if isinstance(exc, requests.exceptions.SSLError):
         return InputFileError(f"{url}: TLS certificate verification failed while {what} ({exc.__class__.__name__}); "
@@ -191,7 +191,7 @@ def _server_error(exc: Exception, url: str, what: str) -> InputFileError:
 @contextlib.contextmanager
 def _requests(url: str, what: str) -> Iterator[None]:
     """Turn the `requests` errors of the block into `InputFileError`s naming `url`."""
-    import requests
+    import requests  # comes with the dicomweb extra
 
     try:
         yield
@@ -201,7 +201,7 @@ def _requests(url: str, what: str) -> Iterator[None]:
 
 def _attribute(item: dict[str, Any], keyword: str) -> Any:
     """The first value of a QIDO-RS JSON attribute (by keyword), or None."""
-    from pydicom.datadict import tag_for_keyword
+    from pydicom.datadict import tag_for_keyword  # optional extra: dicomweb (pydicom comes with it)
 
     value = item.get(f"{tag_for_keyword(keyword):08X}", {}).get("Value")
     return value[0] if value else None
@@ -349,7 +349,7 @@ def store_instances(url: str, datasets: Sequence[Dataset]) -> list[str]:
 
 def store_files(url: str, files: Sequence[str | os.PathLike]) -> list[str]:
     """`store_instances` of DICOM files (a written SEG, a report): their stored SOP Instance UIDs."""
-    import pydicom
+    import pydicom  # optional extra: dicomweb
 
     return store_instances(url, [pydicom.dcmread(str(f)) for f in files])
 
@@ -369,9 +369,7 @@ def store_results(url: str, outputs: dict[str, list[Path]],
 
     A refused or failed store raises `StoreError` saying what was stored before it and that the
     local files remain (nothing local is removed)."""
-    import pydicom
-
-    from fseft.data.dicom_sr import write_measurement_report
+    import pydicom  # optional extra: dicomweb
 
     stored: dict[Path, str] = {}
     for case_id, files in outputs.items():
