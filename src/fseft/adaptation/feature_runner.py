@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fseft.adaptation.config import AdaptConfig
 from fseft.adaptation.query_scoring import cached_probabilities, evaluate_queries, run_metrics
 from fseft.errors import ConfigError
 from fseft.inference.feature_cache import FeatureCache
@@ -33,7 +34,7 @@ from fseft.utils import write_json
 def train_adapter(
     adapter: nn.Module,
     support: Sequence[tuple[np.ndarray, np.ndarray]],
-    cfg: Any,
+    cfg: AdaptConfig,
     seed: int = 0,
     queries: Sequence[np.ndarray] = (),
 ) -> TrainResult:
@@ -81,7 +82,7 @@ def train_adapter(
 
 
 def run_features(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task: Any, names: tuple[str, ...],
-                 cfg: Any, out: Path) -> dict[str, Any]:
+                 cfg: AdaptConfig, out: Path) -> dict[str, Any]:
     """`adapt` for a ``"features"`` method: the base stays frozen, the adapter trains on its
     cached features. Writes the run folder and returns its metrics."""
 

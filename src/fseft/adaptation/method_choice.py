@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from fseft.adaptation.config import AUTO, AUTO_OPTIONS
+from fseft.adaptation.config import AUTO, AUTO_OPTIONS, AdaptConfig
 from fseft.data.datasets import check_cases, open_dataset
 from fseft.data.tasks import FewShotTask
 from fseft.errors import ConfigError
@@ -139,7 +139,7 @@ def share_budget(caps: Sequence[float], budget: int) -> list[int]:
     return shares
 
 
-def _protocol_steps(cfg: Any, k: int) -> float:
+def _protocol_steps(cfg: AdaptConfig, k: int) -> float:
     """Optimiser steps a candidate's run would take at `k` support volumes (its epochs, batch
     size and `max_steps`: `fseft.training.fit.FitSettings.schedule`)."""
     iters, epochs = cfg.fit_settings().schedule(k)
@@ -171,7 +171,7 @@ def adapt_auto(
     k: int,
     seed: int,
     out: Path,
-    cfg: Any,
+    cfg: AdaptConfig,
     partition: tuple[Sequence[str], Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """`fseft.adaptation.runner.adapt` with ``cfg.method == "auto"``, once it has checked the

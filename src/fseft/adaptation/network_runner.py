@@ -17,10 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from fseft.adaptation.config import AdaptConfig
 from fseft.adaptation.encoder_cache import EncoderCache, PatchPool, split_point_for
 from fseft.adaptation.feature_runner import train_adapter
 from fseft.adaptation.query_scoring import evaluate_queries, network_probabilities, run_metrics
-from fseft.data.preprocessing import preprocess
+from fseft.data.datasets import Dataset
+from fseft.data.preprocessing import PreprocessConfig, preprocess
+from fseft.data.tasks import FewShotTask
 from fseft.errors import ConfigError
 from fseft.inference.feature_cache import FeatureCache, model_fingerprint
 from fseft.methods import adapter_on, foreground_fractions, get_method, init_head_prior
@@ -92,8 +95,8 @@ def train_network(
                after_step=lambda optimizer: post_step(model, optimizer))
 
 
-def probe_head(base: nn.Module, preprocess_cfg: Any, dataset: Any, task: Any, names: tuple[str, ...],
-               cfg: Any) -> nn.Module:
+def probe_head(base: nn.Module, preprocess_cfg: PreprocessConfig, dataset: Dataset, task: FewShotTask,
+               names: tuple[str, ...], cfg: AdaptConfig) -> nn.Module:
     """A linear probe (the ``lp`` method with its protocol) fitted on the frozen base's cached
     features of the support: the head a network method starts from with `cfg.head_warmup`.
 

@@ -16,16 +16,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fseft.adaptation.config import AdaptConfig
 from fseft.data.io import write_mask
-from fseft.data.preprocessing import preprocess, to_native
+from fseft.data.preprocessing import PreprocessConfig, preprocess, to_native
+from fseft.data.tasks import FewShotTask
 from fseft.evaluation.metrics import evaluate_masks
 from fseft.evaluation.postprocess import binarize, keep_largest_components
-from fseft.inference.feature_cache import CacheError
+from fseft.inference.feature_cache import CacheError, FeatureCache
 from fseft.methods.features import predict_cached
 from fseft.prediction.segment import merge_masks, predict_probabilities
 
 
-def _masks(probs_native: np.ndarray, cfg: Any, multiclass: bool, structures: Sequence[str]) -> np.ndarray:
+def _masks(probs_native: np.ndarray, cfg: AdaptConfig, multiclass: bool, structures: Sequence[str]) -> np.ndarray:
     """Binary masks ``(S, X, Y, Z)`` uint8 from native-space probabilities of `structures`."""
 
     if not multiclass:
@@ -54,7 +56,7 @@ def mean_metrics(per_case: dict[str, dict[str, dict[str, float]]], structures: S
     return mean
 
 
-def run_metrics(cfg: Any, names: Sequence[str], task: Any, trainable: int, seconds: float,
+def run_metrics(cfg: AdaptConfig, names: Sequence[str], task: FewShotTask, trainable: int, seconds: float,
                 per_case: dict[str, Any]) -> dict[str, Any]:
     """`metrics.json` (the same keys for every method; a method's `extra_metrics` come after)."""
     return {
@@ -69,7 +71,7 @@ def run_metrics(cfg: Any, names: Sequence[str], task: Any, trainable: int, secon
     }
 
 
-def cached_probabilities(adapter: nn.Module, cache: Any, cfg: Any) -> Callable[[Any, Any], torch.Tensor]:
+def cached_probabilities(adapter: nn.Module, cache: FeatureCache, cfg: AdaptConfig) -> Callable[[Any, Any], torch.Tensor]:
     """`evaluate_queries`' probability function of a feature adapter: the adapter over the
     query's cached features, the whole volume slab by slab."""
 
@@ -85,7 +87,7 @@ def cached_probabilities(adapter: nn.Module, cache: Any, cfg: Any) -> Callable[[
     return probabilities
 
 
-def network_probabilities(model: nn.Module, cfg: Any) -> Callable[[Any, Any], torch.Tensor]:
+def network_probabilities(model: nn.Module, cfg: AdaptConfig) -> Callable[[Any, Any], torch.Tensor]:
     """`evaluate_queries`' probability function of an adapted network (`AdaptedNetwork`): the
     project's sliding-window inference (`predict_probabilities`), as `fseft predict` runs it."""
 
@@ -97,8 +99,8 @@ def evaluate_queries(
     probabilities: Callable[[Any, Any], torch.Tensor],
     query_cases: Sequence[Any],
     structures: Sequence[str],
-    cfg: Any,
-    preprocess_cfg: Any,
+    cfg: AdaptConfig,
+    preprocess_cfg: PreprocessConfig,
     predictions_dir: Path | None = None,
 ) -> dict[str, dict[str, dict[str, float | None]]]:
     """Segment each query and score it in native geometry.

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from fseft.adaptation import AdaptConfig, adapt
 from fseft.adaptation.config import AUTO, AUTO_OPTIONS
 from fseft.adaptation.method_choice import DEFAULT_CANDIDATES, MethodEntry, parse_candidates
-from fseft.data.datasets import open_dataset
+from fseft.data.datasets import Dataset, open_dataset
 from fseft.data.io import read_labels
 from fseft.data.structures import canonical_names
 from fseft.data.tasks import FewShotTask, eligible_cases
@@ -252,7 +252,7 @@ def run_folder(method: str, k: int, seed: int, structure: str) -> str:
     return f"runs/{_slug(method)}/k{k}/seed{seed}/{_slug(structure)}"
 
 
-def holdout_partition(dataset: Any, structures: Sequence[str], n_test: int, cache_dir: Any = None,
+def holdout_partition(dataset: Dataset, structures: Sequence[str], n_test: int, cache_dir: Any = None,
                       ) -> tuple[list[str], list[str]]:
     """A fixed ``(train ids, test ids)`` split of the cases where every structure is labelled:
     `n_test` test cases drawn with a fixed seed, so every k and seed is scored on the same queries."""
@@ -443,7 +443,7 @@ def _to_ras(volume: Any, array: np.ndarray | None = None) -> tuple[np.ndarray, t
     return np.ascontiguousarray(nio.apply_orientation(data, transform)), tuple(spacing)
 
 
-def write_overlays(exp: ExperimentConfig, out: Path, dataset: Any, tasks: Sequence[Any]) -> Path | None:
+def write_overlays(exp: ExperimentConfig, out: Path, dataset: Dataset, tasks: Sequence[FewShotTask]) -> Path | None:
     """The qualitative figure (the paper's Fig. 3): per task (one per structure), a section
     headed by the structure: one support volume with its mask, then the first query case with
     each method's prediction, four panels a row. None when no run saved predictions."""

@@ -44,8 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fseft.data.datasets import Case
 from fseft.data.io import read_image
-from fseft.data.preprocessing import preprocess
+from fseft.data.preprocessing import PreprocessConfig, preprocess
 from fseft.errors import FseftError
 from fseft.inference.sliding_window import InferenceConfig, sliding_window_map
 from fseft.utils import apply_default_permissions, atomic_path, default_cache_dir, reserve_disk_space
@@ -98,7 +99,7 @@ def file_identity(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- features
 
 
-def compute_features(model: torch.nn.Module, image: torch.Tensor, cfg: Any = None) -> torch.Tensor:
+def compute_features(model: torch.nn.Module, image: torch.Tensor, cfg: InferenceConfig | None = None) -> torch.Tensor:
     """Sliding-window ``model.features`` over a whole preprocessed volume.
 
     `image`: ``(1, 1, X, Y, Z)`` on the CPU; `cfg`: an `InferenceConfig` (roi, overlap, blend,
@@ -221,9 +222,9 @@ class FeatureCache:
     def __init__(
         self,
         model: torch.nn.Module,
-        preprocess: Any,
+        preprocess: PreprocessConfig,
         root: str | os.PathLike | None = None,
-        inference: Any = None,
+        inference: InferenceConfig | None = None,
     ) -> None:
 
         self.model = model
@@ -332,7 +333,7 @@ class FeatureCache:
 
     # -- public
 
-    def load(self, case: Any, structures: Sequence[str] = ()) -> CachedCase:
+    def load(self, case: Case, structures: Sequence[str] = ()) -> CachedCase:
         """The cached features (and labels of `structures`) of `case`, computed if missing.
 
         `case` is a `fseft.data.datasets.Case`; `structures` canonical names it annotates

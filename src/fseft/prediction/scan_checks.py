@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from fseft.data.volume import Volume
 from fseft.models.zoo import MODEL_SPECS
 from fseft.runs.format import read_run_record
 from fseft.utils import file_sha256
@@ -140,7 +141,7 @@ def implausible_masks_warning(source: str, found: Sequence[tuple[str, float, flo
             "of image) and these masks false positives")
 
 
-def check_scan(volume: Any, masks: np.ndarray, names: Sequence[str]) -> str | None:
+def check_scan(volume: Volume, masks: np.ndarray, names: Sequence[str]) -> str | None:
     """`fseft predict`'s per-scan check: the warning for `volume` (a `fseft.data.volume.Volume`,
     native geometry) and its predicted masks ``(S, X, Y, Z)``, or None (also logged)."""
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fseft.data.datasets import open_dataset
+from fseft.data.datasets import Dataset, open_dataset
 from fseft.data.preprocessing import PreprocessConfig
 from fseft.data.structures import canonical_name, canonical_names
 from fseft.errors import ConfigError, FseftError
@@ -338,7 +338,7 @@ class AssemblySource:
     """A dataset of the assembly, opened and checked against the catalogue."""
 
     entry: DatasetEntry
-    dataset: Any  # fseft.data.datasets.Dataset
+    dataset: Dataset
     structures: tuple[str, ...]  # the catalogue classes it annotates, in catalogue order
 
 

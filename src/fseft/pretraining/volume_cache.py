@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fseft.data.datasets import Case
 from fseft.data.inspection import voxel_counts
 from fseft.data.preprocessing import PreprocessConfig
 from fseft.data.preprocessing import preprocess as run_preprocess
@@ -61,7 +62,7 @@ class CachedVolumes(Sequence):
         return {"image": torch.from_numpy(image), "label": target, "annotated": annotated}
 
 
-def _cache_key(case: Any, structures: Sequence[str], preprocess: PreprocessConfig, soft_labels: bool = False) -> str:
+def _cache_key(case: Case, structures: Sequence[str], preprocess: PreprocessConfig, soft_labels: bool = False) -> str:
     files = [str(case.image)] + [str(p) for p in case.label_paths()]
     stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     parts = [_CACHE_VERSION, stats, list(structures), sorted(case.label_map.items()), preprocess.to_dict()]
