@@ -132,13 +132,13 @@ def test_new_structure_outputs_start_at_the_support_foreground_prior():
     before = head.bias.detach().clone()
     assert init_head_prior(head, [0, None], fractions) == [1]  # output 0 keeps its pre-trained row
     assert head.bias[0] == before[0]
-    assert float(torch.sigmoid(head.bias[1])) == pytest.approx(0.001, rel=1e-4)
+    assert float(torch.sigmoid(head.bias[1].detach())) == pytest.approx(0.001, rel=1e-4)
 
     multi = nn.Conv3d(4, 3, 1)
     with torch.no_grad():
         multi.bias.zero_()
     assert init_head_prior(multi, [None, None, 5], fractions, multiclass=True) == [1]  # background untouched
-    assert float(multi.bias[0]) == 0.0 and float(multi.bias[2]) == 0.0
-    assert float(multi.bias[1]) == pytest.approx(np.log(0.25 / (1 - 0.251)))
+    assert float(multi.bias[0].detach()) == 0.0 and float(multi.bias[2].detach()) == 0.0
+    assert float(multi.bias[1].detach()) == pytest.approx(np.log(0.25 / (1 - 0.251)))
     with pytest.raises(ValueError, match="2 rows and 2 fractions for 3 outputs"):
         init_head_prior(multi, [None, None], fractions, multiclass=True)
