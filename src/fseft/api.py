@@ -62,18 +62,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: what `Segmenter.predict` reads: a NIfTI / NRRD / MHA file or DICOM series folder, a nibabel
-#: image, an ``(array (X, Y, Z), affine (4, 4))`` pair, or a `fseft.data.io.Volume`
+#: image, an ``(array (X, Y, Z), affine (4, 4))`` pair, or a `fseft.data.volume.Volume`
 ImageLike = Union[str, os.PathLike, "nib.spatialimages.SpatialImage", tuple[Any, Any], "Volume"]
 
 _IMAGE_KINDS = ("a path (NIfTI, NRRD, MHA/MHD file or DICOM series folder)", "a nibabel image",
-                "an (array, affine) pair", "an fseft.data.io.Volume")
+                "an (array, affine) pair", "an fseft.data.volume.Volume")
 
 
 # ---------------------------------------------------------------------------- inputs
 
 
 def to_volume(image: ImageLike, *, series_id: str | None = None) -> Volume:
-    """A scan as the `fseft.data.io.Volume` the models read: ``array`` ``(X, Y, Z)`` float32 HU,
+    """A scan as the `fseft.data.volume.Volume` the models read: ``array`` ``(X, Y, Z)`` float32 HU,
     ``affine`` ``(4, 4)`` voxel index -> RAS+ mm.
 
     image: a path (read by `fseft.data.io.read_image`, as `fseft predict` reads it: NIfTI, NRRD,
@@ -232,7 +232,7 @@ class Segmenter:
 
         image: a path (NIfTI, NRRD, MHA/MHD, or a DICOM series folder, `series_id` picking one
             of several), a nibabel image, an ``(array (X, Y, Z) HU, affine (4, 4))`` pair, or a
-            `fseft.data.io.Volume` (see `to_volume`).
+            `fseft.data.volume.Volume` (see `to_volume`).
         structures: which of `self.structures` (any spelling, a list or ``"a,b"``), in the order
             wanted; None: all.
         roi_size, overlap, sw_batch_size, bf16, threshold, largest_component, progress: the
