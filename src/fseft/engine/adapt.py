@@ -296,8 +296,12 @@ def adapt(
     cfg: AdaptConfig | None = None,
     partition: tuple[Sequence[str], Sequence[str]] | None = None,
     overwrite: bool = True,
+    executor: Any = None,
 ) -> dict[str, Any]:
     """Few-shot adaptation of a model to `structures` with `k` support volumes of `data`.
+
+    executor: ``method="auto"`` only: an `fseft.engine.executor.ExecutorConfig` whose
+    ``workers`` run the candidates' leave-one-out folds as Ray tasks (None: one after another).
 
     overwrite: False refuses an `out` that already holds a run (`ConfigError`, before any
     work: ``fseft adapt`` without ``--overwrite``); True replaces it, its old ``predictions/``
@@ -324,7 +328,10 @@ def adapt(
 
         names = _structures(structures)
         _claim_run_folder(Path(out), overwrite)
-        return adapt_auto(adapt, model, data, names, k, seed, Path(out), cfg, partition=partition)
+        return adapt_auto(adapt, model, data, names, k, seed, Path(out), cfg, partition=partition, executor=executor)
+    if executor is not None and getattr(executor, "distributed", False):
+        raise ConfigError(f"--workers runs --method auto's leave-one-out folds in parallel; method "
+                          f"{(cfg or AdaptConfig()).method!r} is one run (fseft benchmark --workers runs many)")
     cfg = (cfg or AdaptConfig()).resolved()
     spec = get_method(cfg.method)
     spec.make_config(**cfg.method_options)  # option errors before any heavy work
