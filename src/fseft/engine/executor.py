@@ -268,6 +268,10 @@ class RayExecutor(Executor):
                     task = self._in_flight.pop(ref)
                     try:
                         yield ray.get(ref)
+                    except ray.exceptions.RayTaskError as exc:  # past `_call`: SystemExit and the like
+                        cause = getattr(exc, "cause", None)
+                        cause = cause if isinstance(cause, BaseException) else exc
+                        yield Outcome(task.key, error=f"{type(cause).__name__}: {cause}", traceback=str(exc))
                     except ray.exceptions.RayError as exc:  # the worker died (after the retries) or was lost
                         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                         yield Outcome(task.key, error=f"{type(exc).__name__}: its worker process died "
