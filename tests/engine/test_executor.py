@@ -176,7 +176,10 @@ def test_ctrl_c_keeps_finished_runs_and_a_sequential_resume_recomputes_none_of_t
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.Popen([sys.executable, "-m", "fseft", "benchmark", "--config", str(path), "--out", str(out),
                              "--no-progress", "--workers", "2"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a suite started in the background (nohup, cmd &) ignores SIGINT, and so
+                            # would the child: give it the default, so Python turns it into Ctrl-C
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not list((out / "runs").rglob("metrics.json")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
