@@ -229,7 +229,7 @@ def test_without_workers_ray_is_never_imported(setup):
     assert (root / "noray-out" / "runs/lp/k2/seed0/liver/metrics.json").is_file()
 
 
-def test_resource_options_are_checked(setup, capsys):
+def test_resource_options_are_checked(setup, ray_local, capsys):
     root, _, _ = setup
     with pytest.raises(ConfigError, match="--cpus-per-run: options of --workers"):
         ExecutorConfig(cpus_per_run=2)
@@ -245,5 +245,13 @@ def test_resource_options_are_checked(setup, capsys):
     assert (exp.cpus_per_run, exp.gpus_per_run) == (2, 0.25)
     merged = ExecutorConfig(workers=2, cpus_per_run=1).with_defaults(exp.cpus_per_run, exp.gpus_per_run)
     assert (merged.cpus_per_run, merged.gpus_per_run) == (1, 0.25)  # the command line wins
+    # more than the cluster has: Ray would queue the runs forever, fseft says so at once
+    from fseft.engine.executor import RayExecutor
+
+    with pytest.raises(ConfigError, match="--gpus-per-run 4096: the Ray cluster has .* GPU"):
+        RayExecutor(ExecutorConfig(workers=1, gpus_per_run=4096))
+    with pytest.raises(ConfigError, match="--cpus-per-run 4096: the Ray cluster has 2 CPU"):
+        RayExecutor(ExecutorConfig(workers=1, cpus_per_run=4096))
+    assert ray_local.is_initialized()  # a joined instance is left running
     assert main(["adapt", "--model", "x", "--structures", "liver", "--dry-run", "--max-retries", "1"]) == 2
     assert "--max-retries: options of --workers" in capsys.readouterr().err

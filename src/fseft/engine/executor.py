@@ -229,6 +229,7 @@ class RayExecutor(Executor):
             cpus = max(1, (os.cpu_count() or 1) // self.workers) if cfg.address is None else 1
         self.cpus_per_run, self.gpus_per_run = int(cpus), float(cfg.gpus_per_run or 0)
         self._owns = False
+        self._in_flight: dict[Any, Task] = {}
         if not ray.is_initialized():
             options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                        "logging_level": logging.WARNING}
@@ -243,10 +244,15 @@ class RayExecutor(Executor):
                 raise ConfigError(f"--ray-address {cfg.address}: no Ray cluster there ({exc}); start one with "
                                   "ray start --head, or leave --ray-address out for a local instance") from exc
             self._owns = True
+        have = ray.cluster_resources()
+        for name, need, flag in (("CPU", self.cpus_per_run, "--cpus-per-run"), ("GPU", self.gpus_per_run, "--gpus-per-run")):
+            if need > have.get(name, 0):  # Ray would wait for it forever
+                self.close()
+                raise ConfigError(f"{flag} {need:g}: the Ray cluster has {have.get(name, 0):g} {name}(s) in all, "
+                                  f"so no run could start")
         self._remote = ray.remote(_run_on_worker).options(
             num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run, max_retries=self.max_retries,
             retry_exceptions=False)
-        self._in_flight: dict[Any, Task] = {}
 
     def imap(self, tasks: Iterable[Task], on_start: Callable[[Task], None] | None = None) -> Iterator[Outcome]:
         ray = self._ray
