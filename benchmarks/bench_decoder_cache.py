@@ -2,7 +2,7 @@
 
 `fseft adapt --method decoder` (and ft-last) train only what lies after a split point of the
 architecture, so the frozen encoder's outputs of a patch can be computed once
-(`fseft.engine.encoder_cache`). This times, in one run with the two alternating, one training
+(`fseft.adaptation.encoder_cache`). This times, in one run with the two alternating, one training
 step (forward, loss, backward) of the decoder and head on one patch:
 
 - through the network: the frozen encoder recomputed (what `--no-encoder-cache` does);
@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="where the cache goes (default: a temporary folder)")
     args = parser.parse_args(argv)
 
-    from fseft.engine.adapt import AdaptConfig
-    from fseft.engine.training import supervised_loss
-    from fseft.engine.encoder_cache import EncoderCache, PatchPool, split_point_for
+    from fseft.adaptation.runner import AdaptConfig
+    from fseft.training.fit import supervised_loss
+    from fseft.adaptation.encoder_cache import EncoderCache, PatchPool, split_point_for
     from fseft.methods.peft_methods import apply_method, count_trainable, method_train_mode
     from fseft.models.zoo import create_model
 

@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     from fseft.data.io import read_image
     from fseft.data.phantom import write_phantom_dataset
     from fseft.data.preprocessing import PreprocessConfig, preprocess
-    from fseft.engine.sampling import feature_patch_batch, feature_volume, sample_patch_slices
-    from fseft.engine.training import supervised_loss
-    from fseft.engine.feature_cache import FeatureCache
-    from fseft.engine.inference import InferenceConfig
+    from fseft.training.sampling import feature_patch_batch, feature_volume, sample_patch_slices
+    from fseft.training.fit import supervised_loss
+    from fseft.inference.feature_cache import FeatureCache
+    from fseft.prediction.segment import InferenceConfig
     from fseft.methods import adapter_on, count_trainable_parameters
     from fseft.models.zoo import create_model
 

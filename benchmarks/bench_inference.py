@@ -8,7 +8,7 @@ repeats in alternating order, best time of each kept, every time printed):
 - plain, explicit attention : the same with the Swin window attention on MONAI's default
             explicit path (``use_flash_attention=False``, as the reference code runs it): shows
             what the fused attention that fseft's Swin-UNETR uses without gradients gains;
-- fp32    : ``fseft.engine.inference.predict_probabilities`` (expected ratio plain/fp32 >= 1.0:
+- fp32    : ``fseft.prediction.segment.predict_probabilities`` (expected ratio plain/fp32 >= 1.0:
             no overhead);
 - bf16    : the same with ``bf16=True`` (goal: fp32/bf16 >= 1.5) and Dice >= 0.99 between
             the fp32 and bf16 masks thresholded at 0.5.
@@ -74,7 +74,7 @@ def main() -> None:
     from monai.inferers import sliding_window_inference
 
     from fseft.data.structures import FSEFT_CLASSES
-    from fseft.engine.inference import InferenceConfig, predict_probabilities
+    from fseft.prediction.segment import InferenceConfig, predict_probabilities
     from fseft.models.zoo import create_model
 
     torch.manual_seed(0)

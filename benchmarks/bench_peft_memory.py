@@ -44,7 +44,7 @@ def run_config(name: str, args: dict[str, Any]) -> dict[str, float]:
     """Build the model, prepare `name`, run the steps; returns memory (MiB) and step times (s)."""
     import torch
 
-    from fseft.engine.losses import per_class_bce_dice
+    from fseft.training.losses import per_class_bce_dice
     from fseft.methods.peft_methods import apply_method, count_trainable, method_train_mode, post_step
     from fseft.models.zoo import create_model
 

@@ -43,7 +43,7 @@ def pair_table(bench: str | Path, structures: list[str] | None = None) -> str:
 
 def _support(folder: Path) -> str:
     """The run's support case(s), from its run record (``extra.task``)."""
-    from fseft.methods.adapter_io import read_run_record
+    from fseft.runs.format import read_run_record
 
     task = (read_run_record(folder).get("extra") or {}).get("task") or {}
     return ",".join(task.get("support", [])) or "?"

@@ -18,7 +18,8 @@ import pytest
 
 import fseft
 from fseft.cli import main
-from fseft.data.io import Volume, write_image, write_mask
+from fseft.data.io import write_image, write_mask
+from fseft.data.volume import Volume
 from fseft.data.structures import UnknownStructureError
 from fseft.errors import ConfigError, InputFileError
 
@@ -81,7 +82,7 @@ def _threshold(segmenter, scan) -> float:
     """A threshold that makes a liver mask of some voxels but not all (random tiny weights)."""
     from fseft.data.io import read_image
     from fseft.data.preprocessing import preprocess
-    from fseft.engine.inference import InferenceConfig, predict_probabilities
+    from fseft.prediction.segment import InferenceConfig, predict_probabilities
 
     image = preprocess(read_image(scan), None, segmenter.preprocess).image[None]
     probabilities = predict_probabilities(segmenter.network, image, InferenceConfig(roi_size=(16,) * 3, progress=False))

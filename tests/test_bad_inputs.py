@@ -58,7 +58,7 @@ def _small_model(seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
     from fseft.data.phantom import write_phantom_dataset
-    from fseft.engine.adapt import AdaptConfig, adapt
+    from fseft.adaptation import AdaptConfig, adapt
     from fseft.models.checkpoint import save_model_file
 
     root = tmp_path_factory.mktemp("bad_inputs")

@@ -88,9 +88,9 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_import_graph_sees_function_level_and_from_imports():
     graph = import_graph()
-    assert "fseft.engine.runs" in graph["fseft.engine.inference"]  # imported inside predict_path
+    assert "fseft.runs.load" in graph["fseft.prediction.segment"]  # imported inside predict_path
     assert "fseft.methods.registry" in graph["fseft.methods.lora"]
-    assert "fseft.engine.feature_cache" in graph["fseft.engine.runs"]
+    assert "fseft.inference.feature_cache" in graph["fseft.runs.load"]
 
 
 def test_no_import_cycles_among_fseft_modules():
@@ -98,6 +98,17 @@ def test_no_import_cycles_among_fseft_modules():
 
 
 def test_inference_does_not_import_the_adaptation_engine():
-    code = "import sys, fseft.engine.inference; print(sorted(m for m in sys.modules if m.startswith('fseft.engine.adapt')))"
+    code = "import sys, fseft.prediction.segment; print(sorted(m for m in sys.modules if m.startswith('fseft.adaptation.runner')))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "[]"
+
+
+def test_import_fseft_and_the_cli_help_import_no_torch():
+    # the command line answers --help in a fraction of a second; every command's own imports
+    # (torch, MONAI) happen when it runs
+    code = ("import sys, fseft\nassert 'torch' not in sys.modules, 'import fseft'\n"
+            "from fseft.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -10,11 +10,11 @@ scans in memory.
     seg.masks, seg.affine, seg.label_map, seg.to_nifti()  # in the scan's own geometry
 
 Everything here is built on the functions `fseft` commands run, so the numbers are theirs:
-`fseft.models.zoo.load_model` and `fseft.engine.runs.load_adapted_model` load,
-`fseft.engine.adapt.adapt` adapts (and writes the run folder through the one run writer),
-`fseft.engine.inference.segment_volume` segments (preprocessing to model space, sliding window,
+`fseft.models.zoo.load_model` and `fseft.runs.load.load_adapted_model` load,
+`fseft.adaptation.runner.adapt` adapts (and writes the run folder through the one run writer),
+`fseft.prediction.segment.segment_volume` segments (preprocessing to model space, sliding window,
 back to the scan's geometry, threshold and largest component), with the checks of `fseft
-predict` (`fseft.engine.scan_checks`). `fseft predict` and `fseft adapt` call those same
+predict` (`fseft.prediction.scan_checks`). `fseft predict` and `fseft adapt` call those same
 functions (`predict_path`, `adapt`). Nothing here writes a file unless given a path to write.
 
 `import fseft` stays cheap: `fseft.load_model`, `fseft.adapt`, `fseft.load_run`,
@@ -24,23 +24,39 @@ functions (`predict_path`, `adapt`). Nothing here writes a file unless given a p
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+import nibabel as nib
 import numpy as np
 
+import fseft.methods
+from fseft.adaptation import AdaptConfig
+from fseft.adaptation import adapt as run_adapt
+from fseft.adaptation.config import AUTO
+from fseft.data.io import label_image, read_image, volume_from_array
+from fseft.data.structures import UnknownStructureError, canonical_name
+from fseft.data.volume import Volume
 from fseft.errors import ConfigError, InputFileError
+from fseft.methods.registry import MethodConfig, available_methods, get_method
+from fseft.models.zoo import load_model as zoo_load_model
+from fseft.prediction.scan_checks import check_scan, synthetic_model_warning, trained_on_synthetic_data
+from fseft.prediction.segment import InferenceConfig, merge_masks, model_preprocess, segment_volume, select_structures
+from fseft.runs.load import METRICS_FILE, load_adapted_model
 
 if TYPE_CHECKING:
     import nibabel as nib
     from torch import nn
 
-    from fseft.data.io import Volume
     from fseft.data.preprocessing import PreprocessConfig
+    from fseft.data.volume import Volume
     from fseft.methods.registry import MethodConfig
 
 logger = logging.getLogger(__name__)
@@ -68,7 +84,6 @@ def to_volume(image: ImageLike, *, series_id: str | None = None) -> Volume:
     finite, an invertible affine; `InputFileError` naming the problem. Anything else (a bare
     array without its affine, a tensor, ...) is a `TypeError` saying what is accepted.
     """
-    from fseft.data.io import Volume, read_image, volume_from_array
 
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
@@ -83,7 +98,6 @@ def to_volume(image: ImageLike, *, series_id: str | None = None) -> Volume:
             raise TypeError("(array, affine): the affine is None; give the (4, 4) voxel-to-world matrix "
                             "(nibabel's img.affine)")
         return volume_from_array(array, affine, f"the array of shape {np.shape(array)}")
-    import nibabel as nib
 
     if isinstance(image, nib.spatialimages.SpatialImage):
         source = image.get_filename() or f"the nibabel image of shape {image.shape}"
@@ -131,13 +145,11 @@ class Segmentation:
     def labels(self) -> np.ndarray:
         """The label map ``(X, Y, Z)`` (uint8, int16 beyond 255 structures): value s + 1 where
         structure s is, the first structure winning overlaps, as `fseft predict` writes it."""
-        from fseft.engine.inference import merge_masks
 
         return merge_masks(self.masks)
 
     def mask(self, structure: str) -> np.ndarray:
         """The binary mask ``(X, Y, Z)`` uint8 of one structure (any spelling)."""
-        from fseft.data.structures import UnknownStructureError, canonical_name
 
         name = canonical_name(structure)
         if name not in self.structures:
@@ -148,7 +160,6 @@ class Segmentation:
         """`labels` as the NIfTI image `fseft predict` writes (`fseft.data.io.label_image`: the
         smallest integer type, `affine` as sform and qform); save it with ``img.to_filename``
         and `label_map` beside it if you want files."""
-        from fseft.data.io import label_image
 
         return label_image(self.labels, self.affine)
 
@@ -162,7 +173,7 @@ class Segmenter:
 
     Attributes:
         network: the torch module (a `fseft.models.base.SegmentationModel`, or the adapted
-            model of `fseft.engine.runs.load_adapted_model`), in eval mode on `device`; its
+            model of `fseft.runs.load.load_adapted_model`), in eval mode on `device`; its
             ``forward`` gives per-structure logits ``(B, S, D, H, W)``.
         preprocess: the `PreprocessConfig` it was trained with (model space: orientation,
             spacing in mm, HU window, crop).
@@ -225,16 +236,14 @@ class Segmenter:
         structures: which of `self.structures` (any spelling, a list or ``"a,b"``), in the order
             wanted; None: all.
         roi_size, overlap, sw_batch_size, bf16, threshold, largest_component, progress: the
-            `fseft.engine.inference.InferenceConfig` fields (None: its defaults, as `fseft
+            `fseft.prediction.segment.InferenceConfig` fields (None: its defaults, as `fseft
             predict`'s: the window the model records, overlap 0.25, threshold 0.5, largest
             connected component per structure).
         Returns a `Segmentation`: ``masks`` ``(S, X, Y, Z)`` uint8 on the input's grid,
         ``affine`` the input's, ``structures``, ``label_map``, ``labels``, ``to_nifti()``.
         Logs `fseft predict`'s warnings: once, when the model was trained on synthetic phantoms
-        only; per scan, when a mask's mean HU is unlike its organ (`fseft.engine.scan_checks`).
+        only; per scan, when a mask's mean HU is unlike its organ (`fseft.prediction.scan_checks`).
         """
-        from fseft.engine.inference import InferenceConfig, segment_volume, select_structures
-        from fseft.engine.scan_checks import check_scan, synthetic_model_warning
 
         given = {"roi_size": roi_size, "overlap": overlap, "sw_batch_size": sw_batch_size, "bf16": bf16,
                  "threshold": threshold, "largest_component": largest_component}
@@ -256,11 +265,8 @@ def load_model(model: str | os.PathLike, weights: str | os.PathLike | None = Non
     weights: the weights file of a zoo id (default: ``$FSEFT_WEIGHTS_DIR/<id>.pth`` or the
     embedded file). device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (checked: `ConfigError` when CUDA
     is absent). Loaded by `fseft.models.zoo.load_model`, with the preprocessing its file records
-    (`fseft.engine.inference.model_preprocess`), as `fseft predict --model` loads it.
+    (`fseft.prediction.segment.model_preprocess`), as `fseft predict --model` loads it.
     """
-    from fseft.engine.inference import InferenceConfig, model_preprocess
-    from fseft.engine.scan_checks import trained_on_synthetic_data
-    from fseft.models.zoo import load_model as zoo_load_model
 
     InferenceConfig(device=device)  # the device, checked before loading
     reference = os.fspath(model)
@@ -275,18 +281,13 @@ def load_run(
     weights: str | os.PathLike | None = None, device: str = "cpu", merge: bool = False,
 ) -> Segmenter:
     """An `fseft adapt` run folder (copied anywhere) as a model, as `fseft predict --adapter RUN`
-    loads it (`fseft.engine.runs.load_adapted_model`): its recorded base model, or `base` (a zoo
+    loads it (`fseft.runs.load.load_adapted_model`): its recorded base model, or `base` (a zoo
     id, with `weights` for its file; a model file; a `Segmenter` of `load_model`) where the base
     moved, checked against the weights fingerprint the run recorded; the run's preprocessing.
 
     merge: fold LoRA / ARENA updates into the base weights (network runs). ``metrics`` holds
     the run's ``metrics.json`` where there is one.
     """
-    import json
-
-    from fseft.engine.inference import InferenceConfig
-    from fseft.engine.runs import METRICS_FILE, load_adapted_model
-    from fseft.engine.scan_checks import trained_on_synthetic_data
 
     InferenceConfig(device=device)
     run_dir = Path(run)
@@ -313,8 +314,6 @@ def method_options(method: str | MethodConfig) -> tuple[str, dict[str, Any]]:
     options; ``"auto"`` too), or a method's config dataclass (`fseft.methods.LoraConfig(rank=8)`,
     one class per method): the options are the fields that differ from the class's defaults,
     as `fseft adapt` records the options given on its command line."""
-    from fseft.engine.auto import AUTO
-    from fseft.methods.registry import MethodConfig, available_methods, get_method
 
     if isinstance(method, str):
         if method != AUTO:
@@ -338,7 +337,6 @@ def method_options(method: str | MethodConfig) -> tuple[str, dict[str, Any]]:
 
 def _config_name(cls: type) -> str:
     """A method config's name in `fseft.methods` (``LoraConfig`` for `LoraMethodConfig`)."""
-    import fseft.methods
 
     exported = [n for n in fseft.methods.__all__ if getattr(fseft.methods, n) is cls]
     return exported[0] if exported else cls.__name__
@@ -357,7 +355,7 @@ def adapt(
     **options: Any,
 ) -> Segmenter:
     """Few-shot adaptation of `model` to `structures` from `k` labelled cases of `data`, as
-    `fseft adapt` runs it (`fseft.engine.adapt.adapt`: the same task draw, training and scoring).
+    `fseft adapt` runs it (`fseft.adaptation.runner.adapt`: the same task draw, training and scoring).
 
     model: a zoo id, an fseft model file, or a `Segmenter` of `load_model` (its zoo id or file is
         what the run records; one loaded with other `weights` is adapted as an in-memory model).
@@ -370,17 +368,13 @@ def adapt(
     out: where to write the run folder (`fseft adapt --out`: the same files); None writes no run
         folder (the run is made in a temporary folder, loaded, and removed, so that the model
         returned is exactly the one a run folder would hold). overwrite: replace a run in `out`.
-    **options: `fseft.engine.adapt.AdaptConfig`'s fields, typed there: ``epochs``, ``max_steps``,
+    **options: `fseft.adaptation.AdaptConfig`'s fields, typed there: ``epochs``, ``max_steps``,
         ``lr``, ``batch_size``, ``patch_size``, ``patches_per_volume``, ``transductive``, ``ti``
         (a `fseft.methods.TransductiveConfig`), ``objective``, ``loss``, ``n_query``, ``cache_dir``,
         ``device``, ``bf16``, ``roi_size``, ``progress``, ... (None or absent: the method's protocol).
     Returns a `Segmenter` of the adapted model (``structures`` = the adapted ones, ``metrics``
     = the run's ``metrics.json``, ``run_dir`` = `out` or None).
     """
-    import shutil
-    import tempfile
-
-    from fseft.engine.adapt import adapt as run_adapt
 
     name, given = method_options(method)
     cfg = _adapt_config(name, given, options)
@@ -403,9 +397,6 @@ def adapt(
 def _adapt_config(name: str, given: Mapping[str, Any], options: dict[str, Any]) -> Any:
     """`AdaptConfig(method=name, method_options=given, **options)`, with an error that points a
     method option given as a keyword (``rank=8``) at the method's config."""
-    from fseft.engine.adapt import AdaptConfig
-    from fseft.engine.auto import AUTO
-    from fseft.methods.registry import get_method
 
     if "method_options" in options or "method" in options:
         raise TypeError("give the method and its options as method=NAME or method=fseft.methods.<Name>Config(...)")
@@ -425,7 +416,7 @@ def _adapt_config(name: str, given: Mapping[str, Any], options: dict[str, Any]) 
 
 
 def _base_of(model: Any) -> tuple[Any, Any]:
-    """(what `fseft.engine.adapt.adapt` is given, the `base` `load_run` loads the run onto)."""
+    """(what `fseft.adaptation.runner.adapt` is given, the `base` `load_run` loads the run onto)."""
     if isinstance(model, Segmenter):
         if model.adapted:
             raise ConfigError(f"{model!r} is already adapted; adapt a base model (fseft.load_model(ID|PATH))")

@@ -46,7 +46,7 @@ def _csv(value: str) -> list[str]:
 
 
 def _add_executor_options(p: argparse.ArgumentParser, what: str) -> None:
-    """``--workers`` and its Ray options (`fseft.engine.executor.ExecutorConfig`)."""
+    """``--workers`` and its Ray options (`fseft.adaptation.executor.ExecutorConfig`)."""
     group = p.add_argument_group("parallel runs on Ray (pip install \"fseft[distributed]\"; docs/cluster.md)")
     group.add_argument("--workers", type=int, metavar="N",
                        help=f"run {what} as Ray tasks, at most N at a time (default: one after another, no Ray)")
@@ -62,7 +62,7 @@ def _add_executor_options(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _executor_config(args: argparse.Namespace) -> object:
-    from fseft.engine.executor import ExecutorConfig  # no Ray
+    from fseft.adaptation.executor import ExecutorConfig  # Ray only once a RayExecutor is made
 
     return ExecutorConfig(workers=args.workers, address=args.ray_address, cpus_per_run=args.cpus_per_run,
                           gpus_per_run=args.gpus_per_run, max_retries=args.max_retries)
@@ -134,7 +134,7 @@ def _add_datasets(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_datasets_inspect(args: argparse.Namespace) -> int:
-    from fseft.data.datasets import inspect_dataset
+    from fseft.data.inspection import inspect_dataset
 
     print(inspect_dataset(args.dir, args.layout, cases=args.cases, json_path=args.json,
                           cache_dir=args.cache_dir, progress=not args.no_progress, check=args.check))
@@ -164,7 +164,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 def _run_models(args: argparse.Namespace) -> int:
     if args.adapters is not None:
-        from fseft.engine.runs import format_run_table
+        from fseft.runs.load import format_run_table
 
         print(format_run_table(args.adapters))
         return 0
@@ -225,7 +225,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from fseft.engine.inference import InferenceConfig, predict_path
+    from fseft.prediction.segment import InferenceConfig, predict_path
 
     cfg = InferenceConfig(
         roi_size=args.roi_size and tuple(args.roi_size), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
@@ -318,7 +318,7 @@ _PRETRAIN_OVERRIDES = ("epochs", "batch_size", "patches_per_volume", "patch_size
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from fseft.engine.pretrain import load_assembly, pretrain
+    from fseft.pretraining import load_assembly, pretrain
 
     assembly = load_assembly(args.config, overrides={k: getattr(args, k) for k in _PRETRAIN_OVERRIDES})
     pretrain(assembly, args.out, resume=args.resume, until_epoch=args.until_epoch)
@@ -326,8 +326,6 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def _add_adapt(sub: argparse._SubParsersAction) -> None:
-    from fseft.engine.auto import DEFAULT_BUDGET, DEFAULT_CANDIDATES  # no torch
-
     p = sub.add_parser(
         "adapt",
         help="few-shot adaptation: black-box adapters on cached features, or (PEFT) fine-tuning of the network",
@@ -341,10 +339,10 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="lp", metavar="NAME", help="an adaptation method (default: lp)")
     p.add_argument("--candidates", type=_csv, metavar="A,B",
                    help="--method auto: the methods to choose among: method ids, METHOD+ti (size constraint), "
-                   f"METHOD+dec / METHOD+newdec (fine-tuned / new decoder) (default: {','.join(DEFAULT_CANDIDATES)})")
+                   "METHOD+dec / METHOD+newdec (fine-tuned / new decoder) (default: {candidates})")
     p.add_argument("--auto-budget", type=int, metavar="STEPS",
-                   help=f"--method auto: optimiser steps shared by all candidates' leave-one-out runs "
-                   f"(default: {DEFAULT_BUDGET})")
+                   help="--method auto: optimiser steps shared by all candidates' leave-one-out runs "
+                   "(default: {auto_budget})")
     p.add_argument("--out", metavar="RUN", help="run folder (not with --dry-run)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the method's trainable parameters for MODEL and STRUCTURES; no data, no training")
@@ -409,6 +407,8 @@ _ADAPT_DESCRIPTION = (
 def _add_method_options(p: argparse.ArgumentParser) -> None:
     """`fseft adapt`'s method options, one per config field with help text of the registered
     methods (`fseft.methods.registry.cli_options`), and the method lists of its help."""
+    # the methods (torch) only when the adapt parser is used: `fseft --help` stays light
+    from fseft.adaptation.method_choice import DEFAULT_BUDGET, DEFAULT_CANDIDATES
     from fseft.methods.registry import available_methods, cli_options, get_method, methods_in_words, protocol_defaults
 
     network = available_methods("network")
@@ -417,6 +417,8 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     actions = {a.dest: a for a in p._actions}
     actions["method"].help = (f"{methods_in_words()}; or auto: chosen among --candidates by leave-one-out on the "
                               f"support (default: {actions['method'].default})")
+    actions["candidates"].help = actions["candidates"].help.replace("{candidates}", ",".join(DEFAULT_CANDIDATES))
+    actions["auto_budget"].help = actions["auto_budget"].help.replace("{auto_budget}", str(DEFAULT_BUDGET))
     for name in ("epochs", "lr", "batch_size", "patches_per_volume"):  # the protocols' numbers, per method
         actions[name].help = actions[name].help.replace(f"{{{name}}}", protocol_defaults(name))
     group = p.add_argument_group("method options (each only for the methods that have it)")
@@ -432,8 +434,8 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
 
 
 def _run_adapt(args: argparse.Namespace) -> int:
-    from fseft.engine.adapt import AdaptConfig, adapt, count_parameters
-    from fseft.engine.auto import metrics_lines as auto_lines
+    from fseft.adaptation import AdaptConfig, adapt, count_parameters
+    from fseft.adaptation.method_choice import metrics_lines as auto_lines
     from fseft.errors import ConfigError
     from fseft.methods import get_method
     from fseft.methods.transductive import TransductiveConfig
@@ -501,7 +503,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from fseft.engine.benchmark import load_experiment, run_benchmark
+    from fseft.experiments.grid import load_experiment, run_benchmark
     from fseft.evaluation.tables import to_text
 
     result = run_benchmark(load_experiment(args.config), args.out, progress=not args.no_progress,
@@ -511,26 +513,33 @@ def _run_benchmark(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from fseft.engine.demo import DemoConfig
-
-    d = DemoConfig()
     p = sub.add_parser(
         "demo",
         help="the main job: adapt the embedded model to target-domain phantoms and write a report (minutes on a CPU)",
-        description="Write target-domain phantoms, adapt the embedded phantom foundation model with "
+    )
+    p.complete.append(_add_demo_options)
+    p.set_defaults(func=_run_demo)
+
+
+def _add_demo_options(p: argparse.ArgumentParser) -> None:
+    """`fseft demo`'s description and options, with `DemoConfig`'s defaults (its module imports
+    the experiment grid and torch: only when the demo parser is used)."""
+    from fseft.experiments.demo import DemoConfig
+
+    d = DemoConfig()
+    p.description = (
+        "Write target-domain phantoms, adapt the embedded phantom foundation model with "
         "generalization, lp, spatial-adapter, spatial-adapter + TI, the decoder on cached encoder outputs "
         f"and LoRA + fine-tuned decoder at k = 5 for a known ({d.known}) and a novel ({d.novel}) structure, print the "
-        "Dice table and write OUT/report.html. No arguments needed; about 10 minutes on 2 CPU cores.",
-    )
+        "Dice table and write OUT/report.html. No arguments needed; about 10 minutes on 2 CPU cores.")
     p.add_argument("--out", default=d.out, metavar="DIR", help=f"output folder (default: {d.out})")
     p.add_argument("--cases", type=int, default=d.cases, help=f"target-domain phantoms to write (default: {d.cases})")
     p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from fseft.engine.demo import DemoConfig, run_demo
+    from fseft.experiments.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=args.out, cases=args.cases, device=args.device), progress=not args.no_progress)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import hashlib
 import json
@@ -11,12 +12,14 @@ import random
 import shutil
 import tempfile
 import uuid
-import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+
+from fseft.errors import ConfigError, InputFileError
 
 
 def _umask() -> int:
@@ -65,8 +68,6 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     """Yield an empty temporary folder beside `out`; move it onto `out` only if the block
     succeeds, so no half-written folder is ever visible at `out`. A non-empty `out` is
     refused (`ConfigError`) unless `overwrite`, then replaced whole."""
-    from fseft.errors import ConfigError, InputFileError
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputFileError(f"{out}: exists and is not a folder")
@@ -147,7 +148,7 @@ def default_cache_dir() -> Path:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
-    import torch
+    import torch  # heavy (~1 s); torch-free code imports this module (fseft.data.io, datasets inspect)
 
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -156,8 +157,6 @@ def seed_everything(seed: int) -> None:
 
 def unknown_key_error(key: str, valid: Sequence[str], where: str, source: str) -> Exception:
     """`ConfigError` for a key no config section has, naming the closest valid one (typos)."""
-    from fseft.errors import ConfigError
-
     return ConfigError(f"{source}: unknown key {key!r} in {where}{closest_hint(key, valid)}; "
                        f"valid keys: {', '.join(valid)}")
 
@@ -170,8 +169,6 @@ def closest_hint(name: str, choices: Sequence[str]) -> str:
 
 def check_keys(mapping: Any, valid: Sequence[str], where: str, source: str) -> dict[str, Any]:
     """`mapping` as a dict (None: empty) after checking it is a mapping with only `valid` keys."""
-    from fseft.errors import ConfigError
-
     if mapping is None:
         return {}
     if not isinstance(mapping, Mapping):
@@ -185,10 +182,6 @@ def check_keys(mapping: Any, valid: Sequence[str], where: str, source: str) -> d
 def read_yaml_mapping(path: str | os.PathLike, what: str, top_keys: Sequence[str]) -> dict[str, Any]:
     """The top-level mapping of a YAML config file (`what`: "assembly file", "experiment file");
     unreadable files, invalid YAML and non-mappings raise errors naming the file."""
-    import yaml
-
-    from fseft.errors import ConfigError, InputFileError
-
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

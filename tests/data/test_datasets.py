@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from fseft.cli import main
-from fseft.data import datasets as ds
-from fseft.data.datasets import Case, detect_layout, inspect_dataset, open_dataset, voxel_counts
+from fseft.data import inspection
+from fseft.data.datasets import Case, detect_layout, open_dataset
+from fseft.data.inspection import inspect_dataset, voxel_counts
 from fseft.errors import ConfigError, InputFileError
 
 SHAPE = (16, 16, 16)
@@ -222,8 +223,8 @@ def test_voxel_counts_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "voxel_counts").glob("*.json"))
 
     read = []
-    original = ds._value_counts
-    monkeypatch.setattr(ds, "_value_counts", lambda p: read.append(p.name) or original(p))
+    original = inspection._value_counts
+    monkeypatch.setattr(inspection, "_value_counts", lambda p: read.append(p.name) or original(p))
     assert voxel_counts(dataset, ["kidney_left"], cache_dir=tmp_path / "cache", progress=False) == {
         case: {"kidney_left": c["kidney_left"]} for case, c in first.items()
     }
@@ -240,7 +241,7 @@ def test_voxel_counts_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("FSEFT_CACHE_DIR", str(tmp_path / "envcache"))
-    assert ds.default_cache_dir() == tmp_path / "envcache"
+    assert inspection.default_cache_dir() == tmp_path / "envcache"
     make_nnunet(tmp_path / "d", n_train=1, n_test=0)
     voxel_counts(open_dataset(tmp_path / "d"), progress=False)
     assert list((tmp_path / "envcache" / "voxel_counts").glob("*.json"))

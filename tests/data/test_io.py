@@ -13,8 +13,6 @@ import SimpleITK as sitk
 
 from fseft.data.io import (
     StructureNotInFileError,
-    Volume,
-    check_same_geometry,
     read_binary_masks,
     read_image,
     read_labels,
@@ -23,6 +21,7 @@ from fseft.data.io import (
     write_mask,
 )
 from fseft.data.structures import UnknownStructureError
+from fseft.data.volume import Volume, check_same_geometry
 from fseft.errors import InputFileError
 
 OBLIQUE = np.array(  # a proper rotation (about z by 30 degrees, then x by 10): tests non-axis-aligned frames
@@ -300,7 +299,7 @@ def test_geometry_message_says_how_far_voxels_move_or_that_only_the_voxel_order_
 def test_labels_in_another_voxel_order_are_reoriented_losslessly_and_others_refused(caplog) -> None:
     import logging
 
-    from fseft.data.io import align_to_grid
+    from fseft.data.volume import align_to_grid
 
     rng = np.random.default_rng(0)
     affine = np.diag([1.0, 1.5, 2.0, 1.0])
@@ -366,7 +365,7 @@ def test_a_full_disk_never_leaves_a_mask_without_its_label_map(tmp_path: Path, m
 def test_dicom_series_with_a_missing_slice_is_refused_and_series_id_picks_one_of_several(tmp_path: Path) -> None:
     from dicom_series import write_dicom_series
 
-    from fseft.data.io import dicom_series_files
+    from fseft.data.dicom_series import dicom_series_files
 
     hu = np.full((6, 10, 8), -1000.0)
     hu[2:4, 3:7, 2:6] = 40.0

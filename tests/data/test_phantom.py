@@ -14,6 +14,7 @@ from scipy import ndimage as ndi
 from fseft.cli import main
 from fseft.data import phantom as ph
 from fseft.data.io import read_image, read_labels
+from fseft.data.phantom_anatomy import PHANTOM_LABELS
 from fseft.data.structures import PHANTOM_CLASSES, UnknownStructureError
 from fseft.errors import ConfigError
 
@@ -107,7 +108,7 @@ def test_anatomy_is_placed_plausibly_in_world_coordinates(source_ds, target_ds, 
     root = source_ds if domain == "source" else target_ds
     for _, _, label_path in _cases(root):
         labels = read_labels(label_path)
-        c = {s: _world_centroid(labels, v) for s, v in ph.PHANTOM_LABELS.items()}
+        c = {s: _world_centroid(labels, v) for s, v in PHANTOM_LABELS.items()}
         spine = c["vertebrae"]
         assert c["liver"][0] > spine[0] > c["spleen"][0], label_path  # liver right, spleen left
         assert c["kidney_right"][0] > spine[0] > c["kidney_left"][0]
@@ -125,7 +126,7 @@ def test_target_domain_shifts_hu_by_the_configured_phase_offsets():
     for name in ("aorta", "inferior_vena_cava", "spleen"):
         # Interior voxels only: the blur mixes the boundary with the neighbours (partial volume).
         means = [
-            float(c.image.array[ndi.binary_erosion(c.labels.array == ph.PHANTOM_LABELS[name], iterations=1)].mean())
+            float(c.image.array[ndi.binary_erosion(c.labels.array == PHANTOM_LABELS[name], iterations=1)].mean())
             for c in (src, tgt)
         ]
         expected = cfg.target.hu[name] - cfg.source.hu[name]
@@ -137,8 +138,8 @@ def test_target_domain_shifts_hu_by_the_configured_phase_offsets():
 def test_intensity_thresholding_does_not_segment_liver_or_spleen():
     case = ph.generate_case(domain="source", seed=0, case_index=0)
     image, labels = case.image.array, case.labels.array
-    liver = _best_interval_dice(image, labels == ph.PHANTOM_LABELS["liver"])
-    spleen = _best_interval_dice(image, labels == ph.PHANTOM_LABELS["spleen"])
+    liver = _best_interval_dice(image, labels == PHANTOM_LABELS["liver"])
+    spleen = _best_interval_dice(image, labels == PHANTOM_LABELS["spleen"])
     assert liver < 0.6 and spleen < 0.45, (liver, spleen)
     # The search does find an interval when one exists (so the bound above can fail).
     assert _best_interval_dice(image, (image >= 100) & (image < 150)) == pytest.approx(1.0)
@@ -152,8 +153,8 @@ def test_structures_subset_relabels_consecutively_and_rejects_bad_names(tmp_path
     written = read_labels(label_path).array
     full = ph.generate_case(domain="target", seed=2, case_index=0).labels.array
     assert set(np.unique(written)) == {0, 1, 2}
-    assert np.array_equal(written == 1, full == ph.PHANTOM_LABELS["spleen"])
-    assert np.array_equal(written == 2, full == ph.PHANTOM_LABELS["inferior_vena_cava"])
+    assert np.array_equal(written == 1, full == PHANTOM_LABELS["spleen"])
+    assert np.array_equal(written == 2, full == PHANTOM_LABELS["inferior_vena_cava"])
     with pytest.raises(UnknownStructureError, match="notanorgan"):
         ph.write_phantom_dataset(tmp_path / "bad", 1, structures=["liver", "notanorgan"], progress=False)
     with pytest.raises(ConfigError, match="esophagus"):
@@ -208,9 +209,9 @@ def test_partial_label_sources_annotate_overlapping_subsets_without_gallbladder(
         assert set(np.unique(written)) == set(range(len(labelled) + 1))
         if i == 1:  # against the full label map of the same case: other organs drawn, unlabelled
             full = ph.generate_case(domain="source", seed=5, case_index=0, stream=i + 1).labels.array
-            assert np.count_nonzero(full == ph.PHANTOM_LABELS["gallbladder"]) > 0
+            assert np.count_nonzero(full == PHANTOM_LABELS["gallbladder"]) > 0
             for value, name in enumerate(labelled, start=1):
-                assert np.array_equal(written == value, full == ph.PHANTOM_LABELS[name]), name
+                assert np.array_equal(written == value, full == PHANTOM_LABELS[name]), name
             assert np.count_nonzero(full > 0) > np.count_nonzero(written > 0)
         subsets.append(set(labelled))
         images.append(read_image(image_path).array)

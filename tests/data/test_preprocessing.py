@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fseft.data.io import Volume, read_image, read_multilabel, write_mask
+from fseft.data.io import read_image, read_multilabel, write_mask
 from fseft.data.preprocessing import PreprocessConfig, PreprocessedCase, preprocess, to_native
+from fseft.data.volume import Volume
 from fseft.errors import ConfigError, InputFileError
 
 # LAS, anisotropic, off-origin: exercises orientation, spacing and translation together.

@@ -42,7 +42,7 @@ def test_a_near_miss_of_a_catalogued_name_gets_a_suggestion(caplog):
     import logging
 
     from fseft.data.structures import UnknownStructureError, canonical_name, did_you_mean
-    from fseft.engine.adapt import _structures
+    from fseft.adaptation.runner import _structures
 
     assert did_you_mean("livr") == " (did you mean 'liver'?)"
     assert did_you_mean("left_hippocampus_tail") == ""

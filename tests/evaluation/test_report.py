@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from fseft.cli import main
-from fseft.data.io import Volume, write_mask
+from fseft.data.io import write_mask
+from fseft.data.volume import Volume
 from fseft.errors import ConfigError, InputFileError
 from fseft.evaluation.report import evaluate_folders, read_label_map
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fseft.data.io import Volume
+from fseft.data.volume import Volume
 from fseft.errors import InputFileError
 from fseft.evaluation.statistics import structure_statistics
 

@@ -23,7 +23,7 @@ def test_registry_lists_the_builtin_methods():
 def test_default_protocols_are_the_reference_run_commands():
     """../shared/protocols.md: lp 1e-1 / 50 epochs, spatial adapter and ft-last 1e-2 / 100,
     ft and scratch 1e-4 with 2 volumes of 3 patches."""
-    from fseft.engine.adapt import AdaptConfig
+    from fseft.adaptation import AdaptConfig
 
     def protocol(method):
         cfg = AdaptConfig(method=method).resolved()

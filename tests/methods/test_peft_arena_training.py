@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fseft.engine.sliding_window import check_bf16_training
+from fseft.inference.sliding_window import check_bf16_training
 from fseft.methods.arena import AdaptiveRankLayer, effective_ranks, proximal_step
 from fseft.methods.peft_methods import apply_method, method_train_mode, post_step, trainable_parameters
 from fseft.models.zoo import create_model

@@ -148,7 +148,7 @@ def test_windows_are_checked_without_building_the_model(arch, size, ok):
 
 
 def test_a_pretraining_patch_the_architecture_cannot_take_is_refused_before_any_work(tmp_path):
-    from fseft.engine.pretrain import AssemblyConfig, PretrainConfig, pretrain
+    from fseft.pretraining import AssemblyConfig, PretrainConfig, pretrain
 
     assembly = AssemblyConfig(datasets=[str(tmp_path / "missing")], arch="swin_unetr", arch_kwargs={"feature_size": 12},
                               train=PretrainConfig(patch_size=(32, 32, 32)))

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 import fseft
-from fseft.data.phantom import PHANTOM_LABELS, generate_case
+from fseft.data.phantom import generate_case
+from fseft.data.phantom_anatomy import PHANTOM_LABELS
 from fseft.data.preprocessing import PreprocessConfig
-from fseft.engine.inference import InferenceConfig, segment_volume
 from fseft.evaluation.metrics import dice
 from fseft.models.checkpoint import read_model_file_config
 from fseft.models.zoo import load_model
+from fseft.prediction.segment import InferenceConfig, segment_volume
 
 WEIGHTS = Path(fseft.__file__).parent / "weights" / "phantom_swinunetr.safetensors"
 

@@ -129,7 +129,7 @@ def test_unet_inference_norm_is_recorded_and_changes_eval_outputs(tmp_path):
 
 def test_an_adapter_run_written_before_the_option_existed_was_the_default(tmp_path):
     """A run record without ``patch_merging`` was trained on the current order: a legacy base differs."""
-    from fseft.methods.adapter_io import _check_base
+    from fseft.runs.format import _check_base
 
     legacy = create_model("swin_unetr", ["liver"], feature_size=12, patch_merging="legacy")
     record = {"arch": "swin_unetr", "base_class_names": ["liver"],

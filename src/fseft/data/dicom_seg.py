@@ -25,13 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fseft import __version__
+from fseft.data.dicom_series import dicom_series_files
 from fseft.data.structures import canonical_name, structure_color
+from fseft.data.volume import Volume
 from fseft.errors import ConfigError, InputFileError
+from fseft.utils import atomic_path
 
 if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
-
-    from fseft.data.io import Volume
+    from pydicom.dataset import Dataset  # optional extra (dicom-seg)
 
 DICOM_SEG_EXTRA = "dicom-seg"
 DICOM_SEG_SUFFIX = ".dcm"
@@ -47,7 +49,7 @@ _REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanc
 def require_highdicom() -> Any:
     """The `highdicom` module, or a `ConfigError` naming the extra that installs it."""
     try:
-        import highdicom
+        import highdicom  # optional extra: dicom-seg
     except ImportError as exc:
         raise ConfigError(
             "--output-type dicom-seg writes DICOM SEG files with highdicom, which is not installed: "
@@ -77,7 +79,7 @@ class SegmentCodes:
 
     def resolve(self) -> dict[str, Any]:
         """``{"category", "type", "modifier", "region"}`` as pydicom `Code` objects (or None)."""
-        from pydicom.sr.codedict import codes
+        from pydicom.sr.codedict import codes  # optional extra: dicom-seg (pydicom comes with highdicom)
 
         return {key: None if name is None else getattr(codes.SCT, name)
                 for key, name in (("category", self.category), ("type", self.type),
@@ -130,7 +132,7 @@ def segment_description(number: int, name: str, algorithm_version: str) -> Any:
     type AUTOMATIC by "fseft" `algorithm_version` (family: artificial intelligence), and the
     structure's display colour (`structure_color`, as CIELab)."""
     hd = require_highdicom()
-    from pydicom.sr.codedict import codes
+    from pydicom.sr.codedict import codes  # optional extra: dicom-seg
 
     coded = segment_codes(name).resolve()
     description = hd.seg.SegmentDescription(
@@ -163,9 +165,7 @@ def read_source_headers(folder: str | os.PathLike, series_id: str | None = None)
     its UIDs, say) or repeats another file's SOP Instance UID; `ConfigError` without highdicom.
     """
     require_highdicom()
-    import pydicom
-
-    from fseft.data.io import dicom_series_files
+    import pydicom  # optional extra: dicom-seg
 
     headers: list[Dataset] = []
     seen: dict[str, Path] = {}
@@ -262,8 +262,6 @@ def write_dicom_seg(
     (`series_number`, `series_description`) in the source's study. Returns the path written.
     """
     hd = require_highdicom()
-    from fseft import __version__
-    from fseft.utils import atomic_path
 
     path = Path(path)
     headers = read_source_headers(source) if isinstance(source, (str, os.PathLike)) else list(source)

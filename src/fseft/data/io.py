@@ -1,8 +1,7 @@
-"""Reading and writing CT volumes and label masks.
+"""Reading and writing CT volumes and label masks as `Volume`s (`fseft.data.volume`).
 
-Every volume in fseft is a `Volume`: a NumPy array in voxel order ``(X, Y, Z)`` (or a stack
-``(S, X, Y, Z)``) and a 4x4 affine mapping voxel indices to RAS+ world millimetres, the nibabel
-convention. Files read through SimpleITK (NRRD, MHA/MHD, DICOM) are converted from ITK's LPS
+A `Volume` is a NumPy array in voxel order ``(X, Y, Z)`` (or a stack ``(S, X, Y, Z)``) and a
+4x4 affine mapping voxel indices to RAS+ world millimetres, the nibabel convention. Files read through SimpleITK (NRRD, MHA/MHD, DICOM) are converted from ITK's LPS
 physical frame and ``(Z, Y, X)`` array order into that convention, so the rest of the code never
 sees the difference.
 """
@@ -10,16 +9,18 @@ sees the difference.
 from __future__ import annotations
 
 import logging
-
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
+from numpy.typing import ArrayLike
 
-from fseft.data.structures import UnknownStructureError, canonical_name, canonical_names
+from fseft.data.dicom_series import dicom_series_files
+from fseft.data.structures import UnknownStructureError, canonical_name, canonical_names, structure_color
+from fseft.data.volume import Volume, align_to_grid, flip_axis
 from fseft.errors import InputFileError
 from fseft.utils import atomic_path, write_json, write_text
 
@@ -30,10 +31,6 @@ SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) 
 # ITK's physical frame is LPS+, nibabel's RAS+: negate the first two world axes.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-# Tolerance (mm) on affine entries when deciding that two volumes share one voxel grid.
-GEOMETRY_ATOL_MM = 1e-3
-
-
 class StructureNotInFileError(InputFileError, UnknownStructureError):
     """A requested structure that a label file (or a set of mask files) does not contain.
 
@@ -42,35 +39,6 @@ class StructureNotInFileError(InputFileError, UnknownStructureError):
     """
 
 
-@dataclass
-class Volume:
-    """An image or mask with its geometry.
-
-    `array`: ``(X, Y, Z)`` for scans and label maps, ``(S, X, Y, Z)`` for a stack of binary
-    masks. `affine`: ``(4, 4)`` voxel index -> RAS+ mm (nibabel convention). `source`: the file
-    or folder it came from (used in error messages).
-    """
-
-    array: np.ndarray
-    affine: np.ndarray
-    source: str
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along X, Y, Z (column norms of the affine)."""
-        return tuple(float(v) for v in np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0))
-
-    @property
-    def spatial_shape(self) -> tuple[int, int, int]:
-        """``(X, Y, Z)``, also for a ``(S, X, Y, Z)`` stack."""
-        return tuple(int(v) for v in self.array.shape[-3:])
-
-    @property
-    def axcodes(self) -> str:
-        """Orientation codes of the voxel axes, e.g. ``"RAS"`` or ``"LAS"``."""
-        import nibabel as nib
-
-        return "".join(nib.aff2axcodes(np.asarray(self.affine)))
 
 
 # ------------------------------------------------------------------------------- reading
@@ -84,8 +52,6 @@ def _suffix(path: Path) -> str:
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-
     try:
         img = nib.load(str(path))
         # `dataobj` applies scl_slope / scl_inter; keep the stored dtype when they are identity.
@@ -97,8 +63,6 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _itk_to_numpy(image, source: Path) -> tuple[np.ndarray, np.ndarray]:
     """SimpleITK image -> (array (X, Y, Z), RAS affine)."""
-    import SimpleITK as sitk
-
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputFileError(
             f"{source}: not a scalar volume ({image.GetNumberOfComponentsPerPixel()} components per voxel)"
@@ -121,8 +85,6 @@ def _itk_to_numpy(image, source: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_itk_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import SimpleITK as sitk
-
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -130,99 +92,7 @@ def _read_itk_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return _itk_to_numpy(image, path)
 
 
-def flip_axis(array: np.ndarray, affine: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reverse voxel axis `axis` (0, 1, 2 of the spatial axes) keeping the world positions.
-
-    `array` is ``(..., X, Y, Z)``; returns the flipped array and the matching affine.
-    """
-    n = array.shape[array.ndim - 3 + axis]
-    flip = np.eye(4)
-    flip[axis, axis] = -1.0
-    flip[axis, 3] = n - 1
-    return np.flip(array, axis=array.ndim - 3 + axis), affine @ flip
-
-
-def check_slice_spacing(folder: Path, names: Sequence[str], tolerance: float = 0.5) -> None:
-    """Refuse a DICOM series whose slices are not evenly spaced along their normal.
-
-    SimpleITK stacks the slices on an even grid whatever their positions, so a missing slice
-    (an incomplete transfer from the PACS) would silently shift every slice after it. A gap
-    more than ``1 + tolerance`` times the median spacing, or two slices at one position, raises
-    `InputFileError` naming the files around it.
-    """
-    import SimpleITK as sitk
-
-    positions = []
-    for name in names:
-        info = sitk.ImageFileReader()
-        info.SetFileName(str(name))
-        try:
-            info.ReadImageInformation()
-            ipp = [float(v) for v in info.GetMetaData("0020|0032").split("\\")]
-            iop = [float(v) for v in info.GetMetaData("0020|0037").split("\\")]
-        except (RuntimeError, ValueError):
-            return  # no usable position tags: nothing to check against (SimpleITK reports it)
-        normal = np.cross(iop[:3], iop[3:])
-        positions.append(float(np.dot(ipp, normal)))
-    order = np.argsort(positions)
-    steps = np.diff(np.asarray(positions)[order])
-    if steps.size < 2:
-        return
-    median = float(np.median(steps))
-    for i, step in enumerate(steps):
-        if step < 1e-3 or step > (1 + tolerance) * median:
-            before, after = Path(names[order[i]]).name, Path(names[order[i + 1]]).name
-            what = "two slices at the same position" if step < 1e-3 else (
-                f"a gap of {step:.2f} mm where the series steps {median:.2f} mm (about "
-                f"{round(step / median) - 1} missing slice(s))")
-            raise InputFileError(
-                f"{folder}: {what} between {before} and {after}; fseft would misplace every slice "
-                "after it. Export the complete series again"
-            )
-
-
-def dicom_series_files(folder: str | os.PathLike, series_id: str | None = None) -> list[str]:
-    """The files of the DICOM series to read in `folder`, sorted by slice position.
-
-    Reads headers only, so that a run can check its scans before any work: refuses an empty
-    folder, one without a series, several series without `series_id` (listing them), an
-    unknown `series_id`, a single slice, and uneven slice spacing (`check_slice_spacing`).
-    """
-    import SimpleITK as sitk
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputFileError(f"{folder}: no such folder; expected a folder holding a DICOM series")
-    files = [p for p in folder.iterdir() if p.is_file()]
-    if not files:
-        raise InputFileError(f"{folder}: empty folder; expected a DICOM series")
-    reader = sitk.ImageSeriesReader()
-    try:
-        ids = list(reader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError as exc:
-        raise InputFileError(f"{folder}: cannot scan folder for DICOM series ({exc})") from exc
-    if not ids:
-        raise InputFileError(f"{folder}: no DICOM series found among its {len(files)} files")
-    if series_id is None:
-        if len(ids) > 1:
-            counts = ", ".join(f"{i!r} ({len(reader.GetGDCMSeriesFileNames(str(folder), i))} files)" for i in ids)
-            raise InputFileError(
-                f"{folder}: holds {len(ids)} DICOM series ({counts}); choose one with --series-id "
-                "(series_id in Python) or give a folder with a single series"
-            )
-        series_id = ids[0]
-    elif series_id not in ids:
-        raise InputFileError(f"{folder}: no DICOM series {series_id!r}; series there: {', '.join(map(repr, ids))}")
-    names = list(reader.GetGDCMSeriesFileNames(str(folder), series_id))  # sorted by slice position
-    if len(names) < 2:
-        raise InputFileError(f"{folder}: DICOM series {series_id!r} has a single slice; expected a volume")
-    check_slice_spacing(folder, names)
-    return names
-
-
 def _read_dicom_series(folder: Path, series_id: str | None) -> tuple[np.ndarray, np.ndarray]:
-    import SimpleITK as sitk
-
     names = dicom_series_files(folder, series_id)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
@@ -255,7 +125,7 @@ def _read_array(path: str | os.PathLike, series_id: str | None = None) -> tuple[
     return array, affine, path
 
 
-def _check_3d(array: np.ndarray, affine: np.ndarray, source: Any) -> tuple[np.ndarray, np.ndarray]:
+def _check_3d(array: np.ndarray, affine: np.ndarray, source: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """One 3D volume (a trailing axis of one volume dropped) and a usable affine, else an
     `InputFileError` naming `source`."""
     if array.ndim == 4 and array.shape[3] == 1:
@@ -283,7 +153,7 @@ def read_image(path: str | os.PathLike, *, series_id: str | None = None) -> Volu
     return _scan_volume(array, affine, path)
 
 
-def volume_from_array(array: Any, affine: Any, source: str = "the array") -> Volume:
+def volume_from_array(array: ArrayLike, affine: ArrayLike, source: str = "the array") -> Volume:
     """A scan held in memory as a `Volume`, checked as `read_image` checks a file.
 
     array: ``(X, Y, Z)`` (or ``(X, Y, Z, 1)``) real numbers, HU; affine: ``(4, 4)`` voxel index ->
@@ -301,7 +171,7 @@ def volume_from_array(array: Any, affine: Any, source: str = "the array") -> Vol
     return _scan_volume(array, affine, source)
 
 
-def _scan_volume(array: np.ndarray, affine: np.ndarray, source: Any) -> Volume:
+def _scan_volume(array: np.ndarray, affine: np.ndarray, source: str | os.PathLike[str]) -> Volume:
     """`read_image`'s checks of a 3D array: real numbers, finite, HU-like (else a warning)."""
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
         raise InputFileError(f"{source}: voxel type {array.dtype} is not a real number type")
@@ -420,95 +290,6 @@ def read_binary_masks(files: Mapping[str, str | os.PathLike], structures: Sequen
     return Volume(array=masks, affine=first.affine, source=source)
 
 
-def _corners_mm(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """World positions ``(8, 3)`` of the centres of a grid's corner voxels."""
-    idx = np.array([[i, j, k] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)], float)
-    a = np.asarray(affine, float)
-    return idx @ a[:3, :3].T + a[:3, 3]
-
-
-def grid_displacement_mm(a: Volume, b: Volume) -> float:
-    """Largest distance (mm) between where the two grids put the same corner voxel (equal
-    spatial shapes): 0 for one grid, the size of the move for a shift, flip or rotation."""
-    return float(np.max(np.linalg.norm(_corners_mm(a.affine, a.spatial_shape) - _corners_mm(b.affine, b.spatial_shape),
-                                       axis=1)))
-
-
-def is_reordered_grid(a: Volume, b: Volume, atol: float = GEOMETRY_ATOL_MM) -> bool:
-    """Whether `b` covers the very voxel centres of `a` in another voxel order (axes permuted or
-    reversed, as dcm2niix and SimpleITK may write one DICOM series): same corner positions as a
-    set, shapes a permutation of each other."""
-    if sorted(a.spatial_shape) != sorted(b.spatial_shape):
-        return False
-    ca, cb = _corners_mm(a.affine, a.spatial_shape), _corners_mm(b.affine, b.spatial_shape)
-    distances = np.linalg.norm(ca[:, None, :] - cb[None, :, :], axis=2)  # (8, 8)
-    return bool(distances.min(axis=1).max() <= atol and distances.min(axis=0).max() <= atol)
-
-
-def reorient_to_grid(b: Volume, a: Volume, atol: float = GEOMETRY_ATOL_MM) -> Volume | None:
-    """`b` in `a`'s voxel order when `b` is `a`'s grid with axes permuted or reversed (no
-    resampling: a lossless reindexing of ``(..., X, Y, Z)``); None when it is not."""
-    import nibabel as nib
-
-    if not is_reordered_grid(a, b, atol):
-        return None
-    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(b.affine),
-                                                nib.orientations.io_orientation(a.affine))
-    lead = b.array.ndim - 3
-    array = np.moveaxis(b.array, tuple(range(lead)), tuple(range(-lead, 0))) if lead else b.array
-    array = nib.orientations.apply_orientation(array, transform)  # spatial axes first
-    array = np.ascontiguousarray(np.moveaxis(array, tuple(range(-lead, 0)), tuple(range(lead))) if lead else array)
-    affine = np.asarray(b.affine) @ nib.orientations.inv_ornt_aff(transform, b.spatial_shape)
-    out = Volume(array=array, affine=affine, source=b.source)
-    if out.spatial_shape != a.spatial_shape or grid_displacement_mm(a, out) > atol:
-        return None  # oblique grids whose closest orientation does not line up: refuse below
-    return out
-
-
-def align_to_grid(a: Volume, b: Volume, atol: float = GEOMETRY_ATOL_MM) -> Volume:
-    """`b` on `a`'s voxel grid: `b` itself when they share it; reoriented losslessly (with a
-    logged note naming the file) when `b` is the same physical grid in another voxel order,
-    as dcm2niix and SimpleITK write one DICOM series; else `check_same_geometry`'s error."""
-    same = a.spatial_shape == b.spatial_shape and grid_displacement_mm(a, b) <= atol
-    if not same:
-        reoriented = reorient_to_grid(b, a, atol)
-        if reoriented is not None:
-            logging.getLogger(__name__).warning(
-                "%s: the same grid as %s in voxel order %s instead of %s; reoriented to it losslessly",
-                b.source, a.source, b.axcodes, a.axcodes)
-            return reoriented
-        check_same_geometry(a, b)
-    return b
-
-
-def check_same_geometry(a: Volume, b: Volume, atol: float = GEOMETRY_ATOL_MM) -> None:
-    """Raise `InputFileError` naming both sources unless `a` and `b` share one voxel grid.
-
-    Compares the spatial shapes and where the grids put their corner voxels (within `atol` mm).
-    The message says whether `b` is the same physical grid in another voxel order (nothing
-    moves: reorient it) or how far, in mm, its voxels are from `a`'s.
-    """
-    same_shape = a.spatial_shape == b.spatial_shape
-    moved = grid_displacement_mm(a, b) if same_shape else None
-    if moved is not None and moved <= atol:
-        return
-    where = (f"orientation {b.axcodes} vs {a.axcodes}, spacing "
-             f"{tuple(round(s, 4) for s in b.spacing)} vs {tuple(round(s, 4) for s in a.spacing)}")
-    if is_reordered_grid(a, b, atol):
-        raise InputFileError(
-            f"{b.source}: the same physical grid as {a.source} in another voxel order ({where}); no voxel moves, "
-            "but the arrays do not line up: reorient it to the image's orientation (e.g. nibabel "
-            "as_closest_canonical on both, or SimpleITK DICOMOrient)"
-        )
-    if not same_shape:
-        raise InputFileError(
-            f"{b.source}: shape {b.spatial_shape} differs from {a.source} shape {a.spatial_shape}"
-        )
-    raise InputFileError(
-        f"{b.source}: geometry differs from {a.source}: the same voxel lies up to {moved:.4g} mm apart ({where})"
-    )
-
-
 # ------------------------------------------------------------------------------- writing
 
 
@@ -520,8 +301,6 @@ def _nifti_suffix(path: Path) -> str:
 
 
 def _nifti_image(array: np.ndarray, affine: np.ndarray):
-    import nibabel as nib
-
     img = nib.Nifti1Image(array, affine)
     # Both sform and qform, code 1 (scanner): ITK / 3D Slicer and nibabel then agree on placement.
     img.set_sform(affine, code=1)
@@ -593,8 +372,6 @@ def write_color_table(path: str | os.PathLike, label_map: Mapping[int, str]) -> 
     `label_map` (value -> name), coloured by `structure_color` (stable per structure). Names
     with spaces get underscores, as the format asks. Returns the path written.
     """
-    from fseft.data.structures import structure_color
-
     path = Path(path)
     rows = {0: ("background", (0, 0, 0), 0)}
     for value, name in sorted((int(v), str(n)) for v, n in label_map.items()):

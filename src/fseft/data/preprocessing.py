@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fseft.data.io import Volume, check_same_geometry
+from fseft.data.volume import Volume, check_same_geometry
 from fseft.errors import ConfigError, InputFileError
 
 _AXCODE_PAIRS = ("LR", "PA", "IS")
@@ -98,6 +98,8 @@ class PreprocessedCase:
 
 
 def _transforms(cfg: PreprocessConfig, keys: list[str], soft_labels: bool = False):
+    # MONAI's transforms take seconds to import; PreprocessConfig is read without them (assembly
+    # files, run folders, model files)
     from monai.transforms import Compose, CropForegroundd, Orientationd, ScaleIntensityRanged, Spacingd
 
     modes = ["bilinear" if k == "image" or soft_labels else "nearest" for k in keys]
@@ -138,7 +140,7 @@ def preprocess(image: Volume, labels: Volume | None = None, cfg: PreprocessConfi
     Raises `InputFileError` when the labels' geometry differs from the image's, or (with
     `crop_foreground`) when no voxel exceeds the body threshold (not a CT in HU?).
     """
-    from monai.data import MetaTensor
+    from monai.data import MetaTensor  # heavy, as in _transforms
 
     cfg = cfg or PreprocessConfig()
     if image.array.ndim != 3:
@@ -170,7 +172,7 @@ def to_native(array: torch.Tensor | np.ndarray, case: PreprocessedCase, mode: st
     Native voxels outside the model-space box (e.g. cropped-away air) get 0. Channels are
     resampled one at a time so that memory stays at one native float channel beyond the output.
     """
-    from monai.data import MetaTensor
+    from monai.data import MetaTensor  # heavy, as in _transforms
     from monai.transforms import SpatialResample
 
     if mode not in ("nearest", "linear"):

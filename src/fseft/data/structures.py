@@ -9,6 +9,9 @@ Canonical names follow TotalSegmentator's snake_case spelling where it has the s
 
 from __future__ import annotations
 
+import colorsys
+import difflib
+import hashlib
 import re
 
 from fseft.errors import FseftError
@@ -122,8 +125,6 @@ _CANONICAL_BY_KEY.update({_normalise(k): v for k, v in ALIASES.items()})
 
 def did_you_mean(name: str) -> str:
     """`` (did you mean 'liver'?)`` for a near-miss of a catalogued name, else ``""``."""
-    import difflib
-
     close = difflib.get_close_matches(_normalise(name), list(_CANONICAL_BY_KEY), n=1, cutoff=0.75)
     return f" (did you mean {_CANONICAL_BY_KEY[close[0]]!r}?)" if close else ""
 
@@ -200,9 +201,6 @@ def structure_color(name: str) -> tuple[int, int, int]:
     """The display colour (RGB, 0-255) of a structure (any spelling): its `STRUCTURE_COLORS`
     entry, else one derived from the canonical name's MD5 digest (a hue at fixed saturation and
     brightness), so a structure the catalogue lacks also keeps one colour across runs."""
-    import colorsys
-    import hashlib
-
     canonical = canonical_name(name)
     if canonical in STRUCTURE_COLORS:
         return STRUCTURE_COLORS[canonical]

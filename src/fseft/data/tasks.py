@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from fseft.data.datasets import Case, Dataset, voxel_counts
+from fseft.data.datasets import Case, Dataset
+from fseft.data.inspection import voxel_counts
 from fseft.data.structures import canonical_name, canonical_names
 from fseft.errors import ConfigError, InputFileError
 from fseft.utils import write_text
@@ -102,7 +103,7 @@ class FewShotTask:
         """Draw `k` support cases and up to `n_query` query cases (default: all the others).
 
         Only cases where every requested structure is annotated and non-empty are eligible
-        (voxel counts, cached, see `fseft.data.datasets.voxel_counts`). The same arguments give
+        (voxel counts, cached, see `fseft.data.inspection.voxel_counts`). The same arguments give
         the same task. With ``partition=(train_ids, test_ids)`` support is drawn from the
         train ids and queries from the test ids. Raises `ConfigError` when `k` exceeds the
         eligible cases or no query case is left.

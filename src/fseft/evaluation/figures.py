@@ -19,13 +19,16 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fseft.errors import ConfigError
 from fseft.evaluation.tables import cell_at
 from fseft.utils import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 120
 PAGE_WIDTH_IN = 9.2  # inches: 1104 pixels at DPI, the report page's width
@@ -38,6 +41,8 @@ _METRIC_NAMES = {"dice": "Dice", "nsd": "NSD", "hd95": "HD95 (mm)"}
 
 def _pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend (no display needed)."""
+    # matplotlib only when a figure is drawn (~0.7 s): `fseft --help` imports this module through
+    # the experiment grid. pyplot after the backend is chosen: importing it picks one.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +51,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str | os.PathLike) -> Path:
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
     plt = _pyplot()
     path = Path(path)
     try:
@@ -70,7 +75,7 @@ def _check_summary(summary: Mapping[str, Any]) -> None:
 
 def method_colours(methods: Sequence[str]) -> dict[str, Any]:
     """One colour per method (tab10, tab20 beyond ten methods), in `methods` order."""
-    import matplotlib
+    import matplotlib  # only when a figure is drawn, as in _pyplot
 
     cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
     return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
@@ -112,7 +117,7 @@ def plot_dice_vs_k(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 def _line_figure(summary: Mapping[str, Any]) -> Any:
     plt = _pyplot()
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # only when a figure is drawn, as in _pyplot
 
     methods = list(summary["methods"])
     ks = [int(k) for k in summary["ks"]]
@@ -318,7 +323,7 @@ def overlay_figure(
             raise ConfigError(f"panel {panel.title!r}: slice_index {slice_index} outside 0..{np.shape(panel.image)[2] - 1}")
 
     plt = _pyplot()
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # only when a figure is drawn, as in _pyplot
 
     n_cols = min(columns, max(len(panels) for _, panels in sections))
     rows = [math.ceil(len(panels) / n_cols) for _, panels in sections]

@@ -67,6 +67,7 @@ def nsd(pred: np.ndarray, gt: np.ndarray, spacing: Spacing, tolerance_mm: float 
     of the other mask's boundary; `spacing` is the voxel size in mm along X, Y, Z.
     Both empty: 1.0; exactly one empty: 0.0.
     """
+    # heavy (seconds: it imports MONAI's transforms); Dice alone does not need it
     from monai.metrics import compute_surface_dice
 
     pred, gt = _pair(pred, gt)
@@ -93,7 +94,7 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Spacing) -> float:
     definition); `spacing` is the voxel size in mm along X, Y, Z.
     Both empty: 0.0; exactly one empty: NaN.
     """
-    from monai.metrics import compute_hausdorff_distance
+    from monai.metrics import compute_hausdorff_distance  # heavy, as in nsd
 
     pred, gt = _pair(pred, gt)
     p_any, g_any = bool(pred.any()), bool(gt.any())

@@ -11,6 +11,8 @@ from collections.abc import Collection, Mapping, Sequence
 import cc3d
 import numpy as np
 
+from fseft.data.structures import canonical_name, is_multi_part
+
 # 26-connectivity: voxels touching by a corner belong to the same component (cc3d's default,
 # and the usual choice for organ masks).
 CONNECTIVITY = 26
@@ -37,8 +39,6 @@ def keep_largest_components(
     the channels whose structure (`structures[s]`, any spelling) is multi-part
     (`fseft.data.structures.is_multi_part`) or in `keep_whole` (canonical names: a model file's
     choice, `choose_largest_component`). Returns a new bool array of the same shape."""
-    from fseft.data.structures import canonical_name, is_multi_part
-
     if structures is not None and len(structures) != masks.shape[0]:
         raise ValueError(f"{len(structures)} structure names for {masks.shape[0]} mask channels")
     out = np.asarray(masks, dtype=bool).copy()

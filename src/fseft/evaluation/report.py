@@ -25,17 +25,18 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from fseft.data.datasets import detect_layout, open_dataset
+from fseft.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES, read_binary_masks, read_multilabel
 from fseft.data.structures import canonical_name, canonical_names
+from fseft.data.volume import Volume, align_to_grid
 from fseft.errors import ConfigError, InputFileError
 from fseft.evaluation.metrics import DEFAULT_NSD_TOLERANCE_MM, evaluate_masks
 from fseft.utils import write_json, write_text
-
-if TYPE_CHECKING:
-    from fseft.data.io import Volume
 
 METRICS: tuple[str, ...] = ("dice", "nsd", "hd95")
 
@@ -101,8 +102,6 @@ class LabelSet:
 
     def load(self, structures: Sequence[str]) -> Volume:
         """Binary masks ``(S, X, Y, Z)`` uint8 of `structures`."""
-        from fseft.data.io import read_binary_masks, read_multilabel
-
         if self.files:
             return read_binary_masks(self.files, structures)
         assert self.label is not None
@@ -111,8 +110,6 @@ class LabelSet:
 
 def _split_suffix(path: Path) -> tuple[str, str] | None:
     """(stem, suffix) of a NIfTI / NRRD / MetaImage file, None for other files."""
-    from fseft.data.io import ITK_SUFFIXES, NIFTI_SUFFIXES
-
     name = path.name
     for suffix in (*NIFTI_SUFFIXES, *ITK_SUFFIXES):
         if name.lower().endswith(suffix):
@@ -177,8 +174,6 @@ def find_ground_truth(path: str | os.PathLike, label_map: Mapping[int, str] | No
     """Case id -> `LabelSet` of a ground-truth folder: a dataset (any layout `open_dataset`
     detects; its labelled cases) or a folder of label files (`find_label_files`). `label_map`
     replaces the map of multilabel files."""
-    from fseft.data.datasets import detect_layout, open_dataset
-
     path = Path(path)
     if not path.is_dir():
         raise InputFileError(f"{path}: no such ground-truth folder")
@@ -311,10 +306,6 @@ def evaluate_folders(
     Raises `InputFileError` for a missing case or a prediction on another voxel grid than its
     ground truth, `ConfigError` for structures not annotated on both sides.
     """
-    from tqdm.auto import tqdm
-
-    from fseft.data.io import align_to_grid
-
     if not (tolerance_mm >= 0 and math.isfinite(tolerance_mm)):  # before any file is read
         raise ConfigError(f"the NSD tolerance must be a distance >= 0 mm, got --tolerance {tolerance_mm}")
     if label_map is not None and not isinstance(label_map, Mapping):

@@ -16,7 +16,7 @@ import numpy as np
 from fseft.errors import InputFileError
 
 if TYPE_CHECKING:
-    from fseft.data.io import Volume
+    from fseft.data.volume import Volume
 
 
 def structure_statistics(image: Volume, masks: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, float | int | None]]:

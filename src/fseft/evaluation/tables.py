@@ -1,6 +1,6 @@
 """Results tables of a benchmark, in the layout of the FSEFT paper's Table 1.
 
-A benchmark (`fseft.engine.benchmark`) produces one `RunRecord` per (method, k, seed,
+A benchmark (`fseft.experiments.grid`) produces one `RunRecord` per (method, k, seed,
 structure). `summarize` reduces them to a summary dict, the one input of every table, figure
 and report:
 
@@ -129,7 +129,7 @@ def format_cell(cell: Mapping[str, Any] | None, digits: int = 3) -> str:
     return text
 
 
-def cell_at(summary: Mapping[str, Any], method: str, k: Any, column: str) -> Mapping[str, Any] | None:
+def cell_at(summary: Mapping[str, Any], method: str, k: int | str, column: str) -> Mapping[str, Any] | None:
     """The cell of `method` at `k` in `column` (a structure or "mean"); None where any level
     is missing or None, or the mean is not a finite number."""
     row = ((summary.get("cells") or {}).get(method) or {}).get(str(k))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from monai.networks.nets.swin_unetr import SwinTransformerBlock
 from torch import nn
 from torch.utils import checkpoint
 
@@ -100,8 +101,6 @@ class SwinBlockWithAdapter(nn.Module):
 
 @register_method("adaptformer", AdaptFormerConfig, "parallel bottleneck adapters beside the Swin MLPs", kind="network")
 def _prepare_adaptformer(model: nn.Module, cfg: AdaptFormerConfig, parts: ModelParts) -> nn.Module:
-    from monai.networks.nets.swin_unetr import SwinTransformerBlock
-
     targets = peft_targets(model, "mlp")
     if not targets:
         raise ConfigError("adaptformer adapts the MLPs of Swin blocks; use it with a Swin-UNETR model")

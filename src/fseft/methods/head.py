@@ -6,7 +6,6 @@ model (`init_head_prior`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -87,7 +86,7 @@ def init_head_prior(head: nn.Conv3d, rows: Sequence[int | None], foreground: Seq
     return changed
 
 
-def foreground_fractions(labels: Sequence[Any]) -> list[float]:
+def foreground_fractions(labels: Sequence[np.ndarray | torch.Tensor]) -> list[float]:
     """Mean foreground fraction of each structure over support label volumes, each
     ``(S, X, Y, Z)`` (array or tensor, model space)."""
     per_volume = [np.asarray(lab, dtype=np.uint8).reshape(lab.shape[0], -1).mean(axis=1) for lab in labels]

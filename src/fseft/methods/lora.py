@@ -14,7 +14,7 @@ zero (so training starts from the pre-trained model). Default targets:
 The decoder (when ``fine-tuned`` or ``new``) and the head are peft ``modules_to_save``: peft
 trains a copy of them and stores it in ``adapter_model.safetensors`` beside the LoRA factors,
 so the run folder is a plain peft adapter (``PeftModel.from_pretrained(base, run_dir)`` loads
-it once the base has the run's head, see `fseft.methods.adapter_io.load_adapted`).
+it once the base has the run's head, see `fseft.runs.format.load_adapted`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class LoraMethodConfig(EncoderMethodConfig):
 
 def lora_config(model: nn.Module, cfg: LoraMethodConfig, parts: ModelParts):
     """The ``peft.LoraConfig`` of `cfg` for `model`'s architecture."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # heavy (seconds: peft imports transformers); only LoRA runs need it
 
     targets = cfg.target_modules if cfg.target_modules is not None else low_rank_targets(model, "lora")
     decoder = parts.decoder_modules(cfg.include_skip_blocks) if cfg.decoder != "frozen" else ()
@@ -75,7 +75,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 @register_method("lora", LoraMethodConfig, "LoRA on the encoder (HF peft)", kind="network", uses_peft=True,
                  merge=merge_lora)
 def _prepare_lora(model: nn.Module, cfg: LoraMethodConfig, parts: ModelParts) -> nn.Module:
-    from peft import get_peft_model
+    from peft import get_peft_model  # heavy, as in lora_config
 
     try:
         return get_peft_model(model, lora_config(model, cfg, parts))

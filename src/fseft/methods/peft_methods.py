@@ -7,12 +7,12 @@ config dataclass (a `MethodConfig`) plus a `prepare` function registered by name
     model = apply_method(base, "lora", structures=["liver", "gallbladder"], decoder="fine-tuned", rank=4)
     params = [p for p in model.parameters() if p.requires_grad]      # what the optimiser gets
     ... after each optimizer.step(): post_step(model, optimizer)     # the method's after-step hook
-    save_adapter(model, run_dir); load_adapted(fresh_base, run_dir)   # fseft.methods.adapter_io
+    save_adapter(model, run_dir); load_adapted(fresh_base, run_dir)   # fseft.runs.format
 
 They are registered in the one method registry of `fseft.methods` with ``kind="network"``
 (``register_method(name, config_cls, description, kind="network")`` on the `prepare` function);
 their configs subclass `MethodConfig` (``default_lr``, ``to_dict``). `fseft adapt` trains them on
-image patches (`fseft.engine.adapt`), the ``"features"`` methods on cached features.
+image patches (`fseft.adaptation.runner`), the ``"features"`` methods on cached features.
 
 The parts of each architecture (what "encoder", "decoder", "last block" mean) are declared by
 the architecture class itself (`fseft.models.base.ModelParts`, ``SegmentationModel.parts``):
@@ -47,6 +47,7 @@ from torch import nn
 from fseft.errors import ConfigError
 from fseft.methods.head import head_rows, init_head
 from fseft.methods.registry import MethodConfig, get_method, register_method, spec_of_config
+from fseft.models.architectures import ARCHITECTURES, create_model
 from fseft.models.base import ModelParts
 
 DECODER_MODES = ("frozen", "fine-tuned", "new")
@@ -68,8 +69,6 @@ def model_parts(model: nn.Module) -> ModelParts:
     """The encoder / decoder split `model`'s architecture declares (``SegmentationModel.parts``)."""
     parts = getattr(unwrap(model), "parts", None)
     if parts is None:
-        from fseft.models.architectures import ARCHITECTURES
-
         known = ", ".join(name for name, cls in ARCHITECTURES.items() if cls.parts is not None)
         raise ConfigError(f"encoder fine-tuning methods know the architectures {known}, not "
                           f"{getattr(unwrap(model), 'arch', '')!r} (it declares no encoder / decoder parts)")
@@ -305,7 +304,7 @@ def empty_weights() -> Iterator[None]:
     """Build modules with parameters on the meta device (no memory, no initialisation).
     `accelerate` (a dependency of peft) does it by patching `register_parameter`; MONAI's
     SwinUNETR cannot be built under ``torch.device("meta")`` (it calls ``.item()``)."""
-    from accelerate import init_empty_weights
+    from accelerate import init_empty_weights  # ~0.7 s to import; only parameter counting (--dry-run) needs it
 
     with init_empty_weights(include_buffers=False):
         yield
@@ -329,8 +328,6 @@ def count_method_parameters(
     scalars of the decoder (and skip blocks), "total_model": all scalars of the adapted
     network}``.
     """
-    from fseft.models.architectures import create_model
-
     class_names = tuple(class_names) if class_names is not None else tuple(structures)
     with empty_weights():
         base = create_model(arch, class_names, **(arch_kwargs or {}))
@@ -415,7 +412,7 @@ class DecoderConfig(MethodConfig):
     decoder: ``"fine-tuned"`` (from the pre-trained weights) or ``"new"`` (re-initialised).
     include_skip_blocks: Swin-UNETR's ``encoder1..4`` / ``encoder10`` train with the decoder.
     Every trainable weight lies after the encoder, so `fseft adapt` trains it on cached encoder
-    outputs (`fseft.engine.encoder_cache`).
+    outputs (`fseft.adaptation.encoder_cache`).
     """
 
     default_lr: ClassVar[float] = 1e-3

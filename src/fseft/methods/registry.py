@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from fseft.errors import ConfigError
+from fseft.utils import closest_hint
 
 METHOD_KINDS = ("features", "network")
 KIND_WORDS = {"features": "trained on cached features", "network": "trained through the network"}
@@ -34,7 +35,7 @@ class MethodConfig:
     """Base of the per-method options.
 
     Class attributes, the method's default training protocol (`AdaptConfig` fields left at
-    None take them; see `fseft.engine.adapt.AdaptConfig.resolved`):
+    None take them; see `fseft.adaptation.AdaptConfig.resolved`):
     `default_lr` (AdamW learning rate), `default_epochs`, `default_batch_size` (support volumes
     per optimiser step), `default_patches_per_volume`, and `protocol_source` (where the numbers
     come from: the FSEFT authors' run commands, a paper, or fseft's own choice). Also
@@ -60,7 +61,7 @@ class MethodConfig:
 
     def warms_up_head(self) -> bool:
         """Whether `fseft adapt` fits the head as a linear probe on the base's frozen features
-        before training by default (LP-FT, `fseft.engine.adapt_network.probe_head`): for network
+        before training by default (LP-FT, `fseft.adaptation.network_runner.probe_head`): for network
         methods whose head, at step 0, reads the pre-trained features unchanged."""
         return False
 
@@ -171,8 +172,6 @@ def get_method(name: str, kind: str | None = None) -> MethodSpec:
     _load_methods()
     spec = _REGISTRY.get(name)
     if spec is None:
-        from fseft.utils import closest_hint
-
         raise ConfigError(f"unknown adaptation method {name!r}{closest_hint(name, available_methods())}; "
                           f"choose one of: {', '.join(available_methods())}")
     if kind is not None and spec.kind != kind:

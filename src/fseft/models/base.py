@@ -54,7 +54,7 @@ class SegmentationModel(nn.Module):
     peft_targets: ClassVar[dict[str, list[str] | str]] = {}
     #: Optional frozen-prefix split (``point -> top-level modules computed after it``); an
     #: architecture that has one implements ``encode(x, point) -> dict`` and
-    #: ``decode(tensors, point) -> features`` (`fseft.engine.encoder_cache` caches the prefix).
+    #: ``decode(tensors, point) -> features`` (`fseft.adaptation.encoder_cache` caches the prefix).
     split_points: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: The total downsampling of the deepest level (Swin-UNETR 32, the SuPreM U-Net 8): a window
     #: side ``s`` is seen at ``s, s / 2, ..., s / downsampling`` voxels.

@@ -19,15 +19,19 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from fseft import __version__
+from fseft.data.preprocessing import PreprocessConfig
 from fseft.errors import ConfigError, InputFileError
-
-if TYPE_CHECKING:
-    from fseft.models.base import SegmentationModel
+from fseft.models.architectures import create_model
+from fseft.models.base import SegmentationModel
+from fseft.utils import atomic_path
 
 MODEL_FILE_FORMAT = "fseft-model/1"
 METADATA_KEY = "fseft"
@@ -48,8 +52,6 @@ def _numpy_safe_globals() -> list[Any]:
 
     The scalar reconstructor is allowed under both of its pickled names: ``numpy._core`` (files
     written under NumPy 2) and ``numpy.core`` (NumPy 1.x: MONAI's published BTCV checkpoint)."""
-    import numpy as np
-
     scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
     allowed: list[Any] = [np.dtype, (scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar")]
     allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
@@ -71,8 +73,6 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise InputFileError(f"{path}: checkpoint file not found")
     device = str(map_location)
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path), framework="pt", device=device) as f:
                 metadata = dict(f.metadata() or {})
@@ -364,7 +364,7 @@ def load_state_dict_layouts(
 # ------------------------------------------------------------------------------ fseft model file
 
 
-def _preprocess_dict(preprocess: Any) -> dict[str, Any] | None:
+def _preprocess_dict(preprocess: PreprocessConfig | Mapping[str, Any] | None) -> dict[str, Any] | None:
     if preprocess is None:
         return None
     if hasattr(preprocess, "to_dict"):
@@ -377,7 +377,7 @@ def _preprocess_dict(preprocess: Any) -> dict[str, Any] | None:
 def save_model_file(
     model: SegmentationModel,
     path: str | os.PathLike,
-    preprocess: Any = None,
+    preprocess: PreprocessConfig | Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
@@ -394,10 +394,6 @@ def save_model_file(
     Returns:
         ``path``.
     """
-    from safetensors.torch import save_file
-
-    from fseft.utils import atomic_path
-
     path = Path(path)
     config = {
         "format": MODEL_FILE_FORMAT,
@@ -434,8 +430,6 @@ def _narrowest_int(tensor: torch.Tensor) -> torch.Tensor:
 def read_model_file_config(path: str | os.PathLike) -> dict[str, Any] | None:
     """The JSON config of an fseft model file (header only, no tensors read); None when ``path``
     is a safetensors file without fseft metadata."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"{path}: model file not found")
@@ -462,7 +456,7 @@ def _parse_config(metadata: Mapping[str, str], path: Path) -> dict[str, Any] | N
 
 
 def _check_recorded_choices(config: Mapping[str, Any], path: Path) -> None:
-    """The records inference follows (`fseft.engine.sliding_window.recommended_roi_size`,
+    """The records inference follows (`fseft.inference.sliding_window.recommended_roi_size`,
     `recorded_whole_structures`) have their written shape: `InputFileError` naming the file
     and the entry otherwise (a hand-edited file), not a Python error at prediction time."""
     extra = config.get("extra") or {}
@@ -489,8 +483,6 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu",
     The returned model carries ``model.preprocess`` (dict or None) and ``model.model_config``
     (the whole JSON config).
     """
-    from fseft.models.architectures import create_model
-
     path = Path(path)
     tensors, metadata = read_checkpoint(path, map_location="cpu")
     config = _parse_config(metadata, path)

@@ -35,6 +35,7 @@ from fseft.models.checkpoint import (
     read_checkpoint,
     read_model_file_config,
 )
+from fseft.utils import file_sha256
 
 __all__ = ["ARCHITECTURES", "ARCH_ALIASES", "MODEL_SPECS", "ModelSpec", "check_window", "create_model", "load_model"]
 
@@ -399,8 +400,6 @@ def weights_file(model: str) -> Path | None:
 def model_reference(model: str) -> dict[str, Any]:
     """How a run finds its base model again: ``{"id": zoo id or None, "path": the weights file
     (resolved) or None, "file_sha256": its SHA-256, or None when it is not a file}``."""
-    from fseft.utils import file_sha256
-
     weights = weights_file(model)
     path = weights.expanduser().resolve() if weights is not None else None
     return {"id": model if model in MODEL_SPECS else None, "path": str(path) if path else None,
