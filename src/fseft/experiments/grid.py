@@ -354,7 +354,7 @@ def _run_log(path: Path) -> Iterator[logging.Logger]:
 
 
 def execute_run(model: str, data: str, structure: str, k: int, seed: int, folder: str, spec: Mapping[str, Any],
-                cfg: Any, partition: Any = None) -> dict[str, Any]:
+                cfg: AdaptConfig, partition: tuple[Sequence[str], Sequence[str]] | None = None) -> dict[str, Any]:
     """One planned run into `folder` (absolute), the same sequentially or on a Ray worker: the run
     is written into a hidden folder beside it, renamed onto `folder` when done, so `folder` is
     either the whole run or its predecessor. A run that raises leaves ``run.json`` and ``run.log``
