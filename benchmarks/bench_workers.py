@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROWS = {  # the demo's rows (fseft.engine.demo.demo_methods), by name
+ROWS = {  # the demo's rows (fseft.experiments.demo.demo_methods), by name
     "lp": {"method": "lp"},
     "spatial-adapter": {"method": "spatial-adapter"},
     "spatial-adapter+ti": {"method": "spatial-adapter", "transductive": True},
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from fseft.data.phantom import write_phantom_dataset
-    from fseft.engine.benchmark import experiment_from_dict, run_benchmark
-    from fseft.engine.executor import ExecutorConfig
+    from fseft.experiments.grid import experiment_from_dict, run_benchmark
+    from fseft.adaptation.executor import ExecutorConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fseft-bench-workers-"))
     data = work / "phantom_target"
