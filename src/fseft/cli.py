@@ -45,6 +45,29 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _add_executor_options(p: argparse.ArgumentParser, what: str) -> None:
+    """``--workers`` and its Ray options (`fseft.adaptation.executor.ExecutorConfig`)."""
+    group = p.add_argument_group("parallel runs on Ray (pip install \"fseft[distributed]\"; docs/cluster.md)")
+    group.add_argument("--workers", type=int, metavar="N",
+                       help=f"run {what} as Ray tasks, at most N at a time (default: one after another, no Ray)")
+    group.add_argument("--ray-address", metavar="auto|ADDR",
+                       help="join a running Ray cluster (ray start) instead of starting a local instance")
+    group.add_argument("--cpus-per-run", type=int, metavar="C",
+                       help="CPUs reserved per run and torch threads in it (default: this machine's cores / N; "
+                       "1 on a cluster)")
+    group.add_argument("--gpus-per-run", type=float, metavar="G",
+                       help="GPUs per run; a fraction packs runs on one GPU (0.25: four per GPU) (default: 0)")
+    group.add_argument("--max-retries", type=int, metavar="R",
+                       help="restarts of a run whose worker process died (killed, out of memory) (default: 2)")
+
+
+def _executor_config(args: argparse.Namespace) -> object:
+    from fseft.adaptation.executor import ExecutorConfig  # Ray only once a RayExecutor is made
+
+    return ExecutorConfig(workers=args.workers, address=args.ray_address, cpus_per_run=args.cpus_per_run,
+                          gpus_per_run=args.gpus_per_run, max_retries=args.max_retries)
+
+
 # ---------------------------------------------------------------------------- sub-commands
 # Each `_add_<name>` function registers one sub-command; keep them in `SUBCOMMANDS` order.
 
@@ -376,6 +399,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-encoder-cache", dest="encoder_cache", action="store_false",
                    help="decoder and ft-last: train through the whole network instead of on cached encoder outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_executor_options(p, "--method auto's leave-one-out folds")
     p.set_defaults(func=_run_adapt, method_options=())
     if isinstance(p, _Parser):
         p.complete.append(_add_method_options)
@@ -427,6 +451,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
     from fseft.methods import get_method
     from fseft.methods.transductive import TransductiveConfig
 
+    executor = _executor_config(args)  # its option errors before any work
     cfg = AdaptConfig(
         method=args.method,
         method_options={k: getattr(args, k) for k in args.method_options if getattr(args, k) is not None},
@@ -459,7 +484,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(f"{', '.join(missing)} required (only --dry-run goes without)")
     metrics = adapt(args.model, args.data, args.structures, args.k, args.seed, args.out, cfg,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, executor=executor)
     for name, row in metrics["mean"].items():
         cells = "  ".join(f"{m} {'n/a' if v is None else f'{v:.4f}'}" for m, v in row.items())
         print(f"{name:<32} {cells}")
@@ -484,6 +509,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, metavar="EXPERIMENT.yaml", help="experiment file")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (runs/, tables, figures, report.html)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_executor_options(p, "the experiment's runs")
     p.set_defaults(func=_run_benchmark)
 
 
@@ -491,7 +517,8 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     from fseft.experiments.grid import load_experiment, run_benchmark
     from fseft.evaluation.tables import to_text
 
-    result = run_benchmark(load_experiment(args.config), args.out, progress=not args.no_progress)
+    result = run_benchmark(load_experiment(args.config), args.out, progress=not args.no_progress,
+                           executor=_executor_config(args))
     print(to_text(result.summary))
     return 0
 

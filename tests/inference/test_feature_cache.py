@@ -160,12 +160,17 @@ def test_temporary_folders_of_killed_runs_are_swept_by_the_next_write(dataset, t
     entry.parent.mkdir(parents=True)
     dead = entry.parent / f".{entry.name}.999999999.abcd.tmp"  # no such process
     alive = entry.parent / f".{entry.name}.{os.getpid()}.efgh.tmp"  # a writer still at work
-    for folder in (dead, alive):
+    # a writer on another cluster node (a cache on a shared filesystem): its pid means nothing
+    # here, so it is kept until the age limit
+    elsewhere = entry.parent / f".{entry.name}.999999999-othernode.ijkl.tmp"
+    for folder in (dead, alive, elsewhere):
         folder.mkdir()
         (folder / "features.npy").write_bytes(b"partial")
     cache.load(dataset.cases[0], ("liver",))
-    assert not dead.exists() and alive.exists()
+    assert not dead.exists() and alive.exists() and elsewhere.exists()
     assert remove_orphaned_staging(entry) == []
+    assert remove_orphaned_staging(entry, max_age_s=-1) == [elsewhere]  # an old one of another node goes
+    assert alive.exists()
 
 
 def test_interrupt_mid_write_leaves_nothing_behind(dataset, tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from fseft.adaptation.config import AUTO, AUTO_OPTIONS, AdaptConfig
+from fseft.adaptation.executor import ExecutorConfig, RunsFailedError, Task, make_executor
 from fseft.data.datasets import check_cases, open_dataset
 from fseft.data.tasks import FewShotTask
 from fseft.errors import ConfigError
@@ -173,13 +174,17 @@ def adapt_auto(
     out: Path,
     cfg: AdaptConfig,
     partition: tuple[Sequence[str], Sequence[str]] | None = None,
+    executor: ExecutorConfig | None = None,
 ) -> dict[str, Any]:
     """`fseft.adaptation.runner.adapt` with ``cfg.method == "auto"``, once it has checked the
     structures (`names`) and claimed `out`: choose a candidate on the support set (module
     docstring), train it on all `k` into `out`, and return its metrics with an ``auto`` section
     (the choice, every candidate's leave-one-out Dice per fold, the steps it was given, the
     seconds spent choosing), also written to ``metrics.json``. `run` is `adapt` itself (passed
-    in, so that this module does not import the one that dispatches to it).
+    in, so that this module does not import the one that dispatches to it). executor: an
+    `fseft.adaptation.executor.ExecutorConfig`; with ``workers`` the folds (candidates x support
+    volumes) are Ray tasks, else they run one after another here. A fold that raises stops the
+    choice with its error (the other folds are cancelled).
     """
 
     entries = parse_candidates(cfg.candidates)
@@ -203,26 +208,34 @@ def adapt_auto(
         folds = list(task.support)
         caps = [_protocol_steps(configs[e.name], k - 1) * len(folds) for e in usable]
         shares = share_budget(caps, budget)
-        scratch = out / FOLDS_DIR
-        bar = tqdm(total=len(usable) * len(folds), desc="auto: leave-one-out", unit="run", disable=not cfg.progress)
+        scratch = (out / FOLDS_DIR).absolute()  # Ray workers have their own working folder
+        steps = {e.name: max(1, share // len(folds)) for e, share in zip(usable, shares)}
+        tasks = []
+        for entry in usable:
+            fold_cfg = dataclasses.replace(configs[entry.name], max_steps=steps[entry.name], n_query=None)
+            for i, held in enumerate(folds):
+                fold = ([c for c in folds if c != held], [held])
+                tasks.append(Task(f"{entry.name}, {held} held out", run,
+                                  (model, data, names, k - 1, seed, scratch / entry.name / f"fold{i}", fold_cfg),
+                                  {"partition": fold}))
+        outcomes = {}
+        bar = tqdm(total=len(tasks), desc="auto: leave-one-out", unit="run", disable=not cfg.progress)
         try:
-            for entry, share in zip(usable, shares):
-                steps = max(1, share // len(folds))
-                fold_cfg = dataclasses.replace(configs[entry.name], max_steps=steps, n_query=None)
-                dice = []
-                tick = time.perf_counter()
-                for i, held in enumerate(folds):
-                    bar.set_postfix_str(f"{entry.name}, {held} held out")
-                    fold = ([c for c in folds if c != held], [held])
-                    metrics = run(model, data, names, k - 1, seed, scratch / entry.name / f"fold{i}", fold_cfg,
-                                  partition=fold)
-                    dice.append(mean_query_dice(metrics, names, missing=0.0))  # no Dice: a failure
+            with make_executor(executor) as pool:
+                for outcome in pool.imap(tasks, on_start=lambda t: bar.set_postfix_str(t.key)):
+                    if not outcome.ok:  # the fold's own exception where it came back, as without workers
+                        raise outcome.exc or RunsFailedError(f"--method auto: fold {outcome.key}: {outcome.error}",
+                                                             [outcome])
+                    outcomes[outcome.key] = outcome
                     bar.update()
-                rows.append({**entry.to_dict(), "steps_per_fold": steps, "fold_dice": dice,
-                             "cv_dice": float(sum(dice) / len(dice)), "seconds": round(time.perf_counter() - tick, 3)})
         finally:
             bar.close()
             shutil.rmtree(scratch, ignore_errors=True)
+        for j, entry in enumerate(usable):
+            done = [outcomes[t.key] for t in tasks[j * len(folds):(j + 1) * len(folds)]]
+            dice = [mean_query_dice(o.value, names, missing=0.0) for o in done]  # no Dice: a failure
+            rows.append({**entry.to_dict(), "steps_per_fold": steps[entry.name], "fold_dice": dice,
+                         "cv_dice": float(sum(dice) / len(dice)), "seconds": round(sum(o.seconds for o in done), 3)})
         best = max(range(len(rows)), key=lambda i: (rows[i]["cv_dice"], -i))  # ties: the earlier candidate
         chosen = usable[best]
         reason = f"leave-one-out over the {len(folds)} support volumes: best mean Dice {rows[best]['cv_dice']:.4f}"

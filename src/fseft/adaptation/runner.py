@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fseft.adaptation.config import AUTO, AdaptConfig
+from fseft.adaptation.executor import ExecutorConfig
 from fseft.adaptation.feature_runner import run_features
 from fseft.adaptation.method_choice import adapt_auto
 from fseft.adaptation.network_runner import run_network
@@ -105,8 +106,12 @@ def adapt(
     cfg: AdaptConfig | None = None,
     partition: tuple[Sequence[str], Sequence[str]] | None = None,
     overwrite: bool = True,
+    executor: ExecutorConfig | None = None,
 ) -> dict[str, Any]:
     """Few-shot adaptation of a model to `structures` with `k` support volumes of `data`.
+
+    executor: ``method="auto"`` only: with ``workers``, the candidates' leave-one-out folds run
+    as Ray tasks (`fseft.adaptation.executor`); None: one after another here.
 
     overwrite: False refuses an `out` that already holds a run (`ConfigError`, before any
     work: ``fseft adapt`` without ``--overwrite``); True replaces it, its old ``predictions/``
@@ -126,7 +131,10 @@ def adapt(
     if cfg is not None and cfg.method == AUTO:
         names = _structures(structures)
         _claim_run_folder(Path(out), overwrite)
-        return adapt_auto(adapt, model, data, names, k, seed, Path(out), cfg, partition=partition)
+        return adapt_auto(adapt, model, data, names, k, seed, Path(out), cfg, partition=partition, executor=executor)
+    if executor is not None and executor.distributed:
+        raise ConfigError(f"--workers runs --method auto's leave-one-out folds in parallel; method "
+                          f"{(cfg or AdaptConfig()).method!r} is one run (fseft benchmark --workers runs many)")
     cfg = (cfg or AdaptConfig()).resolved()
     spec = get_method(cfg.method)
     spec.make_config(**cfg.method_options)  # option errors before any heavy work

@@ -16,6 +16,8 @@ An experiment file (YAML; `examples/` has the paper's set-ups)::
       - {name: spatial-adapter+ti, method: spatial-adapter, transductive: true}
       - {name: lora+dec, method: lora, options: {decoder: fine-tuned}, max_steps: 16}
     overlays: true                  # qualitative figure (saves the needed query predictions)
+    cpus_per_run: 4                 # optional, with --workers: CPUs (torch threads) per run
+    gpus_per_run: 0.25              # optional, with --workers: GPU share per run (4 runs per GPU)
 
 A method entry's keys besides ``name``, ``method`` and ``options`` (method options, e.g.
 ``decoder``, ``rank``) are `AdaptConfig` fields overriding the ``adapt`` defaults. Each
@@ -25,35 +27,51 @@ own head (``generalization``) is skipped for structures the model does not know.
 Output folder::
 
     experiment.json                 the parsed experiment
-    runs/<method>/k<k>/seed<s>/<structure>/   adapt's run folder (metrics.json, adapter, run.json)
+    runs/<method>/k<k>/seed<s>/<structure>/   adapt's run folder (metrics.json, adapter, run.json, run.log)
     results.json / results.csv / results.md   the table (mean over seeds, with the spread)
     records.json                    one record per run (every metric)
     dice_vs_k.png, overlays.png, report.html
 
 A run whose folder holds ``metrics.json`` and a ``run.json`` equal to its current settings is
 finished and skipped, so an interrupted benchmark continues with ``fseft benchmark`` again,
-and a changed setting reruns exactly the runs it affects.
+and a changed setting reruns exactly the runs it affects. A run folder appears whole (written
+aside, then renamed), and a run that fails leaves only its ``run.json`` and ``run.log`` (with
+the traceback); the others go on, and the benchmark ends with `RunsFailedError` naming them.
+With ``--workers N`` (`fseft.adaptation.executor`) the runs are Ray tasks; the folders, records and
+resume are the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
+import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nibabel.orientations as nio
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from fseft.adaptation import AdaptConfig, adapt
 from fseft.adaptation.config import AUTO, AUTO_OPTIONS
+from fseft.adaptation.executor import (
+    ExecutorConfig,
+    RunsFailedError,
+    Task,
+    check_resources,
+    failure_summary,
+    fault_point,
+    make_executor,
+)
 from fseft.adaptation.method_choice import DEFAULT_CANDIDATES, MethodEntry, parse_candidates
 from fseft.data.datasets import Dataset, open_dataset
 from fseft.data.io import read_labels
@@ -66,10 +84,12 @@ from fseft.evaluation.tables import RunRecord, auto_choices_markdown, summarize,
 from fseft.methods import get_method
 from fseft.models.zoo import MODEL_SPECS, describe_model, model_reference
 from fseft.runs.load import METRICS_FILE
-from fseft.utils import check_keys, read_yaml_mapping, unknown_key_error, write_json, write_text
+from fseft.utils import atomic_dir, check_keys, read_yaml_mapping, unknown_key_error, write_json, write_text
 
 RUN_SPEC = "run.json"
-_TOP_KEYS = ("name", "model", "data", "structures", "k", "seeds", "holdout", "adapt", "methods", "overlays", "title")
+RUN_LOG = "run.log"
+_TOP_KEYS = ("name", "model", "data", "structures", "k", "seeds", "holdout", "adapt", "methods", "overlays", "title",
+             "cpus_per_run", "gpus_per_run")
 _ENTRY_KEYS = ("name", "method", "options")
 
 logger = logging.getLogger(__name__)
@@ -91,6 +111,8 @@ class ExperimentConfig:
     name: str = "experiment"
     title: str | None = None
     source: str = "<experiment>"
+    cpus_per_run: int | None = None  # with --workers (`fseft.adaptation.executor.ExecutorConfig`)
+    gpus_per_run: float | None = None
 
     def adapt_config(self, entry: MethodEntry, **extra: Any) -> Any:
         """The `AdaptConfig` of one method entry (experiment defaults, then the entry's)."""
@@ -202,9 +224,11 @@ def experiment_from_dict(data: Mapping[str, Any], source: str = "<experiment>",
     holdout = top.get("holdout")
     if holdout is not None and (isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 1):
         raise ConfigError(f"{source}: 'holdout' must be an integer >= 1 (number of fixed query cases), got {holdout!r}")
+    check_resources(top.get("cpus_per_run"), top.get("gpus_per_run"), where=f"{source}: ")
     exp = ExperimentConfig(model=model, data=str(data_dir), structures=structures, ks=ks, seeds=seeds,
                            methods=methods, adapt=adapt, holdout=holdout, overlays=bool(top.get("overlays", True)),
-                           name=str(top.get("name", "experiment")), title=top.get("title"), source=source)
+                           name=str(top.get("name", "experiment")), title=top.get("title"), source=source,
+                           cpus_per_run=top.get("cpus_per_run"), gpus_per_run=top.get("gpus_per_run"))
     for entry in methods:
         exp.adapt_config(entry)  # invalid values now, not after hours of runs
     return exp
@@ -309,6 +333,62 @@ def _record(run: PlannedRun, metrics: Mapping[str, Any]) -> RunRecord:
 # ---------------------------------------------------------------------------- running
 
 
+@contextlib.contextmanager
+def _run_log(path: Path) -> Iterator[logging.Logger]:
+    """Log records of fseft (INFO and up) and Python warnings into `path` for the block."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root, package = logging.getLogger(), logging.getLogger("fseft")
+    level = package.level
+    root.addHandler(handler)
+    package.setLevel(logging.INFO)  # a handler alone would see nothing below the default WARNING
+    logging.captureWarnings(True)
+    try:
+        yield package
+    finally:
+        logging.captureWarnings(False)
+        package.setLevel(level)
+        root.removeHandler(handler)
+        handler.close()
+
+
+def execute_run(model: str, data: str, structure: str, k: int, seed: int, folder: str, spec: Mapping[str, Any],
+                cfg: AdaptConfig, partition: tuple[Sequence[str], Sequence[str]] | None = None) -> dict[str, Any]:
+    """One planned run into `folder` (absolute), the same sequentially or on a Ray worker: the run
+    is written into a hidden folder beside it, renamed onto `folder` when done, so `folder` is
+    either the whole run or its predecessor. A run that raises leaves ``run.json`` and ``run.log``
+    (the traceback) in `folder` and raises again. Returns the run's metrics."""
+    target = Path(folder)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.partial"):  # left by a killed worker or Ctrl-C
+        shutil.rmtree(stale, ignore_errors=True)
+    error: Exception | None = None
+    with atomic_dir(target, overwrite=True) as tmp:
+        write_json(tmp / RUN_SPEC, dict(spec))
+        with _run_log(tmp / RUN_LOG) as log:
+            log.info("run %s: %s, k = %d, seed %d, %s; %d torch thread(s)", folder, spec.get("method"), k, seed,
+                     structure, torch.get_num_threads())
+            fault_point(str(folder))
+            try:
+                metrics = adapt(model, data, structure, k, seed, tmp, cfg, partition=partition)
+            except Exception as exc:
+                log.exception("run failed: %s: %s", type(exc).__name__, exc)
+                error = exc
+            else:
+                dice = ((metrics.get("mean") or {}).get(structure) or {}).get("dice")
+                log.info("run finished: mean query Dice %s, %.1f s training", dice, metrics.get("train_seconds") or 0.0)
+        if error is not None:  # no half-written run: only what says what failed and why
+            for child in tmp.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+                elif child.name not in (RUN_SPEC, RUN_LOG):
+                    child.unlink()
+    if error is not None:
+        raise error
+    return metrics
+
+
 @dataclass
 class BenchmarkResult:
     """What `run_benchmark` produced: the summary (`fseft.evaluation.tables.summarize`), one
@@ -320,6 +400,7 @@ class BenchmarkResult:
     files: dict[str, Path]
     runs_done: int  # runs computed in this call (the others were finished before)
     seconds: float
+    failed: list[Any] = field(default_factory=list)  # `fseft.adaptation.executor.Outcome` of each failed run
 
 
 def run_benchmark(
@@ -328,15 +409,20 @@ def run_benchmark(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    executor: ExecutorConfig | None = None,
 ) -> BenchmarkResult:
     """Run every planned run not yet finished, then write the tables, figures and report.
 
     The feature cache is shared by all runs (``adapt.cache_dir``, default ``OUT/cache``). The
     tasks are validated (k against the eligible cases, the holdout) before any training.
+    executor: an `fseft.adaptation.executor.ExecutorConfig` (``workers``: the runs as Ray tasks; its
+    unset resources from the experiment's ``cpus_per_run`` / ``gpus_per_run``); None: in this
+    process, one after another. Runs that fail are left out of the tables, which are written
+    from the others; then `RunsFailedError` (its ``result``: this call's `BenchmarkResult`).
     """
 
     start = time.perf_counter()
-    out = Path(out)
+    out = Path(out).absolute()  # Ray workers have their own working folder
     out.mkdir(parents=True, exist_ok=True)
     if "cache_dir" not in exp.adapt:
         exp = dataclasses.replace(exp, adapt={**exp.adapt, "cache_dir": str((out / "cache").resolve())})
@@ -356,33 +442,60 @@ def run_benchmark(
     }
 
     overlay_k, overlay_seed = min(exp.ks), exp.seeds[0]
-    records: list[RunRecord] = []
-    done = 0
-    bar = tqdm(runs, desc=f"benchmark {exp.name}", unit="run", disable=not progress)
-    for run in bar:
-        bar.set_postfix_str(f"{run.entry.name} k={run.k} seed={run.seed} {run.structure}")
+    finished: dict[str, dict[str, Any]] = {}
+    todo: list[Task] = []
+    for run in runs:
         save = exp.overlays and run.k == overlay_k and run.seed == overlay_seed
         cfg = exp.adapt_config(run.entry, progress=False, save_predictions=save)
         spec = run.spec(exp, cfg, partition, model_sha256)
-        folder = out / run.folder
-        metrics = _finished_metrics(folder, spec)
-        if metrics is None:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / METRICS_FILE).unlink(missing_ok=True)
-            write_json(folder / RUN_SPEC, spec)
-            metrics = adapt(exp.model, exp.data, run.structure, run.k, run.seed, folder, cfg, partition=partition)
-            done += 1
-        records.append(_record(run, metrics))
-    bar.close()
+        metrics = _finished_metrics(out / run.folder, spec)
+        if metrics is not None:
+            finished[run.folder] = metrics
+            continue
+        todo.append(Task(run.folder, execute_run, (exp.model, exp.data, run.structure, run.k, run.seed,
+                                                  str(out / run.folder), spec, cfg, partition)))
+
+    settings = (executor or ExecutorConfig()).with_defaults(exp.cpus_per_run, exp.gpus_per_run)
+    failed, running = [], set()
+    bar = tqdm(total=len(runs), initial=len(finished), desc=f"benchmark {exp.name}", unit="run",
+               disable=not progress)
+
+    def show(task: Task | None = None) -> None:
+        if task is not None:
+            running.add(task.key)
+        now = f"; {next(iter(running))}" if len(running) == 1 else ""
+        bar.set_postfix_str(f"done {len(finished)}, failed {len(failed)}, running {len(running)}{now}")
+
+    try:
+        with make_executor(settings) as pool:
+            for outcome in pool.imap(todo, on_start=show):
+                running.discard(outcome.key)
+                if outcome.ok:
+                    finished[outcome.key] = outcome.value
+                else:
+                    failed.append(outcome)
+                    logger.warning("%s failed: %s", outcome.key, outcome.error)
+                bar.update()
+                show()
+    finally:
+        bar.close()
+    done = len(todo) - len(failed)
+    records = [_record(run, finished[run.folder]) for run in runs if run.folder in finished]  # the plan's order
+    notes = [*notes, *(f"{o.key}: failed ({o.error}); see its run.log, rerun fseft benchmark to retry" for o in failed)]
 
     methods = [m.name for m in exp.methods]
     summary = summarize(records, "dice", methods=methods, structures=exp.structures, ks=exp.ks)
     overlay_tasks = [tasks[(s, overlay_k, overlay_seed)] for s in exp.structures] if exp.overlays else None
     files = write_results(exp, out, records, summary, notes, dataset, overlay_tasks)
     seconds = time.perf_counter() - start
-    log(f"{len(runs)} runs ({done} computed now, {len(runs) - done} finished before) in {seconds:.0f} s; "
-        f"report: {files['report']}")
-    return BenchmarkResult(summary, records, notes, files, done, seconds)
+    log(f"{len(runs)} runs ({done} computed now, {len(runs) - len(todo)} finished before"
+        f"{f', {len(failed)} failed' if failed else ''}) in {seconds:.0f} s; report: {files['report']}")
+    result = BenchmarkResult(summary, records, notes, files, done, seconds, failed)
+    if failed:
+        raise RunsFailedError(f"{failure_summary(failed, len(runs))}\nthe tables and report of the other runs are "
+                              f"in {out}; each failed run's traceback is in its run.log; run the same command again "
+                              "to retry the failed runs (finished runs are kept)", failed, result)
+    return result
 
 
 # ---------------------------------------------------------------------------- outputs

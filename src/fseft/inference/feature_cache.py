@@ -153,20 +153,31 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    """This machine's name as a staging folder carries it (no dots, which separate the parts)."""
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
 def remove_orphaned_staging(entry: Path, max_age_s: float = 24 * 3600) -> list[Path]:
     """Remove the temporary folders of `entry` that a killed process left behind.
 
-    `staged_entry` names its folder ``.<entry>.<pid>.<random>.tmp``; a process killed past
-    its clean-up (SIGKILL, the OOM killer, a power cut) leaves it. A folder whose process is
-    gone is removed; one without a pid in its name (older fseft) once it is `max_age_s` old.
-    Returns the folders removed.
+    `staged_entry` names its folder ``.<entry>.<pid>-<host>.<random>.tmp``; a process killed
+    past its clean-up (SIGKILL, the OOM killer, a power cut) leaves it. A folder of this host
+    whose process is gone is removed; one of another host (a cache on a filesystem that cluster
+    nodes share: that pid means nothing here) or without a pid in its name (older fseft) once
+    it is `max_age_s` old. Returns the folders removed.
     """
 
     removed = []
+    here = _host()
     for tmp in entry.parent.glob(f".{entry.name}.*.tmp"):
-        pid = tmp.name[len(entry.name) + 2:].split(".", 1)[0]
+        pid, _, host = tmp.name[len(entry.name) + 2:].split(".", 1)[0].partition("-")
         try:
-            orphan = not _process_alive(int(pid)) if pid.isdigit() else time.time() - tmp.stat().st_mtime > max_age_s
+            mine = pid.isdigit() and host in ("", here)  # no host: written before hosts were named
+            orphan = not _process_alive(int(pid)) if mine else time.time() - tmp.stat().st_mtime > max_age_s
         except OSError:
             continue
         if orphan:
@@ -188,7 +199,7 @@ def staged_entry(entry: Path, meta: dict[str, Any]) -> Iterator[Path]:
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         remove_orphaned_staging(entry)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.{os.getpid()}.", suffix=".tmp", dir=entry.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.{os.getpid()}-{_host()}.", suffix=".tmp", dir=entry.parent))
         yield tmp
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
         apply_default_permissions(tmp)
