@@ -1,179 +1,13 @@
-"""The `fseft` command line. Each sub-command maps onto one Python API function and holds no
-logic of its own; imports are lazy so that `fseft --help` answers at once.
-
-Each sub-command is declared by its own `_add_<name>(subparsers)` function below. The method
-options of `fseft adapt` and its `--method` help are made from the registered methods
-(`fseft.methods.registry.cli_options`) when `adapt` is parsed or its help printed.
-"""
+"""The `fseft` sub-commands that run models: predict, pretrain, adapt, benchmark, demo. Each maps
+onto one function of the package; imports are lazy (`fseft --help` imports no torch), and the
+options of `adapt` and `demo` that come from the methods and `DemoConfig` are added when those
+parsers are used (`_Parser.complete`)."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from fseft import __version__
-from fseft.errors import FseftError
-
-
-class _Parser(argparse.ArgumentParser):
-    """An `ArgumentParser` whose `complete` callbacks add arguments the first time it parses or
-    formats its help: `fseft adapt`'s method options come from the method registry, which
-    imports torch, and `fseft --help` must not."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.complete: list[Callable[[argparse.ArgumentParser], None]] = []
-
-    def _completed(self) -> None:
-        while self.complete:
-            self.complete.pop(0)(self)
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
-        self._completed()
-        return super().parse_known_args(args, namespace)
-
-    def format_help(self) -> str:
-        self._completed()
-        return super().format_help()
-
-
-def _csv(value: str) -> list[str]:
-    """Parse a comma-separated list option (`--structures liver,spleen`)."""
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _add_executor_options(p: argparse.ArgumentParser, what: str) -> None:
-    """``--workers`` and its Ray options (`fseft.adaptation.executor.ExecutorConfig`)."""
-    group = p.add_argument_group("parallel runs on Ray (pip install \"fseft[distributed]\"; docs/cluster.md)")
-    group.add_argument("--workers", type=int, metavar="N",
-                       help=f"run {what} as Ray tasks, at most N at a time (default: one after another, no Ray)")
-    group.add_argument("--ray-address", metavar="auto|ADDR",
-                       help="join a running Ray cluster (ray start) instead of starting a local instance")
-    group.add_argument("--cpus-per-run", type=int, metavar="C",
-                       help="CPUs reserved per run and torch threads in it (default: this machine's cores / N; "
-                       "1 on a cluster)")
-    group.add_argument("--gpus-per-run", type=float, metavar="G",
-                       help="GPUs per run; a fraction packs runs on one GPU (0.25: four per GPU) (default: 0)")
-    group.add_argument("--max-retries", type=int, metavar="R",
-                       help="restarts of a run whose worker process died (killed, out of memory) (default: 2)")
-
-
-def _executor_config(args: argparse.Namespace) -> object:
-    from fseft.adaptation.executor import ExecutorConfig  # Ray only once a RayExecutor is made
-
-    return ExecutorConfig(workers=args.workers, address=args.ray_address, cpus_per_run=args.cpus_per_run,
-                          gpus_per_run=args.gpus_per_run, max_retries=args.max_retries)
-
-
-# ---------------------------------------------------------------------------- sub-commands
-# Each `_add_<name>` function registers one sub-command; keep them in `SUBCOMMANDS` order.
-
-
-def _add_phantom(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "phantom",
-        help="write a synthetic abdomen CT dataset (nnU-Net layout)",
-        description="Write synthetic abdomen CT cases (int16 HU) with multilabel masks as an "
-        "nnU-Net v2 raw dataset (dataset.json, imagesTr/, labelsTr/). Deterministic for "
-        "(domain, seed, case). With --partial-sources K, writes K sub-datasets under --out, "
-        "each labelling a subset of the structures (none labels gallbladder).",
-    )
-    p.add_argument("--out", required=True, help="dataset folder to create")
-    p.add_argument("--cases", type=int, default=8, help="number of cases (per source with --partial-sources; default 8)")
-    p.add_argument("--domain", choices=("source", "target"), default="source",
-                   help="source: portal-venous phase; target: late arterial, noisier, other spacing/FOV")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    labels = p.add_mutually_exclusive_group()  # each partial source labels its own subset
-    labels.add_argument("--structures", type=_csv, default=None,
-                        help="comma-separated structures to label (default: all the phantom draws)")
-    labels.add_argument("--partial-sources", type=int, default=None, metavar="K",
-                        help="write K partial-label source datasets (partial_A, ...) instead of one dataset")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.set_defaults(func=_run_phantom)
-
-
-def _run_phantom(args: argparse.Namespace) -> int:
-    from fseft.data.phantom import write_partial_label_sources, write_phantom_dataset
-
-    if args.partial_sources is None:
-        root = write_phantom_dataset(args.out, args.cases, args.domain, args.seed, args.structures,
-                                     overwrite=args.overwrite, progress=args.progress)
-        print(root)
-        return 0
-    for root in write_partial_label_sources(args.out, args.partial_sources, args.cases, args.seed, args.domain,
-                                            overwrite=args.overwrite, progress=args.progress):
-        print(root)
-    return 0
-
-
-def _add_datasets(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("datasets", help="inspect dataset folders (nnU-Net, TotalSegmentator, FLARE22)")
-    actions = p.add_subparsers(dest="datasets_command", metavar="ACTION", required=True)
-    inspect = actions.add_parser(
-        "inspect",
-        help="layout, cases, structures and their voxel counts of a dataset folder",
-        description="Print the layout found, the number of cases, the structures (canonical "
-        "names, with the dataset's own names where they differ) and per-structure voxel counts "
-        "(cases containing it; min / median / max voxels). Counts are cached per label file.",
-    )
-    inspect.add_argument("dir", help="dataset folder (nnU-Net v2 raw, TotalSegmentator, FLARE22, or a DICOM dataset: one "
-                         "sub-folder per study with a CT series and its DICOM SEG objects), or a text file of DICOMweb "
-                         "study URLs")
-    inspect.add_argument("--layout", default="auto", choices=["auto", "nnunet", "totalseg", "flare22", "dicom"],
-                         help="dataset layout (default: detected)")
-    inspect.add_argument("--cases", action="store_true", help="also print the per-case voxel counts")
-    inspect.add_argument("--check", action="store_true",
-                         help="read every case as a run would (scan, labels, label values, geometry) and list "
-                         "every one that cannot be used (exit 2)")
-    inspect.add_argument("--json", metavar="OUT", help="also write the full summary as JSON to OUT")
-    inspect.add_argument("--cache-dir", help="voxel-count cache (default: $FSEFT_CACHE_DIR or ~/.cache/fseft)")
-    inspect.add_argument("--no-progress", action="store_true", help="no progress bar")
-    inspect.set_defaults(func=_run_datasets_inspect)
-
-
-def _run_datasets_inspect(args: argparse.Namespace) -> int:
-    from fseft.data.inspection import inspect_dataset
-
-    print(inspect_dataset(args.dir, args.layout, cases=args.cases, json_path=args.json,
-                          cache_dir=args.cache_dir, progress=not args.no_progress, check=args.check))
-    return 0
-
-
-def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "models",
-        help="list the model zoo and whether each weights file is present, or the adapter runs in a folder",
-        description="List the model zoo: id, architecture, classes, parameters of the full-size "
-        "architecture, and whether the weights file is present (fseft never downloads weights). "
-        "With --adapters DIR, list instead the `fseft adapt` run folders under DIR (each a model for "
-        "fseft predict --adapter): method, structures, k, base model, size and mean query Dice.",
-    )
-    which = p.add_mutually_exclusive_group()
-    which.add_argument(
-        "--weights-dir",
-        metavar="DIR",
-        default=None,
-        help="folder holding <id>.pth/.pt/.safetensors (default: $FSEFT_WEIGHTS_DIR, else ~/.cache/fseft/weights)",
-    )
-    which.add_argument("--adapters", metavar="DIR", default=None,
-                       help="list the run folders under DIR (recursively) instead of the zoo")
-    p.set_defaults(func=_run_models)
-
-
-def _run_models(args: argparse.Namespace) -> int:
-    if args.adapters is not None:
-        from fseft.runs.load import format_run_table
-
-        print(format_run_table(args.adapters))
-        return 0
-    from fseft.models.zoo import format_model_table
-
-    print(format_model_table(args.weights_dir))
-    return 0
+from fseft.cli.parsing import _add_executor_options, _csv, _executor_config, _Parser
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -250,41 +84,6 @@ def _run_predict(args: argparse.Namespace) -> int:
         print(f"statistics written to {result.statistics_file}")
     for path, uid in result.stored.items():
         print(f"stored {path.name} to {args.store}: SOP Instance UID {uid}")
-    return 0
-
-
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="Dice, NSD and HD95 of predicted masks against ground truth",
-        description="Match predictions to ground truth by case id and write per-case and mean "
-        "Dice, NSD and HD95 (mm, native geometry) as JSON and CSV (same name, .csv). HD95 is "
-        "null where exactly one of prediction / truth is empty.",
-    )
-    p.add_argument("--pred", required=True, metavar="DIR",
-                   help="predictions: <case>.nii.gz with <case>.json label maps, or <case>/<structure>.nii.gz")
-    p.add_argument("--gt", required=True, metavar="DIR",
-                   help="ground truth: a dataset folder (nnU-Net, TotalSegmentator, FLARE22) or a folder of label files")
-    p.add_argument("--structures", type=_csv, metavar="A,B", help="structures to evaluate (default: those on both sides)")
-    p.add_argument("--label-map", metavar="JSON", help="label map (value -> name) for label files without their own")
-    p.add_argument("--cases", metavar="A,B|FILE", help="evaluate only these cases (comma list or a file, one id per line)")
-    p.add_argument("--tolerance", type=float, default=2.0, metavar="MM", help="NSD tolerance in mm (default: 2)")
-    p.add_argument("--out", required=True, metavar="metrics.json", help="JSON report (the CSV is written beside it)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run_evaluate)
-
-
-def _run_evaluate(args: argparse.Namespace) -> int:
-    from fseft.evaluation.report import evaluate_folders
-
-    report = evaluate_folders(args.pred, args.gt, structures=args.structures, label_map=args.label_map,
-                              tolerance_mm=args.tolerance, cases=args.cases, out=args.out,
-                              progress=not args.no_progress)
-    mean = report.mean()
-    for name in (*report.structures, "all"):
-        row = mean[name]
-        print(f"{name:<32} dice {row['dice']:.4f}  nsd {row['nsd']:.4f}  hd95 {row['hd95']:.2f} mm")
-    print(f"{len(report.cases)} case(s); report written to {args.out}")
     return 0
 
 
@@ -514,8 +313,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from fseft.experiments.grid import load_experiment, run_benchmark
     from fseft.evaluation.tables import to_text
+    from fseft.experiments.grid import load_experiment, run_benchmark
 
     result = run_benchmark(load_experiment(args.config), args.out, progress=not args.no_progress,
                            executor=_executor_config(args))
@@ -554,72 +353,3 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     run_demo(DemoConfig(out=args.out, cases=args.cases, device=args.device), progress=not args.no_progress)
     return 0
-
-
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_phantom,
-    _add_datasets,
-    _add_models,
-    _add_predict,
-    _add_evaluate,
-    _add_pretrain,
-    _add_adapt,
-    _add_benchmark,
-    _add_demo,
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fseft",
-        description="Few-shot, parameter-efficient fine-tuning of volumetric CT segmentation models.",
-    )
-    parser.add_argument("--version", action="version", version=f"fseft {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for add in SUBCOMMANDS:
-        add(sub)
-    return parser
-
-
-def check_output_location(path: str | os.PathLike) -> None:
-    """Refuse, before any work, an output path that cannot be created: its nearest existing
-    ancestor is a file, or a folder this user cannot write to (`InputFileError`)."""
-    from fseft.errors import InputFileError
-
-    target = Path(path).expanduser().absolute()
-    # the folder that must be writable: the target itself if it is one, else its nearest
-    # existing ancestor (an existing file is replaced in its own folder)
-    ancestor = target if target.is_dir() else target.parent if target.exists() else target
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise InputFileError(f"{path}: cannot be created, {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise InputFileError(f"{path}: cannot be created, the folder {ancestor} is not writable")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    try:
-        for name in ("out", "output"):  # every command's output, checked before its work
-            if getattr(args, name, None):
-                check_output_location(getattr(args, name))
-        return int(args.func(args) or 0)
-    except FseftError as exc:
-        print(f"fseft {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a write that failed after the checks (full disk, permissions changed)
-        where = exc.filename or "an output file"
-        print(f"fseft {args.command}: error: cannot write {where}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"fseft {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
