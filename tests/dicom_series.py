@@ -73,8 +73,7 @@ def write_ct_series(
     to the file ``file_order.index(k)``-th, named ``IM<n>`` with InstanceNumber n + 1, so the
     file names and instance numbers need not follow the slice positions. Returns the files in
     slice order."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     hu = np.asarray(hu)
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,15 +83,7 @@ def write_ct_series(
     order = list(file_order) if file_order is not None else list(range(hu.shape[0]))
     files: dict[int, Path] = {}
     for n, k in enumerate(order):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.Manufacturer, ds.ImageType = "CT", "fseft-tests", ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Test", "FSEFT-1", "", "O"
-        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20240101", "120000", "1", "", ""
+        ds = _ct_slice_header(study, series, frame)
         ds.SeriesNumber, ds.InstanceNumber = 2, n + 1
         ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * spacing[2] * normal]
         ds.ImageOrientationPatient = [float(v) for v in orientation]
@@ -114,8 +105,7 @@ def write_volume_series(folder: Path, hu_xyz: np.ndarray, affine: np.ndarray, *,
     comes) as a CT series with pydicom, as a scanner would: slice k = voxels ``[:, :, k]``,
     column c = voxel axis X, row r = voxel axis Y, stored signed (int16, rescale 1 / 0). Returns
     the files in slice order; `study_uid` puts the series in an existing study."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     hu_xyz, affine = np.asarray(hu_xyz), np.asarray(affine, float)
     folder.mkdir(parents=True, exist_ok=True)
@@ -126,15 +116,7 @@ def write_volume_series(folder: Path, hu_xyz: np.ndarray, affine: np.ndarray, *,
     study, series, frame = study_uid or generate_uid(), generate_uid(), generate_uid()
     files = []
     for k in range(hu_xyz.shape[2]):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.Manufacturer, ds.ImageType = "CT", "fseft-tests", ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Test", patient_id, "", "O"
-        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20240101", "120000", "1", "", ""
+        ds = _ct_slice_header(study, series, frame, patient_id)
         ds.SeriesNumber, ds.InstanceNumber = 2, k + 1
         ds.ImagePositionPatient = [float(v) for v in lps @ (affine @ [0.0, 0.0, k, 1.0])[:3]]
         ds.ImageOrientationPatient = [float(v) for v in (*row_dir, *col_dir)]
@@ -149,3 +131,21 @@ def write_volume_series(folder: Path, hu_xyz: np.ndarray, affine: np.ndarray, *,
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     return files
+
+
+def _ct_slice_header(study: str, series: str, frame: str, patient_id: str = "FSEFT-1"):  # -> pydicom Dataset
+    """The header every synthetic CT slice shares: file meta, UIDs (a new SOP instance), modality,
+    patient and study attributes."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+    ds.Modality, ds.Manufacturer, ds.ImageType = "CT", "fseft-tests", ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Phantom^Test", patient_id, "", "O"
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20240101", "120000", "1", "", ""
+    return ds

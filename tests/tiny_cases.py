@@ -13,6 +13,7 @@ import torch
 from fseft.data.io import write_image, write_mask
 from fseft.data.volume import Volume
 from fseft.models.base import SegmentationModel
+from fseft.models.checkpoint import save_model_file
 from fseft.models.zoo import create_model
 from fseft.utils import write_json
 
@@ -117,3 +118,12 @@ class IntensityFeatures(SegmentationModel):
 
     def features(self, x):
         return torch.exp(-(((x - self.centres) / 0.05) ** 2))
+
+
+def write_tiny_experiment_inputs(root: Path) -> tuple[Path, Path, Path]:
+    """``(root, dataset, model file)``: 5 tiny cases and a saved tiny U-Net, the inputs of the
+    small benchmark experiments (`fseft benchmark`, sequential or on Ray workers)."""
+    data = write_tiny_dataset(root / "data", n_cases=5)
+    model = save_model_file(tiny_model(("liver", "spleen")), root / "tiny.safetensors",
+                            preprocess={"spacing": [3.0, 3.0, 3.0], "crop_foreground": False})
+    return root, data, model

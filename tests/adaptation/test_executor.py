@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_cases import tiny_model, write_tiny_dataset
+from tiny_cases import write_tiny_experiment_inputs
 
 from fseft.cli import main
 from fseft.adaptation.executor import CRASH_ONCE_ENV, ExecutorConfig, RunsFailedError
@@ -28,13 +28,7 @@ METHODS = ["lp", {"name": "lora+dec", "method": "lora", "options": {"decoder": "
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from fseft.models.checkpoint import save_model_file
-
-    root = tmp_path_factory.mktemp("ray")
-    data = write_tiny_dataset(root / "data", n_cases=5)
-    model = save_model_file(tiny_model(("liver", "spleen")), root / "tiny.safetensors",
-                            preprocess={"spacing": [3.0, 3.0, 3.0], "crop_foreground": False})
-    return root, data, model
+    return write_tiny_experiment_inputs(tmp_path_factory.mktemp("ray"))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_cases import tiny_model, write_tiny_dataset
+from tiny_cases import write_tiny_experiment_inputs
 
 from fseft.cli import main
 from fseft.experiments.grid import experiment_from_dict, load_experiment, run_benchmark
@@ -18,13 +18,7 @@ TINY = {"roi_size": [16, 16, 16], "patch_size": [16, 16, 16], "patches_per_volum
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from fseft.models.checkpoint import save_model_file
-
-    root = tmp_path_factory.mktemp("bench")
-    data = write_tiny_dataset(root / "data", n_cases=5)
-    model = save_model_file(tiny_model(("liver", "spleen")), root / "tiny.safetensors",
-                            preprocess={"spacing": [3.0, 3.0, 3.0], "crop_foreground": False})
-    return root, data, model
+    return write_tiny_experiment_inputs(tmp_path_factory.mktemp("bench"))
 
 
 def _experiment(root: Path, data: Path, model: Path, **changes) -> Path:
