@@ -33,7 +33,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -155,9 +157,6 @@ def _process_alive(pid: int) -> bool:
 
 def _host() -> str:
     """This machine's name as a staging folder carries it (no dots, which separate the parts)."""
-    import re
-    import socket
-
     return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
 
 

@@ -129,11 +129,13 @@ class PretrainResult:
 
 
 def _check_window(assembly: AssemblyConfig, device: torch.device | None = None) -> None:
-    """The patch fits the architecture (and bf16 training on `device`), before anything runs."""
+    """The patch fits the architecture (without `device`: before anything runs) or, on `device`,
+    bf16 training does (once the device is known)."""
     train = assembly.train
     try:
-        check_window(assembly.arch, train.patch_size)
-        if device is not None and train.bf16:
+        if device is None:
+            check_window(assembly.arch, train.patch_size)
+        elif train.bf16:
             check_bf16_training(architecture(assembly.arch), train.patch_size, device)
     except ConfigError as exc:
         raise ConfigError(f"{assembly.source}: train.patch_size {list(train.patch_size)}: {exc}") from exc
