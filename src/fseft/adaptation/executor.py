@@ -29,7 +29,7 @@ DEFAULT_MAX_RETRIES = 2
 #: the driver's environment variables with this prefix are set on the workers for each task
 #: (``FSEFT_WEIGHTS_DIR``, ``FSEFT_CACHE_DIR``, ...): a cluster node's own environment may differ
 FORWARDED_ENV_PREFIX = "FSEFT_"
-#: test hook (tests/engine/test_executor.py): ``KEY@MARKER`` makes the first worker that reaches
+#: test hook (tests/adaptation/test_executor.py): ``KEY@MARKER`` makes the first worker that reaches
 #: `fault_point` for a task whose key contains KEY exit at once (`os._exit`, as a kill would),
 #: creating the file MARKER so that the retry goes through. Workers only; ignored in-process.
 CRASH_ONCE_ENV = "FSEFT_TEST_CRASH_ONCE"
@@ -287,12 +287,22 @@ class RayExecutor(Executor):
 
     def _cancel(self) -> None:
         """Ctrl-C or a failure in the driver: stop every task still queued or running (finished
-        ones have written their results already)."""
-        for ref in list(self._in_flight):
-            try:
-                self._ray.cancel(ref, force=True)
-            except Exception as exc:  # already finished, or its node is gone
-                logger.debug("cancel %s: %s", self._in_flight[ref].key, exc)
+        ones have written their results already).
+
+        On the local instance this process owns, nothing is cancelled: `close` shuts the instance
+        down, which ends its workers. `ray.cancel` races with a task's completion reply inside
+        Ray's core worker and can abort the driver ("Tried to complete task that was not pending";
+        ray-project/ray#54798 fixed one path of it, 2.60 still hits another), which turned Ctrl-C
+        into a crash with exit 1 in about one run in six. On a cluster that lives on, queued and
+        running tasks must be cancelled; only those not yet finished are, which narrows the race.
+        """
+        if self._in_flight and not self._owns:
+            _, unfinished = self._ray.wait(list(self._in_flight), num_returns=len(self._in_flight), timeout=0)
+            for ref in unfinished:
+                try:
+                    self._ray.cancel(ref, force=True)
+                except Exception as exc:  # already finished, or its node is gone
+                    logger.debug("cancel %s: %s", self._in_flight[ref].key, exc)
         self._in_flight.clear()
 
     def close(self) -> None:
