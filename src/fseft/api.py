@@ -194,7 +194,7 @@ class Segmenter:
         self.source = source
         self.run_dir = run_dir
         self.metrics = metrics
-        self._synthetic = synthetic  # trained on synthetic phantoms only: `fseft predict`'s warning
+        self._synthetic = synthetic  # trained on synthetic CT only: `fseft predict`'s warning
         self._weights = weights  # the weights file a zoo id was loaded with (`load_model(weights=)`)
         self._warned = False
 
@@ -241,7 +241,7 @@ class Segmenter:
             connected component per structure).
         Returns a `Segmentation`: ``masks`` ``(S, X, Y, Z)`` uint8 on the input's grid,
         ``affine`` the input's, ``structures``, ``label_map``, ``labels``, ``to_nifti()``.
-        Logs `fseft predict`'s warnings: once, when the model was trained on synthetic phantoms
+        Logs `fseft predict`'s warnings: once, when the model was trained on synthetic CT
         only; per scan, when a mask's mean HU is unlike its organ (`fseft.prediction.scan_checks`).
         """
 

@@ -19,7 +19,7 @@ from fseft.prediction.scan_checks import (
     trained_on_synthetic_data,
 )
 
-SYNTHETIC = "trained on synthetic phantoms only"
+SYNTHETIC = "trained on synthetic CT only"
 
 
 def _messages(caplog) -> list[str]:

@@ -259,12 +259,13 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             class_names=None,  # the fseft model file carries its class names
             layouts=(),
             url="shipped inside fseft at src/fseft/weights/phantom_swinunetr.safetensors "
-            "(made with `fseft pretrain` on the synthetic phantom)",
+            "(made with `fseft pretrain` on the synthetic phantom and CT painted from real label maps)",
             filename="phantom_swinunetr.safetensors",
-            description="small Swin-UNETR pre-trained on the synthetic phantom (gallbladder held out)",
+            description="small Swin-UNETR pre-trained on synthetic CT: phantoms and CT painted from two real "
+            "patients' label maps (gallbladder held out)",
             bundled="weights/phantom_swinunetr.safetensors",
             preprocess=None,  # in the model file
-            zero_shot="its sigmoid head (synthetic phantoms only; not for real CT)",
+            zero_shot="its sigmoid head (synthetic CT only; on real CT a demonstration, not a tool)",
         ),
     )
 }

@@ -2,9 +2,9 @@
 
 Two warnings, both logged (``logging``), never changing what is written:
 
-- once per run, when the model was trained on synthetic phantoms only (the embedded ``phantom``
+- once per run, when the model was trained on synthetic CT only (the embedded ``phantom``
   model, a copy of its file, an adapter on it, or a model file whose ``extra.training_data`` is
-  ``"synthetic"``): it fails on real CT, which needs a public checkpoint (`synthetic_model_warning`);
+  ``"synthetic"``): it is not a model for real CT, which needs a public checkpoint (`synthetic_model_warning`);
 - per scan, when the predicted masks do not look like the organs they name: the mean Hounsfield
   units under a parenchymal organ's mask are outside what that organ shows on CT, whatever the
   contrast phase (`implausible_masks`). That is what a model does on a scan unlike its training
@@ -76,7 +76,7 @@ def _is_bundled_phantom_file(path: str | Path | None, sha256: str | None = None)
 
 def trained_on_synthetic_data(model: Any, reference: str | None = None, adapter: str | Path | None = None) -> bool:
     """Whether `model` (as `fseft predict` loaded it from `reference`, a zoo id or model file),
-    or the base of the `adapter` run, was trained on synthetic phantoms only: the zoo's
+    or the base of the `adapter` run, was trained on synthetic CT only: the zoo's
     ``phantom`` (by id, or its file under another name), or a model file whose
     ``extra.training_data`` says ``"synthetic"``."""
     if adapter is not None:
@@ -97,16 +97,17 @@ def _and(names: Sequence[str]) -> str:
 
 
 def synthetic_model_warning(adapter: bool = False) -> str:
-    """The once-per-run warning for a model (or an `adapter`'s base) trained on synthetic
-    phantoms only."""
+    """The once-per-run warning for a model (or an `adapter`'s base) trained on synthetic CT
+    only."""
 
     public = [m for m in MODEL_SPECS if m != PHANTOM_ID]
     ready = [m for m in public if MODEL_SPECS[m].head_pretrained]
     to_adapt = [m for m in public if not MODEL_SPECS[m].head_pretrained]
-    what = ("this adapter's base model was trained on synthetic phantoms only (the embedded 'phantom' model): "
-            "on real CT its own head fails and adapters on it recover only part of an organ" if adapter else
-            "this model was trained on synthetic phantoms only (the embedded 'phantom' model): it does not "
-            "segment real CT (Dice 0 on most organs of a real abdomen)")
+    origin = "the embedded 'phantom' model: phantoms, and CT painted from two real patients' label maps"
+    what = (f"this adapter's base model was trained on synthetic CT only ({origin}): on real CT its own head "
+            "misses organs and adapters on it recover only part of them" if adapter else
+            f"this model was trained on synthetic CT only ({origin}): on a real abdomen it finds the aorta, "
+            "vena cava and vertebrae and part of the liver and stomach, and misses the spleen, kidneys and pancreas")
     return (f"{what}; see docs/real_ct.md. Real CT needs a public checkpoint: {_and(ready)} segment as they are; "
             f"{_and(to_adapt)} after `fseft adapt`. `fseft models` lists them and where their weights go")
 
