@@ -16,13 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fseft import __version__
-from fseft.cli.data_commands import _add_datasets, _add_evaluate, _add_models, _add_phantom
+from fseft.cli.data_commands import _add_datasets, _add_evaluate, _add_models, _add_paint, _add_phantom
 from fseft.cli.model_commands import _add_adapt, _add_benchmark, _add_demo, _add_predict, _add_pretrain
 from fseft.cli.parsing import _Parser
 from fseft.errors import FseftError
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_phantom,
+    _add_paint,
     _add_datasets,
     _add_models,
     _add_predict,

@@ -1,4 +1,4 @@
-"""The `fseft` sub-commands that write, inspect and score files: phantom, datasets, models,
+"""The `fseft` sub-commands that write, inspect and score files: phantom, paint, datasets, models,
 evaluate. Each maps onto one function of the package; imports are lazy (`fseft --help` imports
 no torch)."""
 
@@ -44,6 +44,37 @@ def _run_phantom(args: argparse.Namespace) -> int:
     for root in write_partial_label_sources(args.out, args.partial_sources, args.cases, args.seed, args.domain,
                                             overwrite=args.overwrite, progress=args.progress):
         print(root)
+    return 0
+
+
+def _add_paint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "paint",
+        help="write synthetic CT painted from real label maps (nnU-Net layout)",
+        description="Write synthetic CT cases painted from real patients' label maps (SynthSeg-style: "
+        "deformed anatomy, clinical fields of view, per-tissue HU drawn around the patient's own, "
+        "contrast-phase shifts, texture, blur, noise) as an nnU-Net v2 raw dataset, for pre-training. "
+        "Each --labels folder is a TotalSegmentator-layout case (ct.nii.gz + segmentations/). A patient "
+        "painted from is no longer a validation patient. Deterministic for (sources, seed, case).",
+    )
+    p.add_argument("--labels", nargs="+", required=True, metavar="CASE_DIR",
+                   help="TotalSegmentator-layout case folders to take the anatomy from (used in turn)")
+    p.add_argument("--out", required=True, help="dataset folder to create")
+    p.add_argument("--cases", type=int, default=32, help="number of cases (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--structures", type=_csv, default=None,
+                   help="comma-separated structures to label (default: the embedded model's nine; vertebrae = "
+                   "the union of vertebrae_*)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_run_paint)
+
+
+def _run_paint(args: argparse.Namespace) -> int:
+    from fseft.data.painting import paint_dataset
+
+    print(paint_dataset(args.labels, args.out, args.cases, args.seed, args.structures, overwrite=args.overwrite,
+                        progress=args.progress))
     return 0
 
 
