@@ -12,11 +12,20 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 from tiny_cases import write_tiny_experiment_inputs
 
+from fseft.adaptation.executor import (
+    CRASH_ONCE_ENV,
+    ExecutorConfig,
+    RunsFailedError,
+    SequentialExecutor,
+    Task,
+    make_executor,
+)
 from fseft.cli import main
-from fseft.adaptation.executor import CRASH_ONCE_ENV, ExecutorConfig, RunsFailedError
 from fseft.errors import ConfigError
 from fseft.experiments.grid import load_experiment, run_benchmark
 
@@ -72,17 +81,18 @@ def _quiet(_: str) -> None:
 def test_two_workers_give_the_sequential_records_and_run_folders(setup, ray_local):
     root, _, _ = setup
     exp = load_experiment(_experiment(root, "same"))
-    seq = run_benchmark(exp, root / "seq", progress=False, log=_quiet)
+    threads = torch.get_num_threads()
+    # at equal torch threads (1 sequentially, 1 on each worker): torch's CPU results depend on the count
+    seq = run_benchmark(exp, root / "seq", progress=False, log=_quiet, executor=ExecutorConfig(cpus_per_run=1))
+    assert torch.get_num_threads() == threads  # the driver's own count is back
     par = run_benchmark(exp, root / "par", progress=False, log=_quiet,
                         executor=ExecutorConfig(workers=2, cpus_per_run=1))
     assert seq.runs_done == par.runs_done == len(seq.records) == 2 * 2 * 2
 
-    # records in the plan's order, whatever order the workers finished in; Dice to 1e-6
+    # records in the plan's order, whatever order the workers finished in; every metric to 1e-6
     assert [r.run for r in par.records] == [r.run for r in seq.records]
     for a, b in zip(seq.records, par.records):
-        assert (a.method, a.k, a.seed, a.structure, a.trainable_params) == (b.method, b.k, b.seed, b.structure,
-                                                                           b.trainable_params)
-        assert b.dice == pytest.approx(a.dice, abs=1e-6) and b.nsd == pytest.approx(a.nsd, abs=1e-6)
+        assert _close(_without_times(a.to_dict()), _without_times(b.to_dict())), (a, b)
     assert par.summary["methods"] == seq.summary["methods"]
     assert (root / "par" / "results.md").is_file() and (root / "par" / "report.html").is_file()
 
@@ -95,8 +105,12 @@ def test_two_workers_give_the_sequential_records_and_run_folders(setup, ray_loca
         a, b = (json.loads((f / "metrics.json").read_text()) for f in (twin, folder))
         assert _close(_without_times(a), _without_times(b)), folder
         assert json.loads((folder / "run.json").read_text()) == json.loads((twin / "run.json").read_text())
-        log = (folder / "run.log").read_text()
-        assert "1 torch thread(s)" in log and "run finished" in log  # cpus_per_run set torch's threads
+        # the trained adapters too: the tiny runs' Dice is often 0 on both sides, their weights never are
+        wa, wb = (load_file(f / "adapter_model.safetensors") for f in (twin, folder))
+        assert wa.keys() == wb.keys() and any(t.abs().sum() > 0 for t in wa.values())
+        assert all(torch.allclose(wa[n], wb[n], rtol=0, atol=1e-6) for n in wa), folder
+        for log in ((folder / "run.log").read_text(), (twin / "run.log").read_text()):
+            assert "1 torch thread(s)" in log and "run finished" in log  # cpus_per_run set torch's threads
         assert ".partial" not in (folder / "metrics.json").read_text()  # nothing names the folder it was written in
     assert not list((root / "par" / "runs").rglob("*.partial"))
 
@@ -211,9 +225,11 @@ def test_auto_folds_on_two_workers_choose_as_sequentially(setup, ray_local, tmp_
               executor=ExecutorConfig(workers=2))
 
 
-def test_without_workers_ray_is_never_imported(setup):
+def test_without_workers_ray_is_never_imported_and_the_files_cpus_per_run_sets_the_threads(setup):
     root, _, _ = setup
-    path = _experiment(root, "noray", structures=["liver"], seeds=[0], methods=["lp"])
+    threads = torch.get_num_threads() + 1  # not the subprocess's default, whatever this machine's cores
+    path = _experiment(root, "noray", structures=["liver"], seeds=[0], methods=["lp"], cpus_per_run=threads,
+                       gpus_per_run=0.5)  # a GPU share means nothing in one process: not an error there
     code = ("import sys; from fseft.cli import main; "
             f"rc = main(['benchmark', '--config', {str(path)!r}, '--out', {str(root / 'noray-out')!r}, '--no-progress']); "
             "assert rc == 0, rc; assert 'ray' not in sys.modules, 'ray imported'")
@@ -221,12 +237,13 @@ def test_without_workers_ray_is_never_imported(setup):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (root / "noray-out" / "runs/lp/k2/seed0/liver/metrics.json").is_file()
+    assert f"; {threads} torch thread(s)" in (root / "noray-out" / "runs/lp/k2/seed0/liver/run.log").read_text()
 
 
 def test_resource_options_are_checked(setup, ray_local, capsys):
     root, _, _ = setup
-    with pytest.raises(ConfigError, match="--cpus-per-run: options of --workers"):
-        ExecutorConfig(cpus_per_run=2)
+    with pytest.raises(ConfigError, match="--gpus-per-run: options of --workers"):
+        ExecutorConfig(cpus_per_run=2, gpus_per_run=0.5)
     with pytest.raises(ConfigError, match="--workers must be an integer >= 1"):
         ExecutorConfig(workers=0)
     with pytest.raises(ConfigError, match="--gpus-per-run must be a fraction"):
@@ -249,3 +266,69 @@ def test_resource_options_are_checked(setup, ray_local, capsys):
     assert ray_local.is_initialized()  # a joined instance is left running
     assert main(["adapt", "--model", "x", "--structures", "liver", "--dry-run", "--max-retries", "1"]) == 2
     assert "--max-retries: options of --workers" in capsys.readouterr().err
+
+
+def _threads_or_raise(fail: bool) -> int:
+    if fail:
+        raise RuntimeError(f"failed at {torch.get_num_threads()} threads")
+    return torch.get_num_threads()
+
+
+def test_cpus_per_run_without_workers_sets_each_tasks_threads_and_restores_them():
+    before = torch.get_num_threads()
+    wanted = before + 1  # differs from the count in place on any machine
+    cfg = ExecutorConfig(cpus_per_run=wanted)
+    assert not cfg.distributed and cfg.cpus_per_run == wanted
+    with pytest.raises(ConfigError, match="--cpus-per-run must be an integer >= 1"):
+        ExecutorConfig(cpus_per_run=0)
+    for bad in ({"address": "auto"}, {"gpus_per_run": 0.5}, {"max_retries": 1}):
+        with pytest.raises(ConfigError, match="options of --workers"):
+            ExecutorConfig(cpus_per_run=1, **bad)
+    # an experiment file's resources: its CPUs apply sequentially too, its GPU share only on Ray
+    merged = ExecutorConfig().with_defaults(cpus_per_run=3, gpus_per_run=0.25)
+    assert (merged.workers, merged.cpus_per_run, merged.gpus_per_run) == (None, 3, None)
+    assert ExecutorConfig(cpus_per_run=1).with_defaults(cpus_per_run=3).cpus_per_run == 1  # the command line wins
+
+    pool = make_executor(cfg)
+    assert isinstance(pool, SequentialExecutor)
+    seen: list[int] = []
+    tasks = [Task("ok", _threads_or_raise, (False,)), Task("raises", _threads_or_raise, (True,)),
+             Task("after", _threads_or_raise, (False,))]
+    outcomes = []
+    for outcome in pool.imap(tasks, on_start=lambda _: seen.append(torch.get_num_threads())):
+        seen.append(torch.get_num_threads())  # the caller's code between tasks: its own count
+        outcomes.append(outcome)
+    assert [o.value for o in outcomes] == [wanted, None, wanted]
+    assert outcomes[1].error == f"RuntimeError: failed at {wanted} threads"  # a failed task ran at them too
+    assert seen == [before] * 6 and torch.get_num_threads() == before
+    # without cpus_per_run a task runs at the count in place
+    assert [o.value for o in make_executor(ExecutorConfig()).imap(tasks[:1])] == [before]
+
+
+def test_adapt_cpus_per_run_without_workers_sets_the_threads_of_each_fold_or_of_the_one_run(setup, tmp_path,
+                                                                                            monkeypatch):
+    from fseft.adaptation import AdaptConfig, runner
+
+    _, data, model = setup
+    before, wanted = torch.get_num_threads(), torch.get_num_threads() + 1
+    calls: list[tuple[int, int]] = []
+    real = runner.adapt
+
+    def recording(*args, **kwargs):
+        calls.append((args[3], torch.get_num_threads()))  # (k, threads) of each run: folds, the final one
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "adapt", recording)
+    small = dict(roi_size=(16, 16, 16), patch_size=(16, 16, 16), patches_per_volume=2, patience=0, epochs=2,
+                 progress=False, cache_dir=str(tmp_path / "cache"))
+    cfg = AdaptConfig(method="auto", candidates=["lp"], auto_budget=6, **small)
+    runner.adapt(str(model), data, "gallbladder", 3, 0, tmp_path / "auto", cfg,
+                 executor=ExecutorConfig(cpus_per_run=wanted))
+    # the 3 leave-one-out folds at the given count; the final run (k = 3) at this process's, as with --workers
+    assert calls[0] == (3, before) and calls[1:4] == [(2, wanted)] * 3 and calls[4:] == [(3, before)]
+    assert torch.get_num_threads() == before
+
+    calls.clear()  # one run of another method: the run is the task
+    runner.adapt(str(model), data, "gallbladder", 3, 0, tmp_path / "lp", AdaptConfig(method="lp", **small),
+                 executor=ExecutorConfig(cpus_per_run=wanted))
+    assert calls == [(3, before), (3, wanted)] and torch.get_num_threads() == before

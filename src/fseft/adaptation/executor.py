@@ -5,13 +5,16 @@ planned runs, ``fseft adapt --method auto`` its candidates' leave-one-out folds.
 
 A task is a module-level function and its arguments (Ray pickles them to the worker, which
 imports the function by name). Both executors yield one `Outcome` per task as it finishes: its
-return value, or the exception it raised (the other tasks go on). On Ray, a worker process that
-dies (killed, out of memory) is retried up to ``max_retries`` times, then its task's outcome is
-a failure too. Ray is imported only when a `RayExecutor` is made.
+return value, or the exception it raised (the other tasks go on). Both run each task at
+``cpus_per_run`` torch threads where it is set: torch's CPU results depend on the thread count,
+and at equal counts the two modes give the same records. On Ray, a worker process that dies
+(killed, out of memory) is retried up to ``max_retries`` times, then its task's outcome is a
+failure too. Ray is imported only when a `RayExecutor` is made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -39,15 +42,19 @@ _IN_WORKER = False  # set in a Ray worker process while it runs a task
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    """How to run a sweep's tasks. ``workers=None``: sequentially in this process, the rest
-    unused; ``workers=N``: at most N tasks at a time as Ray tasks.
+    """How to run a sweep's tasks. ``workers=None``: sequentially in this process; ``workers=N``:
+    at most N tasks at a time as Ray tasks.
 
-    address: None starts an embedded local Ray instance (``workers * cpus_per_run`` CPUs);
-    ``"auto"`` or ``"HOST:PORT"`` joins a running cluster (``ray start``). cpus_per_run: CPUs
-    reserved per task, and torch's thread count in it (default: this machine's cores / workers
-    locally, 1 on a cluster). gpus_per_run: GPUs per task, fractions (0.25: four runs packed on
-    one GPU) or whole numbers (default 0). max_retries: how often Ray restarts a task whose worker
-    process died (default 2); a task that raises is not retried.
+    cpus_per_run: torch's thread count in each task, in either mode (the previous count is
+    restored after a task run in this process), and with workers the CPUs Ray reserves for it
+    (default: torch's own sequentially; with workers this machine's cores / workers locally, 1 on
+    a cluster). torch's CPU results depend on the thread count (the order of float sums), so a
+    sequential run reproduces a worker's records only at equal threads. The rest only with
+    workers: address: None starts an embedded local Ray instance (``workers * cpus_per_run``
+    CPUs); ``"auto"`` or ``"HOST:PORT"`` joins a running cluster (``ray start``). gpus_per_run:
+    GPUs per task, fractions (0.25: four runs packed on one GPU) or whole numbers (default 0).
+    max_retries: how often Ray restarts a task whose worker process died (default 2); a task that
+    raises is not retried.
     """
 
     workers: int | None = None
@@ -57,16 +64,16 @@ class ExecutorConfig:
     max_retries: int | None = None
 
     def __post_init__(self) -> None:
+        check_resources(self.cpus_per_run, None, "--cpus-per-run")
         if self.workers is None:
-            given = [flag for flag, value in (("--ray-address", self.address), ("--cpus-per-run", self.cpus_per_run),
-                                              ("--gpus-per-run", self.gpus_per_run),
+            given = [flag for flag, value in (("--ray-address", self.address), ("--gpus-per-run", self.gpus_per_run),
                                               ("--max-retries", self.max_retries)) if value is not None]
             if given:
                 raise ConfigError(f"{', '.join(given)}: options of --workers (runs on Ray); add --workers N")
             return
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ConfigError(f"--workers must be an integer >= 1, got {self.workers!r}")
-        check_resources(self.cpus_per_run, self.gpus_per_run, "--cpus-per-run", "--gpus-per-run")
+        check_resources(None, self.gpus_per_run, gpus_name="--gpus-per-run")
         if self.max_retries is not None and (isinstance(self.max_retries, bool) or self.max_retries < 0):
             raise ConfigError(f"--max-retries must be an integer >= 0, got {self.max_retries!r}")
 
@@ -75,11 +82,29 @@ class ExecutorConfig:
         return self.workers is not None
 
     def with_defaults(self, cpus_per_run: int | None = None, gpus_per_run: float | None = None) -> ExecutorConfig:
-        """This config with the resources it leaves open taken from an experiment file's."""
+        """This config with the resources it leaves open taken from an experiment file's (its GPU
+        share only with workers: in one process the runs' ``device`` alone decides)."""
+        gpus = self.gpus_per_run if self.gpus_per_run is not None or not self.distributed else gpus_per_run
         return ExecutorConfig(self.workers, self.address,
                               self.cpus_per_run if self.cpus_per_run is not None else cpus_per_run,
-                              self.gpus_per_run if self.gpus_per_run is not None else gpus_per_run,
-                              self.max_retries)
+                              gpus, self.max_retries)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` inside the block, the previous count
+    restored after it (None: left as it is)."""
+    if threads is None:
+        yield
+        return
+    import torch  # a task's caller has it loaded; the executor module itself stays light
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_resources(cpus: Any, gpus: Any, cpus_name: str = "cpus_per_run", gpus_name: str = "gpus_per_run",
@@ -180,13 +205,19 @@ class Executor:
 
 
 class SequentialExecutor(Executor):
-    """The tasks one after another in this process, in order."""
+    """The tasks one after another in this process, in order, each at `threads` torch threads
+    (None: this process's count), as a worker with ``cpus_per_run = threads`` runs them."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
 
     def imap(self, tasks: Iterable[Task], on_start: Callable[[Task], None] | None = None) -> Iterator[Outcome]:
         for task in tasks:
             if on_start is not None:
                 on_start(task)
-            yield _call(task)
+            with torch_threads(self.threads):
+                outcome = _call(task)
+            yield outcome  # outside the block: the caller's code between tasks keeps its own threads
 
 
 def _run_on_worker(task: Task, threads: int | None, env: Mapping[str, str]) -> Outcome:
@@ -313,9 +344,10 @@ class RayExecutor(Executor):
 
 
 def make_executor(cfg: ExecutorConfig | None) -> Executor:
-    """`RayExecutor` for ``cfg.workers``, else `SequentialExecutor` (and no Ray import)."""
+    """`RayExecutor` for ``cfg.workers``, else `SequentialExecutor` at ``cfg.cpus_per_run``
+    threads (and no Ray import)."""
     if cfg is None or not cfg.distributed:
-        return SequentialExecutor()
+        return SequentialExecutor(None if cfg is None else cfg.cpus_per_run)
     return RayExecutor(cfg)
 
 

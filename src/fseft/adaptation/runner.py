@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fseft.adaptation.config import AUTO, AdaptConfig
-from fseft.adaptation.executor import ExecutorConfig
+from fseft.adaptation.executor import ExecutorConfig, torch_threads
 from fseft.adaptation.feature_runner import run_features
 from fseft.adaptation.method_choice import adapt_auto
 from fseft.adaptation.network_runner import run_network
@@ -110,8 +110,11 @@ def adapt(
 ) -> dict[str, Any]:
     """Few-shot adaptation of a model to `structures` with `k` support volumes of `data`.
 
-    executor: ``method="auto"`` only: with ``workers``, the candidates' leave-one-out folds run
-    as Ray tasks (`fseft.adaptation.executor`); None: one after another here.
+    executor: ``method="auto"``: with ``workers``, the candidates' leave-one-out folds run as Ray
+    tasks (`fseft.adaptation.executor`), else one after another here; each fold at
+    ``cpus_per_run`` torch threads where set (the final training at this process's count, as with
+    workers). Other methods: only ``cpus_per_run``, the run's torch threads; ``workers`` is a
+    `ConfigError`.
 
     overwrite: False refuses an `out` that already holds a run (`ConfigError`, before any
     work: ``fseft adapt`` without ``--overwrite``); True replaces it, its old ``predictions/``
@@ -135,6 +138,9 @@ def adapt(
     if executor is not None and executor.distributed:
         raise ConfigError(f"--workers runs --method auto's leave-one-out folds in parallel; method "
                           f"{(cfg or AdaptConfig()).method!r} is one run (fseft benchmark --workers runs many)")
+    if executor is not None and executor.cpus_per_run is not None:  # one run, one task: at its threads
+        with torch_threads(executor.cpus_per_run):
+            return adapt(model, data, structures, k, seed, out, cfg, partition=partition, overwrite=overwrite)
     cfg = (cfg or AdaptConfig()).resolved()
     spec = get_method(cfg.method)
     spec.make_config(**cfg.method_options)  # option errors before any heavy work

@@ -198,7 +198,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-encoder-cache", dest="encoder_cache", action="store_false",
                    help="decoder and ft-last: train through the whole network instead of on cached encoder outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_executor_options(p, "--method auto's leave-one-out folds")
+    _add_executor_options(p, "--method auto's leave-one-out folds",
+                          "the run (--method auto: of each leave-one-out fold; the final run at this process's count)")
     p.set_defaults(func=_run_adapt, method_options=())
     if isinstance(p, _Parser):
         p.complete.append(_add_method_options)
@@ -308,7 +309,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, metavar="EXPERIMENT.yaml", help="experiment file")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (runs/, tables, figures, report.html)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_executor_options(p, "the experiment's runs")
+    _add_executor_options(p, "the experiment's runs", "each run")
     p.set_defaults(func=_run_benchmark)
 
 

@@ -34,16 +34,18 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _add_executor_options(p: argparse.ArgumentParser, what: str) -> None:
-    """``--workers`` and its Ray options (`fseft.adaptation.executor.ExecutorConfig`)."""
+def _add_executor_options(p: argparse.ArgumentParser, what: str, each: str) -> None:
+    """``--workers`` and its Ray options (`fseft.adaptation.executor.ExecutorConfig`). `what`:
+    the tasks ("the experiment's runs"); `each`: what --cpus-per-run sets the threads of."""
     group = p.add_argument_group("parallel runs on Ray (pip install \"fseft[distributed]\"; docs/cluster.md)")
     group.add_argument("--workers", type=int, metavar="N",
                        help=f"run {what} as Ray tasks, at most N at a time (default: one after another, no Ray)")
     group.add_argument("--ray-address", metavar="auto|ADDR",
                        help="join a running Ray cluster (ray start) instead of starting a local instance")
     group.add_argument("--cpus-per-run", type=int, metavar="C",
-                       help="CPUs reserved per run and torch threads in it (default: this machine's cores / N; "
-                       "1 on a cluster)")
+                       help=f"torch threads of {each}, with or without --workers (results depend on the thread "
+                       "count: compare modes at equal C), and with --workers the CPUs Ray reserves for each "
+                       "(default: torch's own; with --workers this machine's cores / N, 1 on a cluster)")
     group.add_argument("--gpus-per-run", type=float, metavar="G",
                        help="GPUs per run; a fraction packs runs on one GPU (0.25: four per GPU) (default: 0)")
     group.add_argument("--max-retries", type=int, metavar="R",

@@ -16,7 +16,7 @@ An experiment file (YAML; `examples/` has the paper's set-ups)::
       - {name: spatial-adapter+ti, method: spatial-adapter, transductive: true}
       - {name: lora+dec, method: lora, options: {decoder: fine-tuned}, max_steps: 16}
     overlays: true                  # qualitative figure (saves the needed query predictions)
-    cpus_per_run: 4                 # optional, with --workers: CPUs (torch threads) per run
+    cpus_per_run: 4                 # optional: torch threads per run (with --workers also Ray's CPUs)
     gpus_per_run: 0.25              # optional, with --workers: GPU share per run (4 runs per GPU)
 
 A method entry's keys besides ``name``, ``method`` and ``options`` (method options, e.g.
@@ -111,7 +111,7 @@ class ExperimentConfig:
     name: str = "experiment"
     title: str | None = None
     source: str = "<experiment>"
-    cpus_per_run: int | None = None  # with --workers (`fseft.adaptation.executor.ExecutorConfig`)
+    cpus_per_run: int | None = None  # `fseft.adaptation.executor.ExecutorConfig`; gpus_per_run with --workers only
     gpus_per_run: float | None = None
 
     def adapt_config(self, entry: MethodEntry, **extra: Any) -> Any:
@@ -415,9 +415,9 @@ def run_benchmark(
 
     The feature cache is shared by all runs (``adapt.cache_dir``, default ``OUT/cache``). The
     tasks are validated (k against the eligible cases, the holdout) before any training.
-    executor: an `fseft.adaptation.executor.ExecutorConfig` (``workers``: the runs as Ray tasks; its
-    unset resources from the experiment's ``cpus_per_run`` / ``gpus_per_run``); None: in this
-    process, one after another. Runs that fail are left out of the tables, which are written
+    executor: an `fseft.adaptation.executor.ExecutorConfig` (``workers``: the runs as Ray tasks;
+    its unset resources from the experiment's ``cpus_per_run`` / ``gpus_per_run``, the threads of
+    each run in either mode); None: in this process, one after another. Runs that fail are left out of the tables, which are written
     from the others; then `RunsFailedError` (its ``result``: this call's `BenchmarkResult`).
     """
 
