@@ -227,13 +227,10 @@ def _run_on_worker(task: Task, threads: int | None, env: Mapping[str, str]) -> O
     global _IN_WORKER
 
     os.environ.update(env)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     _IN_WORKER = True
     try:
-        outcome = _call(task)
+        with torch_threads(threads):
+            outcome = _call(task)
     finally:
         _IN_WORKER = False
     if outcome.exc is not None:

@@ -101,7 +101,7 @@ class LabelSource:
 
     labels: ``(X, Y, Z)`` int16, 0 only outside the scan; ids index `names` (1-based: ``names[i - 1]``
     is id i), the last four the `TISSUE_CLASSES` of unlabelled voxels. image: the real CT
-    (HU, float32), same grid. median / spread: per id (index 0 unused), the real HU level and a
+    (HU as float32, converted once here for every case painted from it), same grid. median / spread: per id (index 0 unused), the real HU level and a
     robust standard deviation (IQR / 1.349) of the voxels with that id.
     """
 
@@ -122,8 +122,9 @@ def load_label_source(case_dir: str | os.PathLike) -> LabelSource:
     ct_path, seg_dir = case_dir / "ct.nii.gz", case_dir / "segmentations"
     if not ct_path.is_file() or not seg_dir.is_dir():
         raise InputFileError(f"{case_dir}: not a TotalSegmentator-layout case (needs ct.nii.gz and segmentations/)")
-    image = read_image(ct_path)
-    hu = image.array.astype(np.float32)
+    scan = read_image(ct_path)
+    hu = scan.array.astype(np.float32)
+    image = Volume(hu, scan.affine, scan.source)
     labels = np.zeros(hu.shape, np.int16)
     names: list[str] = []
     for path in sorted(seg_dir.glob("*.nii.gz")):
@@ -229,7 +230,7 @@ def paint_case(source: LabelSource, rng: np.random.Generator, config: PaintConfi
     inverse = np.linalg.inv(src_affine)
     coords = np.einsum("ij,j...->i...", inverse[:3, :3], points) + inverse[:3, 3][:, None, None, None]
     labels = ndi.map_coordinates(source.labels, coords, order=0, mode="constant", cval=0)
-    real = ndi.map_coordinates(src.array.astype(np.float32), coords, order=1, mode="constant", cval=-1024.0)
+    real = ndi.map_coordinates(src.array, coords, order=1, mode="constant", cval=-1024.0)
 
     # painting: one level per id, shared phase shifts, texture blended from the real and a synthetic one
     n = len(source.names) + 1
@@ -237,10 +238,10 @@ def paint_case(source: LabelSource, rng: np.random.Generator, config: PaintConfi
     shifts = {"organ": rng.uniform(*cfg.organ_shift), "vessel": rng.uniform(*cfg.vessel_shift),
               "fat": rng.uniform(*cfg.fat_shift), "other": 0.0, "outside": 0.0}
     level = source.median + rng.normal(0.0, cfg.hu_jitter, n) + np.array([shifts[g] for g in groups])
-    level[[i for i, g in enumerate(groups) if g == "vessel"]] = np.maximum(
-        level[[i for i, g in enumerate(groups) if g == "vessel"]], 20.0)  # blood is never below water
-    level[0], median = -1024.0, source.median.copy()
-    median[0] = -1024.0
+    vessel = np.array([g == "vessel" for g in groups])
+    level[vessel] = np.maximum(level[vessel], 20.0)  # blood is never below water
+    median = source.median.copy()
+    level[0] = median[0] = -1024.0  # outside the scan: air, no texture
     texture = source.spread * rng.uniform(*cfg.texture, n)
     texture[0] = 0.0
     alpha = rng.uniform(*cfg.real_texture)
