@@ -109,8 +109,9 @@ def main() -> None:
     from dicomweb_client.api import DICOMwebClient
 
     from fseft.data.dicomweb import retrieved_series, store_results
-    from fseft.prediction.segment import InferenceConfig, predict_path
     from fseft.models.zoo import load_model
+    from fseft.prediction.predict import predict_path
+    from fseft.prediction.segment import InferenceConfig
 
     scratch = Path(tempfile.mkdtemp(prefix="fseft-bench-pacs-"))
     try:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from fseft.data.io import read_labels
 from fseft.evaluation.report import evaluate_folders
-from fseft.prediction.segment import InferenceConfig, predict_path
+from fseft.prediction.predict import predict_path
+from fseft.prediction.segment import InferenceConfig
 
 STRUCTURES = ("liver", "spleen", "kidney_right", "kidney_left", "stomach", "pancreas", "aorta", "inferior_vena_cava",
               "vertebrae")

@@ -88,7 +88,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_import_graph_sees_function_level_and_from_imports():
     graph = import_graph()
-    assert "fseft.runs.load" in graph["fseft.prediction.segment"]  # imported inside predict_path
+    assert "fseft.runs.load" in graph["fseft.prediction.segmenter"]
     assert "fseft.methods.registry" in graph["fseft.methods.lora"]
     assert "fseft.inference.feature_cache" in graph["fseft.runs.load"]
 

@@ -11,16 +11,16 @@ import torch
 from safetensors.torch import load_file
 from tiny_cases import IntensityFeatures, tiny_model, write_tiny_dataset
 
+from fseft.adaptation import AdaptConfig, adapt
 from fseft.cli import main
 from fseft.data.datasets import open_dataset
 from fseft.data.structures import UnknownStructureError
-from fseft.adaptation import AdaptConfig, adapt
-from fseft.runs.load import load_adapted_model
-from fseft.training.sampling import sample_patch_slices
 from fseft.errors import ConfigError
 from fseft.methods import adapter_on, predict_cached
-from fseft.runs.format import read_run_record
 from fseft.models.base import SegmentationModel
+from fseft.runs.format import read_run_record
+from fseft.runs.load import load_adapted_model
+from fseft.training.sampling import sample_patch_slices
 
 SMALL = dict(patch_size=(16, 16, 16), roi_size=(16, 16, 16), patches_per_volume=2, progress=False)
 
@@ -142,8 +142,8 @@ def test_max_steps_caps_the_epochs_for_larger_k(data_root, tmp_path):
 def test_adapted_model_reproduces_the_cached_prediction(data_root, tmp_path, method, objective):
     from fseft.data.preprocessing import PreprocessConfig, preprocess
     from fseft.inference.feature_cache import FeatureCache
-    from fseft.prediction.segment import InferenceConfig, predict_probabilities
     from fseft.models.checkpoint import save_model_file
+    from fseft.prediction.segment import InferenceConfig, predict_probabilities
 
     model = tiny_model()
     model_file = save_model_file(model, tmp_path / "base.safetensors", preprocess=model.preprocess)
@@ -335,9 +335,10 @@ def test_network_method_run_reloads_and_predict_reproduces_the_evaluation(data_r
     import nibabel as nib
 
     from fseft.adaptation.runner import count_parameters
-    from fseft.prediction.segment import InferenceConfig, predict_path
-    from fseft.runs.load import AdaptedNetwork
     from fseft.models.checkpoint import save_model_file
+    from fseft.prediction.predict import predict_path
+    from fseft.prediction.segment import InferenceConfig
+    from fseft.runs.load import AdaptedNetwork
 
     model = tiny_model()
     model_file = save_model_file(model, tmp_path / "base.safetensors", preprocess=model.preprocess)
@@ -365,8 +366,8 @@ def test_network_method_run_reloads_and_predict_reproduces_the_evaluation(data_r
 @pytest.mark.slow
 def test_merge_folds_lora_and_refuses_feature_runs(data_root, tmp_path):
     from fseft.data.preprocessing import PreprocessConfig, preprocess
-    from fseft.prediction.segment import InferenceConfig, predict_probabilities
     from fseft.models.checkpoint import save_model_file
+    from fseft.prediction.segment import InferenceConfig, predict_probabilities
 
     model = tiny_model()
     model_file = save_model_file(model, tmp_path / "base.safetensors", preprocess=model.preprocess)

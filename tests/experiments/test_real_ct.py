@@ -101,7 +101,8 @@ def test_head_and_neck_ct_false_positives_and_warnings(realct: Path, tmp_path: P
     positives, 24.1 ml in all with v6 (v5: 53.4; docs/real_ct.md), held under 35 ml; `fseft
     predict` warns once that the model is synthetic-only and, naming the file, that the masks
     are implausible."""
-    from fseft.prediction.segment import InferenceConfig, predict_path
+    from fseft.prediction.predict import predict_path
+    from fseft.prediction.segment import InferenceConfig
 
     with caplog.at_level(logging.WARNING):
         result = predict_path(HEAD_NECK, tmp_path / "s0002.nii.gz", "phantom", cfg=InferenceConfig(progress=False),

@@ -4,24 +4,24 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from dicom_series import write_ct_series
 from torch import nn
 
-from dicom_series import write_ct_series
 from fseft.data.io import read_image
-from fseft.data.volume import Volume
 from fseft.data.preprocessing import PreprocessConfig
 from fseft.data.structures import UnknownStructureError
+from fseft.data.volume import Volume
+from fseft.errors import ConfigError, InputFileError
+from fseft.evaluation.metrics import dice
+from fseft.models.base import SegmentationModel
+from fseft.prediction.predict import find_scans
 from fseft.prediction.segment import (
     InferenceConfig,
-    find_scans,
     merge_masks,
     predict_probabilities,
     segment_volume,
     select_structures,
 )
-from fseft.errors import ConfigError, InputFileError
-from fseft.evaluation.metrics import dice
-from fseft.models.base import SegmentationModel
 
 
 class TinyConvModel(SegmentationModel):
@@ -225,8 +225,8 @@ def test_predict_cli_nifti_keeps_native_geometry(model_file, tmp_path):
 @pytest.mark.slow
 def test_predict_matches_segment_volume_with_the_stored_preprocessing(model_file, tmp_path):
     from fseft.data.io import read_image, read_multilabel
-    from fseft.prediction.segment import predict_path
     from fseft.models.zoo import load_model
+    from fseft.prediction.predict import predict_path
 
     _write_scan(tmp_path / "scan.nii.gz")
     cfg = _cfg(roi_size=(64, 32, 32), largest_component=False)
@@ -367,7 +367,7 @@ def test_predict_dicom_seg_frames_match_the_nifti_mask_and_reference_the_series(
     import pydicom
     import SimpleITK as sitk
 
-    from fseft.prediction.segment import predict_path
+    from fseft.prediction.predict import predict_path
 
     files = write_ct_series(tmp_path / "series", _series_hu(), file_order=[5, 2, 7, 0, 3, 6, 1, 4])
     model = _two_organ_model()
@@ -410,7 +410,7 @@ def test_predict_dicom_seg_frames_match_the_nifti_mask_and_reference_the_series(
 def test_predict_statistics_of_an_empty_structure_are_zero_and_null(tmp_path):
     import nibabel as nib
 
-    from fseft.prediction.segment import predict_path
+    from fseft.prediction.predict import predict_path
 
     affine = _write_scan(tmp_path / "scan.nii.gz")
     hu = np.full((30, 26, 14), -1000, np.int16)

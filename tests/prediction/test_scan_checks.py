@@ -76,7 +76,8 @@ def test_predict_on_phantoms_warns_once_about_the_model_and_never_about_a_scan(t
     """The demo's data (target-domain phantoms, seed 1): the model warning once per run, no scan
     warning (the masks are where the organs are)."""
     from fseft.data.phantom import write_phantom_dataset
-    from fseft.prediction.segment import InferenceConfig, predict_path
+    from fseft.prediction.predict import predict_path
+    from fseft.prediction.segment import InferenceConfig
 
     data = write_phantom_dataset(tmp_path / "target", 3, "target", 1, progress=False)
     with caplog.at_level(logging.WARNING):

@@ -18,7 +18,8 @@ import pytest
 
 from fseft.data.io import read_image
 from fseft.data.preprocessing import preprocess
-from fseft.prediction.segment import InferenceConfig, predict_path, predict_probabilities
+from fseft.prediction.predict import predict_path
+from fseft.prediction.segment import InferenceConfig, predict_probabilities
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "runs_v1"
 V1_RUNS = sorted(p.name for p in FIXTURES.iterdir() if (p / "adapter_model.safetensors").is_file())

@@ -67,7 +67,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from fseft.prediction.segment import InferenceConfig, predict_path
+    from fseft.prediction.predict import predict_path
+    from fseft.prediction.segment import InferenceConfig
 
     cfg = InferenceConfig(
         roi_size=args.roi_size and tuple(args.roi_size), overlap=args.overlap, sw_batch_size=args.sw_batch_size,

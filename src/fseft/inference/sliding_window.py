@@ -4,7 +4,7 @@
 `monai.inferers.sliding_window_inference` (Gaussian blending of overlapping windows, as nnU-Net
 and MONAI bundles do), through `sliding_window_map`, the one sliding-window loop of fseft
 (logits, and the frozen features of `fseft.inference.feature_cache`). `InferenceConfig` says how.
-A leaf of the engine: `fseft.prediction.segment` (files in, masks out), the feature cache and
+A leaf of the engine: `fseft.prediction.segment` (a scan in, masks out), the feature cache and
 the run loader (`fseft.runs.load`) build on it.
 """
 

@@ -14,7 +14,7 @@ method on the base). `fseft predict --adapter` and `fseft adapt` itself use thes
 run predicts what it was evaluated with. A run folder is a reusable model: copied anywhere, its
 base is found again (`load_recorded_base`: the recorded file, a zoo id's current file, or the
 one given with ``--model``). `list_runs` / `format_run_table` list the runs under a folder
-(`fseft models --adapters DIR`). Both `fseft.adaptation.runner` and `fseft.prediction.segment` import
+(`fseft models --adapters DIR`). Both `fseft.adaptation.runner` and `fseft.prediction.segmenter` import
 this module; it imports neither.
 """
 
