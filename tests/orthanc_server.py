@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -37,11 +38,15 @@ class Orthanc:
 
 
 def orthanc_binary() -> str:
-    """The Orthanc executable; skips the calling test where it is absent."""
+    """The Orthanc executable; skips the calling test where it is absent, or fails it where
+    ``FSEFT_REQUIRE_ORTHANC=1`` (CI, which installs Orthanc: a PACS test must not pass by skipping)."""
     binary = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/bin")  # sbin: off a user's PATH
     plugin = next((p for p in PLUGIN_PATHS if Path(p).exists()), None)
     if binary is None or plugin is None:
-        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
+        message = "Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)"
+        if os.environ.get("FSEFT_REQUIRE_ORTHANC") == "1":
+            pytest.fail(f"{message}, and FSEFT_REQUIRE_ORTHANC=1")
+        pytest.skip(message)
     return binary
 
 
