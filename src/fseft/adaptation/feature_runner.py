@@ -19,6 +19,8 @@ from torch import nn
 
 from fseft.adaptation.config import AdaptConfig
 from fseft.adaptation.query_scoring import cached_probabilities, evaluate_queries, run_metrics
+from fseft.data.datasets import Dataset
+from fseft.data.tasks import FewShotTask
 from fseft.errors import ConfigError
 from fseft.inference.feature_cache import FeatureCache
 from fseft.methods import adapter_on, count_trainable_parameters, foreground_fractions, get_method, init_head_prior
@@ -81,7 +83,7 @@ def train_adapter(
     return fit(adapter, len(volumes), batch, cfg.fit_settings(), seed, extra_loss=ExtraLoss(start, size_constraint))
 
 
-def run_features(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task: Any, names: tuple[str, ...],
+def run_features(base: nn.Module, base_ref: dict[str, Any], dataset: Dataset, task: FewShotTask, names: tuple[str, ...],
                  cfg: AdaptConfig, out: Path) -> dict[str, Any]:
     """`adapt` for a ``"features"`` method: the base stays frozen, the adapter trains on its
     cached features. Writes the run folder and returns its metrics."""

@@ -115,7 +115,7 @@ def parse_candidates(candidates: Sequence[str | Mapping[str, Any]] | None) -> li
     return entries
 
 
-def candidate_config(cfg: Any, entry: MethodEntry, **extra: Any) -> Any:
+def candidate_config(cfg: AdaptConfig, entry: MethodEntry, **extra: Any) -> AdaptConfig:
     """The `AdaptConfig` of one candidate: `cfg`'s settings (``method="auto"``'s own fields
     dropped), the candidate's method, options and overrides, then `extra`."""
     options = {k: v for k, v in cfg.to_dict().items() if k not in AUTO_OPTIONS}

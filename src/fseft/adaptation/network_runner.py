@@ -37,8 +37,8 @@ from fseft.utils import write_json
 
 
 def train_network(
-    model: nn.Module, support: Sequence[dict[str, Any]], cfg: Any, seed: int = 0,
-    encoder_cache: Any = None,
+    model: nn.Module, support: Sequence[dict[str, Any]], cfg: AdaptConfig, seed: int = 0,
+    encoder_cache: EncoderCache | None = None,
 ) -> TrainResult:
     """Train a network method (`fseft.methods.peft_methods.apply_method`) end to end on image
     patches of the support volumes (`fit`).
@@ -117,8 +117,8 @@ def probe_head(base: nn.Module, preprocess_cfg: PreprocessConfig, dataset: Datas
     return probe.cpu()
 
 
-def run_network(base: nn.Module, base_ref: dict[str, Any], dataset: Any, task: Any, names: tuple[str, ...],
-                cfg: Any, out: Path) -> dict[str, Any]:
+def run_network(base: nn.Module, base_ref: dict[str, Any], dataset: Dataset, task: FewShotTask,
+                names: tuple[str, ...], cfg: AdaptConfig, out: Path) -> dict[str, Any]:
     """`adapt` for a ``"network"`` method: `apply_method` on the base, training on patches of
     the preprocessed support volumes, evaluation by sliding-window inference. The run folder's
     files are `save_adapter`'s (peft's format for peft methods), the run's information in the

@@ -17,8 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fseft.adaptation.config import AdaptConfig
+from fseft.data.datasets import Case
 from fseft.data.io import write_mask
-from fseft.data.preprocessing import PreprocessConfig, preprocess, to_native
+from fseft.data.preprocessing import PreprocessConfig, PreprocessedCase, preprocess, to_native
 from fseft.data.tasks import FewShotTask
 from fseft.evaluation.metrics import evaluate_masks
 from fseft.evaluation.postprocess import binarize, keep_largest_components
@@ -71,11 +72,11 @@ def run_metrics(cfg: AdaptConfig, names: Sequence[str], task: FewShotTask, train
     }
 
 
-def cached_probabilities(adapter: nn.Module, cache: FeatureCache, cfg: AdaptConfig) -> Callable[[Any, Any], torch.Tensor]:
+def cached_probabilities(adapter: nn.Module, cache: FeatureCache, cfg: AdaptConfig) -> Callable[[Case, PreprocessedCase], torch.Tensor]:
     """`evaluate_queries`' probability function of a feature adapter: the adapter over the
     query's cached features, the whole volume slab by slab."""
 
-    def probabilities(case: Any, pre: Any) -> torch.Tensor:
+    def probabilities(case: Case, pre: PreprocessedCase) -> torch.Tensor:
         cached = cache.load(case)
         if tuple(pre.image.shape[1:]) != cached.spatial_shape:
             raise CacheError(
@@ -87,7 +88,7 @@ def cached_probabilities(adapter: nn.Module, cache: FeatureCache, cfg: AdaptConf
     return probabilities
 
 
-def network_probabilities(model: nn.Module, cfg: AdaptConfig) -> Callable[[Any, Any], torch.Tensor]:
+def network_probabilities(model: nn.Module, cfg: AdaptConfig) -> Callable[[Case, PreprocessedCase], torch.Tensor]:
     """`evaluate_queries`' probability function of an adapted network (`AdaptedNetwork`): the
     project's sliding-window inference (`predict_probabilities`), as `fseft predict` runs it."""
 
@@ -96,8 +97,8 @@ def network_probabilities(model: nn.Module, cfg: AdaptConfig) -> Callable[[Any, 
 
 
 def evaluate_queries(
-    probabilities: Callable[[Any, Any], torch.Tensor],
-    query_cases: Sequence[Any],
+    probabilities: Callable[[Case, PreprocessedCase], torch.Tensor],
+    query_cases: Sequence[Case],
     structures: Sequence[str],
     cfg: AdaptConfig,
     preprocess_cfg: PreprocessConfig,

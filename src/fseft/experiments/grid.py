@@ -255,7 +255,8 @@ class PlannedRun:
     structure: str
     folder: str  # relative to the benchmark folder
 
-    def spec(self, exp: ExperimentConfig, cfg: Any, partition: Any, model_sha256: str | None) -> dict[str, Any]:
+    def spec(self, exp: ExperimentConfig, cfg: AdaptConfig, partition: tuple[Sequence[str], Sequence[str]] | None,
+             model_sha256: str | None) -> dict[str, Any]:
         """What `run.json` records: everything that decides the run's result (the model file's
         hash too, so that new weights rerun every run; not where the cache lives)."""
         settings = {k: v for k, v in cfg.to_dict().items() if k not in ("cache_dir", "progress")}
@@ -276,7 +277,7 @@ def run_folder(method: str, k: int, seed: int, structure: str) -> str:
     return f"runs/{_slug(method)}/k{k}/seed{seed}/{_slug(structure)}"
 
 
-def holdout_partition(dataset: Dataset, structures: Sequence[str], n_test: int, cache_dir: Any = None,
+def holdout_partition(dataset: Dataset, structures: Sequence[str], n_test: int, cache_dir: str | os.PathLike | None = None,
                       ) -> tuple[list[str], list[str]]:
     """A fixed ``(train ids, test ids)`` split of the cases where every structure is labelled:
     `n_test` test cases drawn with a fixed seed, so every k and seed is scored on the same queries."""
@@ -502,7 +503,7 @@ def run_benchmark(
 
 
 def write_results(exp: ExperimentConfig, out: Path, records: Sequence[RunRecord], summary: Mapping[str, Any],
-                  notes: Sequence[str], dataset: Any = None, overlay_tasks: Sequence[Any] | None = None,
+                  notes: Sequence[str], dataset: Dataset | None = None, overlay_tasks: Sequence[FewShotTask] | None = None,
                   ) -> dict[str, Path]:
     """Tables (JSON, CSV, Markdown), records, figures and ``report.html`` of a benchmark.
     `overlay_tasks`: one `FewShotTask` of `dataset` per structure for the overlay figure."""
