@@ -19,7 +19,7 @@ from fseft import __version__
 from fseft.cli.data_commands import _add_datasets, _add_evaluate, _add_models, _add_paint, _add_phantom
 from fseft.cli.model_commands import _add_adapt, _add_benchmark, _add_demo, _add_predict, _add_pretrain
 from fseft.cli.parsing import _Parser
-from fseft.errors import FseftError
+from fseft.errors import FseftError, InputFileError
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_phantom,
@@ -50,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 def check_output_location(path: str | os.PathLike) -> None:
     """Refuse, before any work, an output path that cannot be created: its nearest existing
     ancestor is a file, or a folder this user cannot write to (`InputFileError`)."""
-    from fseft.errors import InputFileError
 
     target = Path(path).expanduser().absolute()
     # the folder that must be writable: the target itself if it is one, else its nearest
