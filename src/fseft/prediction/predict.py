@@ -6,7 +6,6 @@ masks, DICOM SEG, statistics; DICOM SEG and reports stored to a PACS on request.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,8 +29,6 @@ from fseft.utils import write_json
 if TYPE_CHECKING:
     from fseft.data.preprocessing import PreprocessConfig
     from fseft.models.base import SegmentationModel
-
-logger = logging.getLogger(__name__)
 
 # nnU-Net names input channels `<case>_0000.nii.gz`; predictions are named `<case>.nii.gz`.
 _NNUNET_CHANNEL_SUFFIX = "_0000"

@@ -9,7 +9,6 @@ memory) and `fseft.prediction.predict` (`fseft predict`: files, DICOM folders, P
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +29,6 @@ from fseft.inference.sliding_window import (  # noqa: F401  (this module's API t
     sliding_window_map,
     warn_if_bf16_is_emulated,
 )
-
-logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from fseft.data.volume import Volume
